@@ -1,0 +1,207 @@
+"""The main job: rebuild FDH from YFCC100M metadata into per-licence WebDataset shards.
+
+    python -m beam_jobs.rebuild --yfcc=yfcc100m_dataset-*.bz2 --output=OUT \
+        --image_source=mirror:gs://my-bucket/yfcc --annotator=fdh --model_dir=gs://my-bucket/models
+
+Stages (each a PTransform of `transforms/`, in data-flow order):
+read -> prefilter -> reshuffle -> fetch -> decode -> annotate (GPU) -> select -> crop -> split ->
+write shards -> manifest, metadata.json, stats.json. Every dropped element is a `Rejected` record
+written under OUT/rejects/ and counted in stats.json, so that
+lines read = rejects before annotation + photos annotated, and
+photos annotated = photos with no kept person + photos with >= 1 kept person.
+Any Beam/Dataflow flag passes through (--runner, --project, --region, --sdk_container_image, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+
+from beam_jobs.common import is_local, make_pipeline, read_counters
+from transforms.opt_out import OPT_OUT_FILENAME
+from transforms.records import FDH_LICENSES
+from transforms.rejects import CountRejects, WriteRejects
+from transforms.s1_read import ReadYfcc
+from transforms.s2_prefilter import Prefilter
+from transforms.s3_fetch import FetchImages
+from transforms.s4_decode import DecodeImages
+from transforms.s5_annotate import Annotate
+from transforms.s6_select import SelectPersons
+from transforms.s7_crop import CropPersons
+from transforms.s8_write import (STATS_FILE, AssignSplit, WriteRunOutputs, WriteShards,
+                                 load_json)
+
+DEFAULT_IMAGE_SOURCE = "mirror:https://multimedia-commons.s3-us-west-2.amazonaws.com"
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class RebuildOptions(PipelineOptions):
+    """Flags of the rebuild job (every other Beam/Dataflow flag passes through)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--yfcc", required=True,
+                            help="YFCC100M metadata files or globs, comma separated (23 or 25 "
+                                 "columns; plain, .gz or .bz2; local or gs://)")
+        parser.add_argument("--output", required=True, help="output dataset directory (local or gs://)")
+        parser.add_argument("--image_source", default=DEFAULT_IMAGE_SOURCE,
+                            help="image sources tried in order, comma separated: mirror:PREFIX "
+                                 "(hash layout under an https URL, gs:// or a local dir) and/or "
+                                 "flickr[:SIZE_SUFFIX] (rate-limited; opt in)")
+        parser.add_argument("--annotator", default="fdh", choices=("fdh", "lite"),
+                            help="fdh: keypoint R-CNN + mask R-CNN + DensePose CSE (GPU); lite: "
+                                 "mediapipe pose + segmentation on the CPU, no CSE (demo, tests)")
+        parser.add_argument("--no_embeddings", action="store_true",
+                            help="write FDH's no-embeddings variant (no vertices.npy / e_mask.png; "
+                                 "no detectron2 needed)")
+        parser.add_argument("--licenses", default=",".join(FDH_LICENSES),
+                            help="licence subsets to keep, comma separated (default: FDH's four)")
+        parser.add_argument("--val_fraction", type=float, default=0.017,
+                            help="fraction of users (or photos, see --split_by) in the val split")
+        parser.add_argument("--split_by", default="user_nsid", choices=("user_nsid", "photo_id"),
+                            help="what the deterministic split hashes, so one user's photos don't leak")
+        parser.add_argument("--opt_out", default="",
+                            help="opt-out lists (user NSIDs / photo ids), comma separated; "
+                                 "OUTPUT/opt_out.txt is always honoured when it exists")
+        parser.add_argument("--model_dir", default=None,
+                            help="directory (local or gs://) with the model weights and part table "
+                                 "(python -m beam_jobs.assets fetch --model_dir=DIR)")
+        parser.add_argument("--device", default="CPU", choices=("CPU", "GPU", "cpu", "gpu"),
+                            help="where the models run; GPU fails loudly when CUDA is missing")
+        parser.add_argument("--gpu_type", default=None,
+                            help="Dataflow accelerator for the annotate step only, e.g. nvidia-tesla-t4")
+        parser.add_argument("--max_batch_size", type=int, default=4, help="images per model call")
+        parser.add_argument("--fetch_threads", type=int, default=16,
+                            help="concurrent image requests per worker process")
+        parser.add_argument("--crawl_time", type=float, default=None,
+                            help="unix time recorded as date_crawled (default: kept from an "
+                                 "existing manifest, else a fixed value so re-runs are identical)")
+        parser.add_argument("--random_weights", action="store_true",
+                            help="TESTS ONLY: torchvision models with random weights (plumbing)")
+
+
+def _opt_out_paths(options: RebuildOptions) -> list[str]:
+    paths = _csv(options.opt_out)
+    own = f"{options.output.rstrip('/')}/{OPT_OUT_FILENAME}"
+    if own not in paths and FileSystems.exists(own):
+        paths.append(own)
+    return paths
+
+
+def _count(pcoll, name: str):
+    """A singleton ('funnel.NAME', n) for the stats funnel."""
+    return (pcoll
+            | f"Count{name.title().replace('_', '')}" >> beam.combiners.Count.Globally()
+            | f"Key{name.title().replace('_', '')}" >> beam.Map(lambda n, key=f"funnel.{name}": (key, n)))
+
+
+def _sum_line_counts(line_counts):
+    return (line_counts
+            | "LineCountValues" >> beam.Values()
+            | "SumLines" >> beam.CombineGlobally(sum)
+            | "KeyLines" >> beam.Map(lambda n: ("funnel.lines_read", n)))
+
+
+def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
+    """Compose the rebuild job on `pipeline`."""
+    output = options.output.rstrip("/")
+    annotate = Annotate(annotator=options.annotator, model_dir=options.model_dir,
+                        device=options.device, max_batch_size=options.max_batch_size,
+                        no_embeddings=options.no_embeddings or options.annotator == "lite",
+                        gpu_type=options.gpu_type, random_weights=options.random_weights,
+                        require_detectron2_here=is_local(options))
+    no_embeddings = options.no_embeddings or options.annotator == "lite"
+    part_table = None
+    if options.annotator == "fdh" and not no_embeddings:
+        part_table = options.model_dir
+
+    read = pipeline | "ReadYfcc" >> ReadYfcc(_csv(options.yfcc))
+    prefiltered = read["main"] | "Prefilter" >> Prefilter(
+        licenses=_csv(options.licenses), opt_out_paths=_opt_out_paths(options))
+    fetched = (prefiltered["main"]
+               | "Reshuffle" >> beam.Reshuffle()
+               | "FetchImages" >> FetchImages(options.image_source, threads=options.fetch_threads))
+    decoded = fetched["main"] | "DecodeImages" >> DecodeImages()
+    annotated = decoded["main"] | "Annotate" >> annotate
+    selected = annotated["main"] | "SelectPersons" >> SelectPersons(part_table=part_table)
+    cropped = selected["main"] | "CropPersons" >> CropPersons()
+    split = cropped["main"] | "AssignSplit" >> AssignSplit(
+        val_fraction=options.val_fraction, by=options.split_by)
+    write_shards = WriteShards(output, no_embeddings=no_embeddings, crawl_time=options.crawl_time)
+    shards = split | "WriteShards" >> write_shards
+
+    rejects = ((read["rejects"], prefiltered["rejects"], fetched["rejects"], decoded["rejects"],
+                annotated["rejects"], selected["rejects"], cropped["rejects"], write_shards.rejects)
+               | "AllRejects" >> beam.Flatten())
+    _ = rejects | "WriteRejects" >> WriteRejects(output)
+    funnel = ((_sum_line_counts(read["line_counts"]),
+               _count(prefiltered["main"], "candidates"),
+               _count(decoded["main"], "decoded"),
+               _count(annotated["main"], "annotated"),
+               _count(cropped["main"], "samples"),
+               rejects | "RejectCounts" >> CountRejects() | "RejectItems" >> beam.FlatMap(
+                   lambda counts: sorted(counts.items())))
+              | "FunnelItems" >> beam.Flatten()
+              | "FunnelDict" >> beam.combiners.ToDict())
+    config = {key: value for key, value in vars(options).items()
+              if key in ("yfcc", "image_source", "annotator", "no_embeddings", "licenses",
+                         "val_fraction", "split_by", "opt_out", "model_dir", "random_weights")}
+    config.update(write_shards.config)
+    _ = {"shards": shards, "counts": funnel} | "WriteRunOutputs" >> WriteRunOutputs(
+        output, config=config, crawl_time=options.crawl_time)
+
+
+def summarize(output: str, counters: Optional[dict] = None) -> str:
+    """A short human summary: kept per licence x split, rejects per reason, where the output is."""
+    stats = load_json(output, STATS_FILE)
+    lines = [f"FDH rebuild finished: {output}"]
+    written = stats.get("written", {})
+    lines.append(f"  samples kept: {stats.get('totals', {}).get('samples', 0)}")
+    for license_slug in sorted(written):
+        cells = ", ".join(f"{split} {cell['samples']} ({cell['shards']} shards, "
+                          f"{cell['bytes'] / 2**20:.1f} MiB)"
+                          for split, cell in sorted(written[license_slug].items()))
+        lines.append(f"    {license_slug:<14} {cells}")
+    funnel = stats.get("funnel", {})
+    for name in ("lines_read", "candidates", "decoded", "annotated", "samples"):
+        if f"funnel.{name}" in funnel:
+            lines.append(f"  {name:<12} {funnel[f'funnel.{name}']}")
+    rejects = {key: value for key, value in funnel.items() if not key.startswith("funnel.")}
+    if rejects:
+        lines.append("  rejects by stage.reason:")
+        lines.extend(f"    {key:<40} {value}" for key, value in sorted(rejects.items()))
+    lines.append(f"  rejects:  {output}/rejects/   manifest: {output}/manifest.json")
+    return "\n".join(lines)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the job; returns the stats dict (local runs) after printing a summary."""
+    options = PipelineOptions(list(argv) if argv is not None else sys.argv[1:])
+    options.view_as(SetupOptions).save_main_session = False
+    rebuild_options = options.view_as(RebuildOptions)
+    pipeline = make_pipeline(options)
+    build(pipeline, rebuild_options)
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = read_counters(result)
+    if is_local(options) or FileSystems.exists(f"{rebuild_options.output.rstrip('/')}/{STATS_FILE}"):
+        print(summarize(rebuild_options.output, counters))
+        return load_json(rebuild_options.output, STATS_FILE)
+    return {}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    run()
+
+
+if __name__ == "__main__":
+    main()
