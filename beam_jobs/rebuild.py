@@ -1,4 +1,4 @@
-"""The main job: rebuild FDH from YFCC100M metadata into per-licence WebDataset shards.
+r"""The main job: rebuild FDH from YFCC100M metadata into per-licence WebDataset shards.
 
     python -m beam_jobs.rebuild --yfcc=yfcc100m_dataset-*.bz2 --output=OUT \
         --image_source=mirror:gs://my-bucket/yfcc --annotator=fdh --model_dir=gs://my-bucket/models
@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+import time
 from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
-from beam_jobs.common import is_local, make_pipeline, read_counters
+from beam_jobs.common import (JobOptions, is_local, make_pipeline, read_counters, split_job_flags,
+                              split_list)
 from transforms.opt_out import OPT_OUT_FILENAME
 from transforms.records import FDH_LICENSES
 from transforms.rejects import CountRejects, WriteRejects
@@ -35,23 +35,25 @@ from transforms.s6_select import SelectPersons
 from transforms.s7_crop import CropPersons
 from transforms.s8_write import (STATS_FILE, AssignSplit, WriteRunOutputs, WriteShards,
                                  load_json)
+from transforms.s8_write.run_outputs import resolve_crawl_time
+
+# The funnel counts of stats.json ("funnel.NAME"), in pipeline order.
+FUNNEL_STEPS = ("lines_read", "candidates", "decoded", "annotated", "photos_with_person", "samples")
+# Stages whose rejects happen before a photo reaches annotation.
+PRE_ANNOTATION_STAGES = ("read", "prefilter", "fetch", "decode")
 
 DEFAULT_IMAGE_SOURCE = "mirror:https://multimedia-commons.s3-us-west-2.amazonaws.com"
 
 
-def _csv(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
-class RebuildOptions(PipelineOptions):
+class RebuildOptions(JobOptions):
     """Flags of the rebuild job (every other Beam/Dataflow flag passes through)."""
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--yfcc", required=True,
+        parser.add_argument("--yfcc",
                             help="YFCC100M metadata files or globs, comma separated (23 or 25 "
                                  "columns; plain, .gz or .bz2; local or gs://)")
-        parser.add_argument("--output", required=True, help="output dataset directory (local or gs://)")
+        parser.add_argument("--output", help="output dataset directory (local or gs://)")
         parser.add_argument("--image_source", default=DEFAULT_IMAGE_SOURCE,
                             help="image sources tried in order, comma separated: mirror:PREFIX "
                                  "(hash layout under an https URL, gs:// or a local dir) and/or "
@@ -62,13 +64,14 @@ class RebuildOptions(PipelineOptions):
         parser.add_argument("--no_embeddings", action="store_true",
                             help="write FDH's no-embeddings variant (no vertices.npy / e_mask.png; "
                                  "no detectron2 needed)")
-        parser.add_argument("--licenses", default=",".join(FDH_LICENSES),
-                            help="licence subsets to keep, comma separated (default: FDH's four)")
+        parser.add_argument("--licenses",
+                            help="licence subsets to keep, comma separated (default: FDH's four, "
+                                 f"{','.join(FDH_LICENSES)})")
         parser.add_argument("--val_fraction", type=float, default=0.017,
                             help="fraction of users (or photos, see --split_by) in the val split")
         parser.add_argument("--split_by", default="user_nsid", choices=("user_nsid", "photo_id"),
                             help="what the deterministic split hashes, so one user's photos don't leak")
-        parser.add_argument("--opt_out", default="",
+        parser.add_argument("--opt_out",
                             help="opt-out lists (user NSIDs / photo ids), comma separated; "
                                  "OUTPUT/opt_out.txt is always honoured when it exists")
         parser.add_argument("--model_dir", default=None,
@@ -82,14 +85,16 @@ class RebuildOptions(PipelineOptions):
         parser.add_argument("--fetch_threads", type=int, default=16,
                             help="concurrent image requests per worker process")
         parser.add_argument("--crawl_time", type=float, default=None,
-                            help="unix time recorded as date_crawled (default: kept from an "
-                                 "existing manifest, else a fixed value so re-runs are identical)")
+                            help="unix time recorded as date_crawled / unixtime_crawled, the only "
+                                 "time-dependent value in the output (default: the existing "
+                                 "manifest's when rebuilding into an output, else the launch time; "
+                                 "pass it to get byte-identical outputs in another directory)")
         parser.add_argument("--random_weights", action="store_true",
                             help="TESTS ONLY: torchvision models with random weights (plumbing)")
 
 
 def _opt_out_paths(options: RebuildOptions) -> list[str]:
-    paths = _csv(options.opt_out)
+    paths = split_list(options.opt_out)
     own = f"{options.output.rstrip('/')}/{OPT_OUT_FILENAME}"
     if own not in paths and FileSystems.exists(own):
         paths.append(own)
@@ -123,9 +128,9 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
     if options.annotator == "fdh" and not no_embeddings:
         part_table = options.model_dir
 
-    read = pipeline | "ReadYfcc" >> ReadYfcc(_csv(options.yfcc))
+    read = pipeline | "ReadYfcc" >> ReadYfcc(split_list(options.yfcc))
     prefiltered = read["main"] | "Prefilter" >> Prefilter(
-        licenses=_csv(options.licenses), opt_out_paths=_opt_out_paths(options))
+        licenses=split_list(options.licenses) or FDH_LICENSES, opt_out_paths=_opt_out_paths(options))
     fetched = (prefiltered["main"]
                | "Reshuffle" >> beam.Reshuffle()
                | "FetchImages" >> FetchImages(options.image_source, threads=options.fetch_threads))
@@ -146,6 +151,7 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
                _count(prefiltered["main"], "candidates"),
                _count(decoded["main"], "decoded"),
                _count(annotated["main"], "annotated"),
+               _count(selected["main"], "photos_with_person"),
                _count(cropped["main"], "samples"),
                rejects | "RejectCounts" >> CountRejects() | "RejectItems" >> beam.FlatMap(
                    lambda counts: sorted(counts.items())))
@@ -157,6 +163,34 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
     config.update(write_shards.config)
     _ = {"shards": shards, "counts": funnel} | "WriteRunOutputs" >> WriteRunOutputs(
         output, config=config, crawl_time=options.crawl_time)
+
+
+def accounting_errors(funnel: dict[str, int]) -> list[str]:
+    """Check the funnel invariants of design section 2; returns the violations (empty when sound).
+
+    lines read = rejects before annotation + photos annotated;
+    photos annotated = photos with >= 1 kept person + photos rejected whole by select/annotate.
+    """
+    def total(prefixes: tuple[str, ...]) -> int:
+        return sum(n for key, n in funnel.items()
+                   if not key.startswith("funnel.") and key.split(".", 1)[0] in prefixes)
+
+    errors = []
+    lines = funnel.get("funnel.lines_read", 0)
+    pre = total(PRE_ANNOTATION_STAGES)
+    reached = funnel.get("funnel.decoded", 0)
+    if lines != pre + reached:
+        errors.append(f"lines read {lines} != rejects before annotation {pre} + photos decoded {reached}")
+    annotated = funnel.get("funnel.annotated", 0)
+    failed = total(("annotate",))
+    if reached != annotated + failed:
+        errors.append(f"photos decoded {reached} != annotated {annotated} + annotate rejects {failed}")
+    whole_photo = sum(funnel.get(f"select.{reason}", 0) for reason in ("no_person", "bad_annotation"))
+    with_person = funnel.get("funnel.photos_with_person", 0)
+    if annotated != with_person + whole_photo:
+        errors.append(f"photos annotated {annotated} != with a kept person {with_person} + "
+                      f"without {whole_photo}")
+    return errors
 
 
 def summarize(output: str, counters: Optional[dict] = None) -> str:
@@ -171,22 +205,26 @@ def summarize(output: str, counters: Optional[dict] = None) -> str:
                           for split, cell in sorted(written[license_slug].items()))
         lines.append(f"    {license_slug:<14} {cells}")
     funnel = stats.get("funnel", {})
-    for name in ("lines_read", "candidates", "decoded", "annotated", "samples"):
+    for name in FUNNEL_STEPS:
         if f"funnel.{name}" in funnel:
-            lines.append(f"  {name:<12} {funnel[f'funnel.{name}']}")
+            lines.append(f"  {name:<20} {funnel[f'funnel.{name}']}")
     rejects = {key: value for key, value in funnel.items() if not key.startswith("funnel.")}
     if rejects:
         lines.append("  rejects by stage.reason:")
         lines.extend(f"    {key:<40} {value}" for key, value in sorted(rejects.items()))
+    errors = accounting_errors(funnel)
+    lines.append("  accounting: " + ("every line accounted for" if not errors else "; ".join(errors)))
     lines.append(f"  rejects:  {output}/rejects/   manifest: {output}/manifest.json")
     return "\n".join(lines)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the job; returns the stats dict (local runs) after printing a summary."""
-    options = PipelineOptions(list(argv) if argv is not None else sys.argv[1:])
-    options.view_as(SetupOptions).save_main_session = False
-    rebuild_options = options.view_as(RebuildOptions)
+    rebuild_options, options = split_job_flags(RebuildOptions, argv, __doc__)
+    if not rebuild_options.yfcc or not rebuild_options.output:
+        raise SystemExit("error: rebuild needs --yfcc=PATH[,PATH...] and --output=DIR (see --help)")
+    if rebuild_options.crawl_time is None:
+        rebuild_options.crawl_time = resolve_crawl_time(rebuild_options.output, None, default=time.time())
     pipeline = make_pipeline(options)
     build(pipeline, rebuild_options)
     result = pipeline.run()

@@ -1,0 +1,185 @@
+"""Scan YFCC100M metadata: how many photos each licence would yield and why the rest drop out.
+
+    python -m beam_jobs.scan --yfcc=PATH[,PATH...] --output=DIR [--licenses=...] [--opt_out=...]
+
+Runs the read and prefilter stages only (no network): use it to plan the cost of a rebuild.
+Writes
+
+    DIR/candidates/candidates-SSSSS-of-NNNNN.parquet   one row per kept photo, every field
+    DIR/rejects/rejects-SSSSS-of-NNNNN.parquet         every dropped line / photo with a reason
+    DIR/scan_counts.json   {"lines_read", "candidates", "candidates_per_license",
+                            "rejects_per_reason"}; lines_read = candidates + all rejects
+
+and prints a summary table. Any Beam flag (--runner, --direct_num_workers, Dataflow flags)
+passes through; the local default is the in-process runner (see beam_jobs.common).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Iterable, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from beam_jobs.common import JobOptions, make_pipeline, split_job_flags, split_list
+from transforms.records import FDH_LICENSES
+from transforms.rejects import WriteRejects, reject_counts_key
+from transforms.s1_read import ReadYfcc
+from transforms.s2_prefilter import DEFAULT_DROP_TAGS, Prefilter, validate_licenses
+from transforms.yfcc_format import YFCC_RECORD_SCHEMA, record_to_row
+
+COUNTS_FILENAME = "scan_counts.json"
+CANDIDATES_DIR = "candidates"
+# Count keys: (kind, name) pairs summed in the pipeline, then folded into the JSON layout.
+LINES, CANDIDATE, REJECT = "lines_read", "candidates_per_license", "rejects_per_reason"
+
+
+class ScanOptions(JobOptions):
+    """Flags of the scan job (the defaults are applied in `run`, not here)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--yfcc",
+            help="YFCC100M metadata file(s): comma-separated paths or globs, local or gs://; "
+                 "plain, .gz or .bz2; 23- or 25-column lines. Required.")
+        parser.add_argument(
+            "--output",
+            help="Output directory (local or gs://) for candidates/, rejects/ and "
+                 f"{COUNTS_FILENAME}. Required.")
+        parser.add_argument(
+            "--licenses",
+            help="Comma-separated licence slugs to keep (default: FDH's four, "
+                 f"{','.join(FDH_LICENSES)}).")
+        parser.add_argument(
+            "--opt_out",
+            help="Comma-separated opt-out list file(s) (user:NSID / photo:ID per line); "
+                 "their users and photos are dropped.")
+        parser.add_argument(
+            "--drop_tags",
+            help="Comma-separated user tags (case-insensitive) whose photos are dropped "
+                 f"(default: {','.join(DEFAULT_DROP_TAGS)}).")
+        parser.add_argument(
+            "--num_shards", type=int,
+            help="Number of candidate/reject Parquet files (default: chosen by the runner).")
+
+
+def count_pairs(lines: beam.PCollection, candidates: beam.PCollection,
+                rejects: beam.PCollection) -> beam.PCollection:
+    """((kind, name), count) for lines read, candidates per licence, rejects per reason."""
+    keyed = (
+        lines | "KeyLines" >> beam.Map(lambda path_count: ((LINES, ""), path_count[1])),
+        candidates | "KeyCandidates" >> beam.Map(lambda record: ((CANDIDATE, record.license), 1)),
+        rejects | "KeyRejects" >> beam.Map(lambda rejected: ((REJECT, reject_counts_key(rejected)), 1)),
+    )
+    return keyed | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
+
+
+def build_counts(pairs: Iterable[tuple[tuple[str, str], int]]) -> dict[str, Any]:
+    """Fold ((kind, name), count) pairs into the scan_counts.json layout."""
+    counts: dict[str, Any] = {LINES: 0, "candidates": 0, CANDIDATE: {}, REJECT: {}}
+    for (kind, name), value in pairs:
+        if kind == LINES:
+            counts[LINES] += value
+        else:
+            counts[kind][name] = counts[kind].get(name, 0) + value
+    counts["candidates"] = sum(counts[CANDIDATE].values())
+    counts[CANDIDATE] = dict(sorted(counts[CANDIDATE].items()))
+    counts[REJECT] = dict(sorted(counts[REJECT].items()))
+    counts["rejects"] = sum(counts[REJECT].values())
+    return counts
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write JSON through FileSystems (local or gs://), to a temporary name then renamed."""
+    temporary = path + ".tmp"
+    with FileSystems.create(temporary) as handle:
+        handle.write(json.dumps(payload, indent=2, sort_keys=False).encode("utf-8") + b"\n")
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temporary], [path])
+
+
+def read_json(path: str) -> dict:
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def remove_previous_outputs(output: str) -> None:
+    """Delete the shards a previous scan wrote to `output`, so that globs see only this run's."""
+    patterns = [f"{output}/{CANDIDATES_DIR}/candidates-*-of-*.parquet",
+                f"{output}/rejects/rejects-*-of-*.parquet", f"{output}/{COUNTS_FILENAME}"]
+    stale = [metadata.path for result in FileSystems.match(patterns)
+             for metadata in result.metadata_list]
+    if stale:
+        logging.info("removing %d outputs of a previous scan in %s", len(stale), output)
+        FileSystems.delete(stale)
+
+
+def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
+               licenses: Sequence[str] = FDH_LICENSES, opt_out: Sequence[str] = (),
+               drop_tags: Sequence[str] = DEFAULT_DROP_TAGS, num_shards: int = 0) -> None:
+    """Add the scan steps to `pipeline`."""
+    read = pipeline | "ReadYfcc" >> ReadYfcc(list(yfcc))
+    kept = read["main"] | "Prefilter" >> Prefilter(licenses, opt_out, drop_tags)
+    candidates = kept["main"]
+    rejects = (read["rejects"], kept["rejects"]) | "AllRejects" >> beam.Flatten()
+
+    _ = (candidates
+         | "CandidateRow" >> beam.Map(record_to_row)
+         | "WriteCandidates" >> beam.io.WriteToParquet(
+             f"{output}/{CANDIDATES_DIR}/candidates", YFCC_RECORD_SCHEMA,
+             file_name_suffix=".parquet", num_shards=num_shards))
+    _ = rejects | "WriteRejects" >> WriteRejects(output, num_shards=num_shards)
+    counts_path = f"{output}/{COUNTS_FILENAME}"
+    _ = (count_pairs(read["line_counts"], candidates, rejects)
+         | "Gather" >> beam.combiners.ToList()
+         | "Fold" >> beam.Map(build_counts)
+         | "WriteCounts" >> beam.Map(lambda counts: write_json(counts_path, counts)))
+
+
+def format_summary(counts: dict) -> str:
+    """A short text table of a scan_counts.json dict."""
+    lines_read = counts[LINES] or 1
+    rows = [("lines read", counts[LINES])]
+    rows += [(f"  candidates {slug}", n) for slug, n in counts[CANDIDATE].items()]
+    rows += [("candidates", counts["candidates"])]
+    rows += [(f"  rejected {reason}", n) for reason, n in counts[REJECT].items()]
+    rows += [("rejected", counts["rejects"])]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {n:>12,d}  {100.0 * n / lines_read:6.2f}%"
+                     for name, n in rows)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the scan job with command-line `argv`; return the scan_counts.json dict."""
+    scan, options = split_job_flags(ScanOptions, argv, __doc__)
+    yfcc, output = split_list(scan.yfcc), (scan.output or "").rstrip("/")
+    if not yfcc or not output:
+        raise ValueError("scan needs --yfcc=PATH[,PATH...] and --output=DIR (see --help)")
+    licenses = validate_licenses(split_list(scan.licenses) or FDH_LICENSES)
+    drop_tags = split_list(scan.drop_tags) if scan.drop_tags is not None else DEFAULT_DROP_TAGS
+
+    remove_previous_outputs(output)
+    pipeline = make_pipeline(options)
+    build_scan(pipeline, yfcc, output, licenses, split_list(scan.opt_out), drop_tags,
+               scan.num_shards or 0)
+    pipeline.run().wait_until_finish()
+    counts = read_json(f"{output}/{COUNTS_FILENAME}")
+    if counts[LINES] != counts["candidates"] + counts["rejects"]:
+        raise RuntimeError(f"accounting broken: {counts[LINES]} lines read != "
+                           f"{counts['candidates']} candidates + {counts['rejects']} rejects")
+    print(format_summary(counts))
+    return counts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()

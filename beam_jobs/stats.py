@@ -1,0 +1,165 @@
+"""Print and plot what a built FDH dataset holds: licences, splits, and the funnel that made it.
+
+    python -m beam_jobs.stats --dataset=OUT [--plots_dir=DIR]
+
+Prints a table of samples, bytes and share per licence and split (from manifest.json, so it is
+right after a takedown too) and the funnel from stats.json (lines read, rejected per stage and
+reason, samples kept). Writes `license_pie.png` (samples per licence, like FDH's README figure)
+and `funnel.png` (a bar chart of the funnel) into the dataset dir or --plots_dir (local or gs://).
+
+A plain command line, not a Beam pipeline: it reads two small JSON files.
+"""
+from __future__ import annotations
+
+import io
+import sys
+from typing import Any, Optional, Sequence
+
+import click
+
+from transforms import dataset_ops
+
+PIE_FILE = "license_pie.png"
+FUNNEL_FILE = "funnel.png"
+
+
+def license_table(shards: Sequence[dict[str, Any]]) -> str:
+    """The licence x split table as text."""
+    rows = dataset_ops.license_rows(shards)
+    return dataset_ops.format_table(
+        ("licence", "split", "shards", "samples", "size", "share"),
+        [(r["license"], r["split"], r["shards"], f"{r['samples']:,}",
+          dataset_ops.human_bytes(r["bytes"]), f"{r['percent']:.1f}%") for r in rows])
+
+
+def funnel_table(steps: Sequence[tuple[str, int]]) -> str:
+    """The funnel as text: each step's count and its share of the first step."""
+    first = steps[0][1] if steps and steps[0][1] else 0
+    return dataset_ops.format_table(
+        ("step", "count", "of first"),
+        [(label, f"{count:,}", f"{100.0 * count / first:.1f}%" if first else "-")
+         for label, count in steps])
+
+
+def _figure_bytes(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def license_pie_png(shards: Sequence[dict[str, Any]], title: str = "FDH samples per licence") -> bytes:
+    """PNG bytes of a pie chart of samples per licence (labels with counts and shares)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    rows = [r for r in dataset_ops.license_rows(shards) if r["split"] == "all" and r["license"] != "total"]
+    figure = Figure(figsize=(6.4, 4.8))
+    axes = figure.subplots()
+    counts = [r["samples"] for r in rows]
+    if sum(counts) == 0:
+        axes.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=14)
+        axes.set_axis_off()
+    else:
+        labels = [f"{r['license']}\n{r['samples']:,} ({dataset_ops.human_bytes(r['bytes'])})"
+                  for r in rows]
+        axes.pie(counts, labels=labels, autopct="%1.1f%%", startangle=90, counterclock=False,
+                 wedgeprops={"linewidth": 1, "edgecolor": "white"}, textprops={"fontsize": 9})
+        axes.axis("equal")
+    axes.set_title(f"{title} (total {sum(counts):,})")
+    return _figure_bytes(figure)
+
+
+def funnel_png(steps: Sequence[tuple[str, int]], title: str = "Rebuild funnel") -> bytes:
+    """PNG bytes of a horizontal bar chart of the funnel, first step on top, counts on the bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 0.45 * max(len(steps), 2) + 1.2))
+    axes = figure.subplots()
+    labels = [label for label, _ in steps]
+    counts = [count for _, count in steps]
+    positions = list(range(len(steps)))
+    colors = ["#4f81bd"] * len(steps)
+    if steps:
+        colors[-1] = "#9bbb59"  # what is left: the samples in the dataset
+    axes.barh(positions, counts, color=colors)
+    axes.set_yticks(positions, labels=labels, fontsize=9)
+    axes.invert_yaxis()
+    peak = max(counts, default=0) or 1
+    smallest = min((c for c in counts if c > 0), default=1)
+    log = peak / smallest > 1000  # 100M lines read next to a few hundred rejects
+    for position, count in zip(positions, counts):
+        axes.text(count * 1.05 if log else count + peak * 0.01, position, f"{count:,}",
+                  va="center", fontsize=8)
+    if log:
+        axes.set_xscale("log")
+        axes.set_xlim(max(smallest / 2, 0.5), peak * 5)
+    else:
+        axes.set_xlim(0, peak * 1.15)
+    axes.set_xlabel("count (log scale)" if log else "count")
+    axes.set_title(title)
+    return _figure_bytes(figure)
+
+
+def write_file(path: str, data: bytes) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as handle:
+        handle.write(data)
+
+
+def run(dataset: str, plots_dir: Optional[str] = None) -> dict[str, Any]:
+    """Print the tables and write the PNGs; returns {"license_pie": path, "funnel": path}."""
+    from apache_beam.io.filesystems import FileSystems
+    from transforms import s8_write
+
+    dataset = dataset.rstrip("/")
+    if not FileSystems.exists(FileSystems.join(dataset, s8_write.MANIFEST_FILE)):
+        raise FileNotFoundError(f"{dataset} has no {s8_write.MANIFEST_FILE}: not a dataset")
+    shards = s8_write.load_json(dataset, s8_write.MANIFEST_FILE).get("shards", [])
+    stats: dict[str, Any] = {}
+    if FileSystems.exists(FileSystems.join(dataset, s8_write.STATS_FILE)):
+        stats = s8_write.load_json(dataset, s8_write.STATS_FILE)
+    steps = dataset_ops.funnel_steps(stats)
+
+    print(f"Dataset {dataset}: licence distribution")
+    print(license_table(shards))
+    print()
+    if steps:
+        print("Funnel (stats.json)")
+        print(funnel_table(steps))
+    else:
+        print(f"Funnel: no funnel counts in {s8_write.STATS_FILE}")
+
+    out = (plots_dir or dataset).rstrip("/")
+    if plots_dir and "://" not in out:
+        import os
+
+        os.makedirs(out, exist_ok=True)
+    written = {"license_pie": FileSystems.join(out, PIE_FILE), "funnel": FileSystems.join(out, FUNNEL_FILE)}
+    write_file(written["license_pie"], license_pie_png(shards))
+    write_file(written["funnel"], funnel_png(steps))
+    print()
+    print(f"Wrote {written['license_pie']} and {written['funnel']}")
+    return written
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--dataset", required=True, help="Root of a built dataset (local path or gs://).")
+@click.option("--plots_dir", default=None,
+              help=f"Where to write {PIE_FILE} and {FUNNEL_FILE} (default: the dataset dir).")
+def main(dataset: str, plots_dir: Optional[str]) -> None:
+    """Print the licence distribution and funnel of DATASET; write the licence pie and funnel PNGs."""
+    try:
+        run(dataset, plots_dir)
+    except FileNotFoundError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Stage 2 (prefilter): the rules on their own, then Prefilter in a real pipeline."""
+from __future__ import annotations
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_jobs.common import make_pipeline
+from tests.factories import make_record
+from transforms.opt_out import OptOut
+from transforms.records import FDH_LICENSES, LICENSES
+from transforms.s2_prefilter import (Prefilter, PrefilterRules, order_duplicates,
+                                     validate_licenses)
+
+RULES = PrefilterRules.create()
+
+
+def test_fdh_photo_passes():
+    assert RULES.check(make_record(1)) is None
+
+
+def test_video_is_dropped():
+    assert RULES.check(make_record(1, marker=1)) == ("video", "")
+
+
+@pytest.mark.parametrize("name", list(LICENSES))
+def test_each_licence_against_the_fdh_allowlist(name):
+    slug, url = LICENSES[name]
+    record = make_record(1, license_name=name, license_url=url, license=slug)
+    if slug in FDH_LICENSES:
+        assert RULES.check(record) is None
+    else:
+        assert RULES.check(record) == ("license_not_allowed", slug)
+
+
+def test_non_cc_licence_is_unknown():
+    record = make_record(1, license_name="All Rights Reserved", license=None)
+    assert RULES.check(record) == ("license_unknown", "All Rights Reserved")
+
+
+def test_allowlist_can_be_narrowed_or_widened():
+    only_by = PrefilterRules.create(["cc-by-2"])
+    assert only_by.check(make_record(1, license="cc-by-sa-2"))[0] == "license_not_allowed"
+    with_nd = PrefilterRules.create(["cc-by-nd-2"])
+    assert with_nd.check(make_record(1, license="cc-by-nd-2")) is None
+
+
+def test_invalid_licences_fail_early_listing_valid_ones():
+    with pytest.raises(ValueError, match="cc-by-nc-sa-2") as error:
+        validate_licenses(["cc-by-2", "by-sa"])
+    assert "by-sa" in str(error.value)
+    with pytest.raises(ValueError):
+        Prefilter(licenses=["CC-BY-2"])
+    with pytest.raises(ValueError):
+        validate_licenses([])
+
+
+@pytest.mark.parametrize("tag", ["no_cv", "NO_CV", "No_Cv", " no_cv "])
+def test_no_cv_tag_in_any_case_is_dropped(tag):
+    assert RULES.check(make_record(1, user_tags=("people", tag))) == ("no_cv_tag", tag)
+
+
+@pytest.mark.parametrize("tags", [("no_cvx",), ("nocv",), ("no cv",), ()])
+def test_similar_tags_are_kept(tags):
+    assert RULES.check(make_record(1, user_tags=tags)) is None
+
+
+def test_no_cv_in_machine_tags_is_not_a_user_opt_out():
+    assert RULES.check(make_record(1, machine_tags=("no_cv",))) is None
+
+
+def test_opt_out_by_user_and_by_photo():
+    rules = PrefilterRules.create(opt_out=OptOut(frozenset({"9@N01"}), frozenset({77})))
+    assert rules.check(make_record(1, user_nsid="9@N01")) == ("user_opt_out", "")
+    assert rules.check(make_record(77)) == ("photo_opt_out", "")
+    assert rules.check(make_record(78)) is None
+
+
+def test_duplicates_keep_the_lowest_source_comparing_line_numbers_as_numbers():
+    records = [make_record(5, source="b.txt:1"), make_record(5, source="a.txt:10"),
+               make_record(5, source="a.txt:9")]
+    assert [r.source for r in order_duplicates(records)] == ["a.txt:9", "a.txt:10", "b.txt:1"]
+
+
+def test_prefilter_pipeline(tmp_path):
+    opt_out = tmp_path / "opt_out.txt"
+    opt_out.write_text("# takedowns\nuser:11@N02\nphoto:30\n55555@N05  # bare NSID\n")
+    records = [
+        make_record(10, source="a.txt:1"),
+        make_record(11, source="a.txt:2", marker=1),
+        make_record(12, source="a.txt:3", license_name="Attribution-NoDerivs License",
+                    license="cc-by-nd-2"),
+        make_record(13, source="a.txt:4", license_name="All Rights Reserved", license=None),
+        make_record(14, source="a.txt:5", user_tags=("NO_CV",)),
+        make_record(15, source="a.txt:6", user_nsid="11@N02"),
+        make_record(16, source="a.txt:7", user_nsid="55555@N05"),
+        make_record(30, source="a.txt:8"),
+        make_record(40, source="b.txt:10", title="second"),
+        make_record(40, source="b.txt:9", title="first"),
+        make_record(40, source="c.txt:1", title="third"),
+        make_record(41, source="c.txt:2", license="cc-by-nc-sa-2"),
+    ]
+    with make_pipeline(PipelineOptions([])) as pipeline:
+        out = pipeline | beam.Create(records) | Prefilter(opt_out_paths=[str(opt_out)])
+        assert_that(out["main"] | "Key" >> beam.Map(lambda r: (r.photo_id, r.title)),
+                    equal_to([(10, "A title"), (40, "first"), (41, "A title")]), label="kept")
+        assert_that(out["rejects"] | "RKey" >> beam.Map(
+            lambda r: (r.record_id, r.stage, r.reason, r.detail, r.photo_id)),
+            equal_to([
+                ("11", "prefilter", "video", "", 11),
+                ("12", "prefilter", "license_not_allowed", "cc-by-nd-2", 12),
+                ("13", "prefilter", "license_unknown", "All Rights Reserved", 13),
+                ("14", "prefilter", "no_cv_tag", "NO_CV", 14),
+                ("15", "prefilter", "user_opt_out", "", 15),
+                ("16", "prefilter", "user_opt_out", "", 16),
+                ("30", "prefilter", "photo_opt_out", "", 30),
+                ("40", "prefilter", "duplicate_photo_id", "b.txt:10 repeats b.txt:9", 40),
+                ("40", "prefilter", "duplicate_photo_id", "c.txt:1 repeats b.txt:9", 40),
+            ]), label="rejects")
+
+
+def test_missing_or_bad_opt_out_file_fails_when_the_pipeline_is_built(tmp_path):
+    pipeline = make_pipeline(PipelineOptions([]))
+    records = pipeline | beam.Create([make_record(1)])
+    with pytest.raises(Exception, match="missing.txt"):
+        _ = records | "Missing" >> Prefilter(opt_out_paths=[str(tmp_path / "missing.txt")])
+    bad = tmp_path / "bad.txt"
+    bad.write_text("user:ok@N01\nnot an entry\n")
+    with pytest.raises(ValueError, match="bad.txt:2"):
+        _ = records | "Bad" >> Prefilter(opt_out_paths=[str(bad)])

@@ -1,0 +1,183 @@
+"""Stage 1, read: YFCC100M metadata files -> `YfccRecord`s (+ rejects for malformed lines).
+
+Files are matched and opened through Beam's fileio / FileSystems (local, gs://, ...), plain or
+compressed (CompressionTypes.AUTO: .gz, .bz2 by extension) and read as a stream, so that every
+line's number in its file is known (`source='file:line'`, 1-based) and memory stays flat. One
+file is read by one worker: split a big plain file, or use the ten 10M-line split files, to
+spread the read over many workers (bz2/gzip cannot be split anyway).
+
+The pure core is `iter_lines` (bytes stream -> lines) and `parse_numbered_lines` (lines ->
+records or rejects); `transforms.yfcc_format.parse_line` parses one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import BinaryIO, Iterable, Iterator, Union
+
+import apache_beam as beam
+from apache_beam import coders
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, Rejected, YfccRecord
+from transforms.rejects import reject
+from transforms.yfcc_format import LineError, build_record, parse_line
+
+STAGE = "read"
+# Side output with one (file path, number of lines) per file read: the "lines read" total that
+# the accounting invariant lines_read = kept + rejected is checked against.
+LINE_COUNTS_TAG = "line_counts"
+READ_CHUNK_BYTES = 1 << 20
+
+
+class YfccRecordCoder(coders.Coder):
+    """Encode a YfccRecord as the tuple of its fields with Beam's C FastPrimitivesCoder.
+
+    About 2x faster and 40% smaller than the default (pickling) coder; used wherever a
+    PCollection is typed as YfccRecord, e.g. the photo-id shuffle of the prefilter.
+    """
+
+    _FIELDS = tuple(field.name for field in dataclasses.fields(YfccRecord))
+
+    def __init__(self):
+        self._tuple_coder = coders.FastPrimitivesCoder()
+        self._values = operator.attrgetter(*self._FIELDS)
+
+    def encode(self, record: YfccRecord) -> bytes:
+        return self._tuple_coder.encode(self._values(record))
+
+    def decode(self, encoded: bytes) -> YfccRecord:
+        return build_record(dict(zip(self._FIELDS, self._tuple_coder.decode(encoded))))
+
+    def is_deterministic(self) -> bool:
+        return True
+
+    def to_type_hint(self):
+        return YfccRecord
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+coders.registry.register_coder(YfccRecord, YfccRecordCoder)
+
+
+def iter_lines(stream: BinaryIO, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[bytes]:
+    """Yield the lines of a binary stream without their '\\n' (nor a '\\r' before it).
+
+    Reads fixed-size chunks (works on Beam's CompressedFile, which has no fast iterator). The
+    newline that ends the last line does not start another, empty, line.
+    """
+    pending = b""
+    while True:
+        chunk = stream.read(chunk_bytes)
+        if not chunk:
+            break
+        lines = (pending + chunk).split(b"\n") if pending else chunk.split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            yield line[:-1] if line.endswith(b"\r") else line
+    if pending:
+        yield pending[:-1] if pending.endswith(b"\r") else pending
+
+
+def parse_numbered_lines(lines: Iterable[bytes], path: str
+                         ) -> Iterator[Union[YfccRecord, Rejected]]:
+    """Parse the lines of file `path`: a `YfccRecord` per good line, a `Rejected` per bad one.
+
+    Bytes that are not UTF-8 decode with replacement; a blank line is rejected ('blank_line').
+    """
+    for number, raw in enumerate(lines, start=1):
+        source = f"{path}:{number}"
+        if not raw or raw.isspace():
+            yield Rejected(record_id=source, stage=STAGE, reason="blank_line")
+            continue
+        parsed = parse_line(raw.decode("utf-8", "replace"), source)
+        if type(parsed) is LineError:
+            yield Rejected(record_id=source, stage=STAGE, reason=parsed.reason,
+                           detail=parsed.detail)
+        else:
+            yield parsed
+
+
+def _first(values: Iterable):
+    """Combine function that keeps one of equal values."""
+    return next(iter(values))
+
+
+class _ReadYfccFileFn(beam.DoFn):
+    """Stream one matched file; emit records, rejects and the file's line count."""
+
+    def __init__(self, compression_type: str):
+        self._compression_type = compression_type
+        self._lines = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.lines")
+        self._records = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.records")
+        self._files = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.files")
+
+    def process(self, readable_file: fileio.ReadableFile):
+        path = readable_file.metadata.path
+        lines = records = 0
+        with readable_file.open(mime_type="application/octet-stream",
+                                compression_type=self._compression_type) as stream:
+            for item in parse_numbered_lines(iter_lines(stream), path):
+                lines += 1
+                if type(item) is Rejected:
+                    # reject() builds the Rejected and bumps its counter.
+                    yield reject(STAGE, item.reason, item.record_id, item.detail)
+                else:
+                    records += 1
+                    yield item
+        self._files.inc()
+        self._lines.inc(lines)
+        self._records.inc(records)
+        yield beam.pvalue.TaggedOutput(LINE_COUNTS_TAG, (path, lines))
+
+
+class ReadYfcc(beam.PTransform):
+    """Read YFCC100M metadata files (23- or 25-column lines, plain / .gz / .bz2, globs).
+
+    Returns {"main": YfccRecord, "rejects": Rejected, "line_counts": (path, lines)}.
+    With `validate` (default) every pattern must match at least one file when the pipeline is
+    built, so a typo fails early instead of producing an empty run.
+    """
+
+    def __init__(self, patterns: Union[str, list[str], tuple[str, ...]],
+                 compression_type: str = CompressionTypes.AUTO, validate: bool = True):
+        super().__init__()
+        if isinstance(patterns, str):
+            patterns = [part for part in patterns.split(",") if part]
+        self._patterns = [str(pattern) for pattern in patterns]
+        if not self._patterns:
+            raise ValueError("ReadYfcc needs at least one file or glob")
+        self._compression_type = compression_type
+        self._validate = validate
+
+    def _check_patterns_match(self) -> None:
+        for pattern, result in zip(self._patterns, FileSystems.match(self._patterns)):
+            if not result.metadata_list:
+                raise FileNotFoundError(f"no YFCC metadata file matches {pattern!r}")
+
+    def expand(self, pbegin):
+        if self._validate:
+            self._check_patterns_match()
+        outputs = (
+            pbegin
+            | "Patterns" >> beam.Create(self._patterns)
+            | "Match" >> fileio.MatchAll()
+            # Two patterns may match one file: read it once. The grouping also spreads the
+            # files over workers before the long per-file read.
+            | "KeyByPath" >> beam.Map(lambda metadata: (metadata.path, metadata))
+            | "UniqueFiles" >> beam.CombinePerKey(_first)
+            | "Metadata" >> beam.Values()
+            | "Open" >> fileio.ReadMatches(compression=self._compression_type)
+            | "ReadLines" >> beam.ParDo(_ReadYfccFileFn(self._compression_type))
+            .with_output_types(YfccRecord).with_outputs(
+                REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
+        return {"main": outputs.main, "rejects": outputs[REJECTS_TAG],
+                "line_counts": outputs[LINE_COUNTS_TAG]}

@@ -1,0 +1,123 @@
+"""Stage 5, Annotate: find people on every decoded photo with the models FDH was built with.
+
+`Annotate(annotator="fdh")` runs, as Beam `RunInference` steps (one model copy per worker,
+batched, variable image sizes):
+
+    keypoint R-CNN ──cascade──► Mask R-CNN (person masks) ──► DensePose CSE (unless no_embeddings)
+                       └──► photos with no person tall enough skip the two heavy models
+                            (counter fdh/annotate.cascade_skipped) and carry empty detections.
+
+`Annotate(annotator="lite")` runs mediapipe BlazePose on the CPU (<= 1 person per photo), offline.
+
+Output: {"main": PCollection[AnnotatedPhoto], "rejects": PCollection[Rejected]}. A photo a model
+fails on becomes Rejected(stage='annotate', reason='model_error'); the job never crashes for one
+image. Configuration errors (GPU asked for but absent, detectron2 missing, weights missing) raise
+at pipeline construction, before any worker starts.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import apache_beam as beam
+
+from transforms.records import REJECTS_TAG
+from transforms.s5_annotate.cascade import DEFAULT_MIN_PERSON_HEIGHT, DEFAULT_PERSON_SCORE
+from transforms.s5_annotate.lite import LiteAnnotateFn, thresholds_from_dict
+
+ANNOTATORS = ("fdh", "lite")
+DEVICES = ("CPU", "GPU")
+
+
+class Annotate(beam.PTransform):
+    """DecodedImage -> {"main": AnnotatedPhoto, "rejects": Rejected}.
+
+    Args:
+      annotator: 'fdh' (torchvision keypoint + mask R-CNN, DensePose CSE) or 'lite' (mediapipe).
+      model_dir: local dir or gs:// prefix holding the weights (`python -m beam_jobs.assets
+        fetch --model_dir=DIR`); None: the local cache (~/.cache/fdh-beam/models or $FDH_BEAM_CACHE).
+      device: 'CPU' or 'GPU'. GPU fails loudly when CUDA is missing (never falls back to CPU).
+      max_batch_size: images per model call.
+      no_embeddings: skip DensePose CSE (no detectron2 needed; FDH's no-embeddings variant).
+      min_person_height: cascade: the heavy models only run on photos with a keypoint-R-CNN person
+        at least this many pixels tall (and scoring >= person_score).
+      gpu_type: Dataflow accelerator type (e.g. 'nvidia-tesla-t4'): adds the resource hint
+        `accelerator=type:...;count:1;install-nvidia-driver` to the model steps.
+      random_weights: build the torchvision models with random weights (tests and benches ONLY:
+        proves the plumbing, never the detections).
+      model_options: extra options for the model handlers: min_size, max_size, score_threshold,
+        box_detections_per_img, mask_threshold; "mask_model" (maskrcnn_resnet50_fpn[_v2]);
+        "densepose_config_dir".
+      lite_thresholds: overrides of `lite.LiteThresholds` fields.
+      large_model / model_copies: how RunInference shares a model between a worker's processes;
+        default: one shared copy on GPU, one per process on CPU.
+      require_detectron2_here: check at construction that detectron2 + DensePose import here.
+        Set False only when launching a remote job from a machine without detectron2 whose
+        worker container (docker/) has it.
+    """
+
+    def __init__(self, annotator: str = "fdh", model_dir: Optional[str] = None, device: str = "CPU",
+                 max_batch_size: int = 4, no_embeddings: bool = False,
+                 min_person_height: int = DEFAULT_MIN_PERSON_HEIGHT,
+                 person_score: float = DEFAULT_PERSON_SCORE, gpu_type: Optional[str] = None,
+                 random_weights: bool = False, model_options: Optional[dict] = None,
+                 lite_thresholds: Optional[dict] = None, large_model: Optional[bool] = None,
+                 model_copies: Optional[int] = None, require_detectron2_here: bool = True):
+        super().__init__()
+        if annotator not in ANNOTATORS:
+            raise ValueError(f"--annotator must be one of {ANNOTATORS}, got {annotator!r}")
+        device = device.upper()
+        if device not in DEVICES:
+            raise ValueError(f"--device must be one of {DEVICES}, got {device!r}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._annotator = annotator
+        self._model_dir = model_dir
+        self._device = device
+        self._max_batch_size = max_batch_size
+        self._no_embeddings = no_embeddings
+        self._min_person_height = min_person_height
+        self._person_score = person_score
+        self._gpu_type = gpu_type
+        self._random_weights = random_weights
+        self._model_options = dict(model_options or {})
+        self._lite_thresholds = thresholds_from_dict(lite_thresholds)
+        self._large_model = (device == "GPU") if large_model is None else large_model
+        self._model_copies = model_copies
+        if annotator == "fdh" and not no_embeddings and require_detectron2_here:
+            from transforms.s5_annotate.cse import require_detectron2
+
+            require_detectron2()
+
+    def expand(self, photos):
+        if self._annotator == "lite":
+            if self._device == "GPU":
+                logging.warning("the lite annotator (mediapipe) runs on the CPU; --device=GPU ignored")
+            results = photos | "LiteAnnotate" >> beam.ParDo(
+                LiteAnnotateFn(self._lite_thresholds)).with_outputs(REJECTS_TAG, main="main")
+            return {"main": results.main, "rejects": results[REJECTS_TAG]}
+        from transforms.s5_annotate.cascade import expand_fdh
+
+        self._check_local_configuration(photos.pipeline)
+        return expand_fdh(photos, self._fdh_settings())
+
+    def _fdh_settings(self):
+        from transforms.s5_annotate.cascade import FdhSettings
+
+        return FdhSettings(
+            model_dir=self._model_dir, device=self._device, max_batch_size=self._max_batch_size,
+            no_embeddings=self._no_embeddings, min_person_height=self._min_person_height,
+            person_score=self._person_score, gpu_type=self._gpu_type,
+            random_weights=self._random_weights, model_options=self._model_options,
+            large_model=self._large_model, model_copies=self._model_copies)
+
+    def _check_local_configuration(self, pipeline: beam.Pipeline) -> None:
+        """Fail at construction, not on a worker: GPU missing, weights missing (local runs)."""
+        from beam_jobs.common import is_local
+        from transforms.s5_annotate.handlers import check_device, check_weights_present
+
+        if pipeline.options is None or not is_local(pipeline.options):
+            return
+        check_device(self._device)
+        if not self._random_weights:
+            check_weights_present(self._fdh_settings().asset_names(), self._model_dir)

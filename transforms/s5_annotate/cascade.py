@@ -1,0 +1,222 @@
+"""The FDH annotator as a cascade of RunInference steps, cheapest gate first.
+
+    photo ─► keypoint R-CNN ─► nobody tall enough? ──yes──► AnnotatedPhoto with empty mask/CSE dets
+                                     │ no                    (counter fdh/annotate.cascade_skipped)
+                                     ▼
+                               Mask R-CNN (person) ─► no mask? ─yes─► empty CSE dets
+                                     │ no                (fdh/annotate.cascade_skipped_cse)
+                                     ▼
+                               DensePose CSE (unless no_embeddings) ─► AnnotatedPhoto
+
+Why skipping is safe: the FDH rules keep a person only when >= 4 of its keypoints match the CSE,
+and keypoints come only from keypoint R-CNN, so a photo without a keypoint R-CNN person can
+never yield a sample; likewise a person needs a Mask R-CNN mask to pair with its CSE detection.
+`min_person_height` (default 32 px, the side of FDH's 32x32 minimum crop area) and
+`person_score` only drop photos no later rule would keep, as long as they stay at or below the
+select stage's own thresholds.
+
+The photo being annotated rides through RunInference as the KEY of a KeyedModelHandler; the
+model sees only its RGB array. A model failing on one image yields a `ModelError` for it, which
+becomes Rejected(stage='annotate', reason='model_error').
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, AnnotatedPhoto, DecodedImage, Detections
+from transforms.rejects import reject
+
+DEFAULT_MIN_PERSON_HEIGHT = 32
+DEFAULT_PERSON_SCORE = 0.5
+ANNOTATOR_NAME = "fdh"
+DENSE_TAG = "dense"
+
+
+def needs_dense_models(keypoint_dets: Detections, person_score: float, min_person_height: float) -> bool:
+    """True when some keypoint R-CNN person scores >= person_score and is >= min_person_height tall."""
+    if len(keypoint_dets) == 0:
+        return False
+    heights = keypoint_dets.boxes[:, 3] - keypoint_dets.boxes[:, 1]
+    return bool(((keypoint_dets.scores >= person_score) & (heights >= min_person_height)).any())
+
+
+def empty_detections(height: int, width: int, vertices: bool = False) -> Detections:
+    """No detections, with (0, H, W) masks (and vertices) so consumers need no None checks."""
+    import numpy as np
+
+    empty = Detections.empty()
+    empty.masks = np.zeros((0, height, width), bool)
+    if vertices:
+        empty.vertices = np.zeros((0, height, width), np.int16)
+    return empty
+
+
+@dataclass(frozen=True)
+class FdhSettings:
+    """Everything the FDH cascade needs; built by `Annotate` from its arguments."""
+
+    model_dir: Optional[str] = None
+    device: str = "CPU"
+    max_batch_size: int = 4
+    no_embeddings: bool = False
+    min_person_height: float = DEFAULT_MIN_PERSON_HEIGHT
+    person_score: float = DEFAULT_PERSON_SCORE
+    gpu_type: Optional[str] = None
+    random_weights: bool = False
+    model_options: dict = field(default_factory=dict)  # torchvision handler kwargs; 'mask_model'
+    large_model: bool = False
+    model_copies: Optional[int] = None
+
+    @property
+    def mask_model(self) -> str:
+        from transforms.s5_annotate.handlers import DEFAULT_MASK_MODEL
+
+        return self.model_options.get("mask_model", DEFAULT_MASK_MODEL)
+
+    def asset_names(self) -> list[str]:
+        from transforms.s5_annotate.handlers import KEYPOINT_MODEL, MODELS
+
+        names = [MODELS[KEYPOINT_MODEL][0], MODELS[self.mask_model][0]]
+        if not self.no_embeddings:
+            from transforms.s5_annotate.cse import CSE_MODEL_ASSET, PHI_ASSET
+
+            names += [CSE_MODEL_ASSET, PHI_ASSET]
+        return names
+
+    def torchvision_handler(self, model_name: str):
+        from transforms.s5_annotate.handlers import TorchvisionDetectionHandler
+
+        options = {k: v for k, v in self.model_options.items()
+                   if k not in ("mask_model", "densepose_config_dir")}
+        return TorchvisionDetectionHandler(
+            model_name, model_dir=self.model_dir, device=self.device,
+            random_weights=self.random_weights, max_batch_size=self.max_batch_size,
+            large_model=self.large_model, model_copies=self.model_copies, **options)
+
+    def cse_handler(self):
+        from transforms.s5_annotate.cse import DensePoseCseHandler
+
+        return DensePoseCseHandler(
+            model_dir=self.model_dir, device=self.device, max_batch_size=self.max_batch_size,
+            large_model=self.large_model, model_copies=self.model_copies,
+            config_dir=self.model_options.get("densepose_config_dir"))
+
+
+def _reject_model_error(photo: DecodedImage, error) -> beam.pvalue.TaggedOutput:
+    return reject("annotate", "model_error", str(photo.record.photo_id), error.detail,
+                  photo.record.photo_id, photo.record.user_nsid)
+
+
+class StartAnnotationFn(beam.DoFn):
+    """DecodedImage -> (AnnotatedPhoto being built, its RGB array) for a keyed RunInference."""
+
+    def process(self, photo: DecodedImage) -> Iterator:
+        yield AnnotatedPhoto(photo=photo, annotator=ANNOTATOR_NAME,
+                             keypoint_dets=Detections.empty()), photo.image
+
+
+class AttachKeypointsFn(beam.DoFn):
+    """Attach keypoint R-CNN detections; route the photo on (DENSE_TAG) or finish it (cascade)."""
+
+    def __init__(self, person_score: float, min_person_height: float, no_embeddings: bool):
+        self._person_score = person_score
+        self._min_person_height = min_person_height
+        self._no_embeddings = no_embeddings
+        self._photos = Metrics.counter(METRICS_NAMESPACE, "annotate.photos")
+        self._skipped = Metrics.counter(METRICS_NAMESPACE, "annotate.cascade_skipped")
+
+    def process(self, element) -> Iterator:
+        from transforms.s5_annotate.handlers import ModelError
+
+        annotated, result = element
+        photo = annotated.photo
+        if isinstance(result, ModelError):
+            yield _reject_model_error(photo, result)
+            return
+        self._photos.inc()
+        annotated = dataclasses.replace(annotated, keypoint_dets=result)
+        if needs_dense_models(result, self._person_score, self._min_person_height):
+            yield beam.pvalue.TaggedOutput(DENSE_TAG, (annotated, photo.image))
+            return
+        self._skipped.inc()
+        height, width = photo.image.shape[:2]
+        yield dataclasses.replace(
+            annotated, mask_dets=empty_detections(height, width),
+            cse_dets=None if self._no_embeddings else empty_detections(height, width, vertices=True))
+
+
+class AttachMasksFn(beam.DoFn):
+    """Attach Mask R-CNN detections; photos with a mask go on to CSE (DENSE_TAG) unless disabled."""
+
+    def __init__(self, no_embeddings: bool):
+        self._no_embeddings = no_embeddings
+        self._skipped = Metrics.counter(METRICS_NAMESPACE, "annotate.cascade_skipped_cse")
+
+    def process(self, element) -> Iterator:
+        from transforms.s5_annotate.handlers import ModelError
+
+        annotated, result = element
+        photo = annotated.photo
+        if isinstance(result, ModelError):
+            yield _reject_model_error(photo, result)
+            return
+        annotated = dataclasses.replace(annotated, mask_dets=result)
+        if self._no_embeddings:
+            yield annotated
+        elif len(result) == 0:
+            self._skipped.inc()
+            height, width = photo.image.shape[:2]
+            yield dataclasses.replace(annotated, cse_dets=empty_detections(height, width, vertices=True))
+        else:
+            yield beam.pvalue.TaggedOutput(DENSE_TAG, (annotated, photo.image))
+
+
+class AttachCseFn(beam.DoFn):
+    """Attach DensePose CSE detections: the photo is fully annotated."""
+
+    def process(self, element) -> Iterator:
+        from transforms.s5_annotate.handlers import ModelError
+
+        annotated, result = element
+        if isinstance(result, ModelError):
+            yield _reject_model_error(annotated.photo, result)
+            return
+        yield dataclasses.replace(annotated, cse_dets=result)
+
+
+def _run_model(pcoll, label: str, handler, settings: FdhSettings):
+    inference = RunInference(KeyedModelHandler(handler))
+    if settings.device == "GPU" and settings.gpu_type:
+        inference = inference.with_resource_hints(
+            accelerator=f"type:{settings.gpu_type};count:1;install-nvidia-driver")
+    return pcoll | label >> inference
+
+
+def expand_fdh(photos, settings: FdhSettings) -> dict:
+    """Compose the cascade on a PCollection[DecodedImage]; {"main": ..., "rejects": ...}."""
+    from transforms.s5_annotate.handlers import KEYPOINT_MODEL
+
+    started = photos | "StartAnnotation" >> beam.ParDo(StartAnnotationFn())
+    keypoints = _run_model(started, "KeypointRCNN", settings.torchvision_handler(KEYPOINT_MODEL), settings)
+    after_keypoints = keypoints | "AttachKeypoints" >> beam.ParDo(AttachKeypointsFn(
+        settings.person_score, settings.min_person_height, settings.no_embeddings)).with_outputs(
+        DENSE_TAG, REJECTS_TAG, main="done")
+    masks = _run_model(after_keypoints[DENSE_TAG], "MaskRCNN",
+                       settings.torchvision_handler(settings.mask_model), settings)
+    after_masks = masks | "AttachMasks" >> beam.ParDo(AttachMasksFn(settings.no_embeddings)).with_outputs(
+        DENSE_TAG, REJECTS_TAG, main="done")
+    done = [after_keypoints.done, after_masks.done]
+    rejects = [after_keypoints[REJECTS_TAG], after_masks[REJECTS_TAG]]
+    if not settings.no_embeddings:
+        cse = _run_model(after_masks[DENSE_TAG], "DensePoseCSE", settings.cse_handler(), settings)
+        after_cse = cse | "AttachCse" >> beam.ParDo(AttachCseFn()).with_outputs(REJECTS_TAG, main="done")
+        done.append(after_cse.done)
+        rejects.append(after_cse[REJECTS_TAG])
+    return {"main": done | "FlattenAnnotated" >> beam.Flatten(),
+            "rejects": rejects | "FlattenRejects" >> beam.Flatten()}

@@ -1,0 +1,234 @@
+"""DensePose CSE (continuous surface embeddings) through detectron2, as FDH was annotated.
+
+Model: `densepose_rcnn_R_101_FPN_DL_soft_s1x` (mesh smpl_27554, 16-dim embeddings), score
+threshold 0.3, NMS 0.5, input shortest edge 800 / longest 1333 (the config's test sizes).
+Per detected box the predictor returns a coarse segmentation S (2, 112, 112: background / person
+logits) and an embedding E (16, 112, 112). `cse_instances_to_detections` resamples both to the
+box (bilinear, like detectron2's own resampling), pastes them into the image frame, takes the
+person pixels as the mask and, inside it, the nearest `embed_map` row as the vertex id
+(`transforms.s7_crop.embeddings_to_vertices`, squared L2).
+
+`embed_map` = row-normalised phi_smpl_27554_256 [27554, 256] @ the checkpoint's [256, 16]
+`roi_heads.embedder.embedder_smpl_27554.embeddings`: the model's own embedder computes it once the
+checkpoint and phi are loaded.
+
+detectron2 is optional and imported lazily: it is not on PyPI, so it comes from source (docker/).
+Without it `require_detectron2()` raises a `Detectron2MissingError` that says what to do.
+Weights (.pkl) and phi are pickles: they are read with the numpy-only restricted unpickler of
+`transforms.assets`, never plain pickle.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler
+
+from transforms import assets
+from transforms.records import Detections
+from transforms.s5_annotate.handlers import infer_with_fallback, torch_device
+
+CSE_MODEL_ASSET = "densepose_rcnn_R_101_FPN_DL_soft_s1x"
+PHI_ASSET = "phi_smpl_27554_256"
+CSE_CONFIG = "cse/densepose_rcnn_R_101_FPN_DL_soft_s1x.yaml"
+MESH_NAME = "smpl_27554"
+# Where the docker/ image checks out detectron2; override with $DENSEPOSE_CONFIGS.
+DEFAULT_CONFIG_DIR = "/opt/detectron2/projects/DensePose/configs"
+CONFIG_ENV = "DENSEPOSE_CONFIGS"
+
+INSTALL_HINT = (
+    "DensePose CSE needs detectron2 and its DensePose project, which are not on PyPI. Either run "
+    "with --no_embeddings (FDH's no-embeddings variant: keypoints + masks only), or build the "
+    "worker image in docker/ (see docker/README.md), or install from source: "
+    "`pip install 'git+https://github.com/facebookresearch/detectron2.git' && pip install "
+    "'git+https://github.com/facebookresearch/detectron2.git#subdirectory=projects/DensePose'`.")
+
+
+class Detectron2MissingError(ImportError):
+    """detectron2 / DensePose cannot be imported but CSE embeddings were asked for."""
+
+
+def require_detectron2() -> None:
+    """Raise Detectron2MissingError (an ImportError) unless detectron2 and densepose import."""
+    try:
+        import densepose  # noqa: F401
+        import detectron2  # noqa: F401
+    except ImportError as error:
+        raise Detectron2MissingError(f"{INSTALL_HINT} (import failed: {error})") from error
+
+
+def _as_tensor(value):
+    import torch
+
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+
+
+def cse_instances_to_detections(instances: Any, image_hw: tuple[int, int], embed_map,
+                                chunk_rows: int = 4096) -> Detections:
+    """DensePose CSE predictor output for one image -> `Detections` in the image frame.
+
+    `instances` needs the detectron2 `Instances` structure: `pred_boxes.tensor` (N, 4) XYXY in
+    image pixels, `scores` (N,), `pred_densepose.coarse_segm` (N, 2, h, w) and
+    `pred_densepose.embedding` (N, D, h, w) (box frame, h = w = 112 for the FDH model).
+    S and E are resampled (bilinear) to the box as reported, then the part inside the image is
+    pasted. Returns boxes (rounded, clipped), scores, masks (N, H, W) bool (CSE person pixels) and
+    vertices (N, H, W) int16 (nearest embed_map row; 0 outside the mask). Empty boxes are dropped.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from transforms.s5_annotate.cascade import empty_detections
+    from transforms.s7_crop import embeddings_to_vertices
+
+    height, width = image_hw
+    boxes = _as_tensor(instances.pred_boxes.tensor).float()
+    scores = _as_tensor(instances.scores).float()
+    if len(boxes) == 0:
+        return empty_detections(height, width, vertices=True)
+    segm = _as_tensor(instances.pred_densepose.coarse_segm).float()
+    embedding = _as_tensor(instances.pred_densepose.embedding).float()
+    embed_map = _as_tensor(embed_map).float().to(embedding.device)
+    rounded = boxes.round().long()
+    clipped = rounded.clone()
+    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
+    keep = [i for i in range(len(rounded)) if clipped[i, 2] > clipped[i, 0] and clipped[i, 3] > clipped[i, 1]]
+    masks = np.zeros((len(keep), height, width), bool)
+    vertices = np.zeros((len(keep), height, width), np.int16)
+    for out, i in enumerate(keep):
+        # S and E describe the box as the model reported it: resample to its full size, then
+        # paste the part inside the image (detectron2 clips its boxes, so usually all of it).
+        x0, y0, x1, y1 = (int(v) for v in rounded[i])
+        cx0, cy0, cx1, cy1 = (int(v) for v in clipped[i])
+        size = (y1 - y0, x1 - x0)
+        inside = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
+        box_segm = F.interpolate(segm[i:i + 1], size=size, mode="bilinear", align_corners=False)[0]
+        box_mask = (box_segm.argmax(dim=0) > 0)[inside]
+        box_embedding = F.interpolate(embedding[i:i + 1], size=size, mode="bilinear",
+                                      align_corners=False)[0][:, inside[0], inside[1]]
+        box_vertices = embeddings_to_vertices(box_embedding, embed_map, mask=box_mask,
+                                              chunk_rows=chunk_rows)
+        masks[out, cy0:cy1, cx0:cx1] = box_mask.cpu().numpy()
+        vertices[out, cy0:cy1, cx0:cx1] = box_vertices.cpu().numpy().astype(np.int16)
+    index = torch.as_tensor(keep, dtype=torch.long)
+    return Detections(boxes=clipped[index].float().cpu().numpy().astype(np.float32),
+                      scores=scores[index].cpu().numpy().astype(np.float32),
+                      masks=masks, vertices=vertices)
+
+
+class CsePredictor:
+    """A loaded detectron2 DensePose CSE model plus its embed_map; `detect(RGB uint8 images)`.
+
+    All device work happens inside `detect()` (NumPy in, `Detections` out), so the object can be
+    shared across a worker's processes (large_model) through Beam's proxy."""
+
+    def __init__(self, model, cfg, embed_map):
+        self.model = model
+        self.cfg = cfg
+        self.embed_map = embed_map
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        import torch
+        from detectron2.data.transforms import ResizeShortestEdge
+        from torchvision.transforms.functional import InterpolationMode, resize
+
+        device = self.embed_map.device
+        inputs = []
+        for image in images:
+            height, width = image.shape[:2]
+            tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)
+            if self.cfg.INPUT.FORMAT == "BGR":
+                tensor = tensor.flip(0)
+            new_h, new_w = ResizeShortestEdge.get_output_shape(
+                height, width, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST)
+            tensor = resize(tensor, [new_h, new_w], InterpolationMode.BILINEAR, antialias=True)
+            inputs.append({"image": tensor, "height": height, "width": width})
+        with torch.inference_mode():
+            outputs = self.model(inputs)
+        return [cse_instances_to_detections(output["instances"], image.shape[:2], self.embed_map)
+                for output, image in zip(outputs, images)]
+
+
+def load_cse_predictor(model_dir: Optional[str], device: str, config_dir: Optional[str] = None,
+                       score_threshold: float = 0.3, nms_threshold: float = 0.5) -> CsePredictor:
+    """Build the DensePose CSE model from its config, load the verified weights and phi."""
+    require_detectron2()
+    import torch
+    from densepose import add_densepose_config
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    torch_dev = torch_device(device)
+    config_dir = config_dir or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_DIR
+    config_path = os.path.join(config_dir, CSE_CONFIG)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(
+            f"DensePose config {config_path} not found: set ${CONFIG_ENV} to detectron2's "
+            "projects/DensePose/configs (the docker/ image has it at " + DEFAULT_CONFIG_DIR + ")")
+    weights_path = assets.resolve(CSE_MODEL_ASSET, model_dir)
+    phi_path = assets.resolve(PHI_ASSET, model_dir)
+
+    cfg = get_cfg()
+    add_densepose_config(cfg)
+    cfg.merge_from_file(config_path)
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
+    cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = nms_threshold
+    cfg.MODEL.DEVICE = str(torch_dev)
+    cfg.MODEL.WEIGHTS = ""
+    # detectron2 would pickle.load the phi file from a URL: load it ourselves, safely, below.
+    cfg.MODEL.ROI_DENSEPOSE_HEAD.CSE.EMBEDDERS[MESH_NAME].INIT_FILE = ""
+    cfg.freeze()
+    model = build_model(cfg).eval()
+
+    class _SafeCheckpointer(DetectionCheckpointer):
+        """detectron2's checkpointer with the numpy-only unpickler for model zoo .pkl files."""
+
+        def _load_file(self, filename):
+            data = assets.safe_unpickle(filename)
+            if "model" in data and "__author__" in data:
+                return {"model": data["model"], "__author__": data["__author__"],
+                        "matching_heuristics": True}
+            return {"model": data.get("blobs", data), "__author__": "Caffe2", "matching_heuristics": True}
+
+    _SafeCheckpointer(model).load(weights_path)
+    embedder = model.roi_heads.embedder
+    features = assets.safe_unpickle(phi_path)["features"]
+    mesh_embedder = getattr(embedder, f"embedder_{MESH_NAME}")
+    with torch.no_grad():
+        mesh_embedder.features.copy_(torch.as_tensor(np.asarray(features)).float())
+    embed_map = embedder(MESH_NAME).detach().to(torch_dev)
+    logging.info("DensePose CSE loaded: embed_map %s on %s", tuple(embed_map.shape), torch_dev)
+    return CsePredictor(model, cfg, embed_map)
+
+
+class DensePoseCseHandler(ModelHandler[np.ndarray, Any, CsePredictor]):
+    """RunInference handler: RGB uint8 images of any size -> CSE `Detections` (or ModelError)."""
+
+    def __init__(self, *, model_dir: Optional[str] = None, device: str = "CPU",
+                 config_dir: Optional[str] = None, score_threshold: float = 0.3,
+                 nms_threshold: float = 0.5, max_batch_size: int = 4, large_model: bool = False,
+                 model_copies: Optional[int] = None):
+        super().__init__(min_batch_size=1, max_batch_size=max_batch_size, large_model=large_model,
+                         model_copies=model_copies)
+        self._model_dir = model_dir
+        self._device = device.upper()
+        self._config_dir = config_dir
+        self._score_threshold = score_threshold
+        self._nms_threshold = nms_threshold
+
+    def load_model(self) -> CsePredictor:
+        return load_cse_predictor(self._model_dir, self._device, self._config_dir,
+                                  self._score_threshold, self._nms_threshold)
+
+    def run_inference(self, batch: Sequence[np.ndarray], model: CsePredictor,
+                      inference_args: Optional[dict[str, Any]] = None) -> Iterable[Any]:
+        return infer_with_fallback(model.detect, batch, "densepose_cse")
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(int(getattr(image, "nbytes", 0)) for image in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "fdh_annotate_densepose_cse"
