@@ -79,6 +79,18 @@ def test_one_person_with_keypoints_in_the_right_places(annotator, name):
     assert 0.0 < dets.scores[0] <= 1.0
 
 
+def test_keypoints_guessed_outside_the_frame_score_zero(annotator):
+    """The astronaut's portrait ends at her waist: BlazePose still places knees and ankles below
+    the frame. Those guesses must not count as seen keypoints."""
+    image = PHOTOS["astronaut"]()
+    kp = annotator.detect(image).keypoints[0]
+    height, width = image.shape[:2]
+    outside = (kp[:, 0] < 0) | (kp[:, 0] >= width) | (kp[:, 1] < 0) | (kp[:, 1] >= height)
+    assert outside[[KP["left_ankle"], KP["right_ankle"]]].all()
+    assert (kp[outside, 2] == 0).all()
+    assert (kp[~outside, 2] > 0).any()
+
+
 @pytest.mark.parametrize("name", ["coffee", "chelsea", "rocket"])
 def test_no_person_on_photos_without_people(annotator, name):
     dets = annotator.detect(PHOTOS[name]())

@@ -71,3 +71,27 @@ def test_crop_rejects_too_small_and_bad_person():
         assert_that(out["rejects"] | beam.Map(lambda r: (r.stage, r.reason, r.record_id)),
                     equal_to([("crop", "too_small", "9_0"), ("crop", "bad_person", "9_1")]),
                     label="rejects")
+
+
+def test_tiny_person_is_dropped_by_select_before_the_rule():
+    """A person whose crop box is under 32x32 px never reaches the rule or the crop (as in DP2),
+    so the photo counts as 'no_person' and the funnel invariant stays exact."""
+    from transforms.records import AnnotatedPhoto, Detections
+    from transforms.s6_select import FdhRule, select_persons
+
+    photo = make_photo((200, 200), 11)
+    tiny = np.zeros((200, 200), bool)
+    tiny[100:103, 100:102] = True
+    keypoints = np.zeros((1, 17, 3), np.float32)
+    keypoints[0, :, :2] = (101, 101)
+    keypoints[0, :, 2] = 0.9
+    annotated = AnnotatedPhoto(photo=photo, annotator="lite", keypoint_dets=Detections(
+        boxes=np.array([[100, 100, 102, 103]], np.float32), scores=np.array([0.9], np.float32),
+        keypoints=keypoints, masks=tiny[None]))
+    selection = select_persons(annotated, None, FdhRule())
+    assert selection.kept == []
+    assert [(d.reason, d.person_index) for d in selection.dropped] == [("too_small", 0)]
+    with make_pipeline(PipelineOptions([])) as p:
+        out = (p | beam.Create([annotated])) | SelectPersons()
+        assert_that(out["rejects"] | beam.Map(lambda r: (r.reason, r.record_id)),
+                    equal_to([("too_small", "11_0"), ("no_person", "11")]))

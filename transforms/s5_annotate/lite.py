@@ -83,6 +83,11 @@ class LiteAnnotator:
         keypoints = np.array(
             [[landmarks[i].x * width, landmarks[i].y * height, landmarks[i].visibility]
              for i in BLAZEPOSE_TO_COCO], np.float32)
+        # BlazePose extrapolates landmarks beyond the frame (feet below a portrait's edge). Those
+        # are guesses, and keypoint R-CNN never predicts outside the image: score them 0.
+        outside = ((keypoints[:, 0] < 0) | (keypoints[:, 0] >= width)
+                   | (keypoints[:, 1] < 0) | (keypoints[:, 1] >= height))
+        keypoints[outside, 2] = 0.0
         mask = np.asarray(result.segmentation_mask) > self.thresholds.mask_threshold
         visible = int((keypoints[:, 2] >= self.thresholds.keypoint_visibility).sum())
         if visible < self.thresholds.min_visible_keypoints or mask.mean() < self.thresholds.min_mask_fraction:

@@ -32,7 +32,7 @@ from transforms.s6_select.combine import (IOU_COMBINE_THRESHOLD, MIN_KEYPOINT_BO
                                           SelectedPhoto, annotation_problem, combine_detections)
 from transforms.s6_select.parts import load_part_table, validate_table
 from transforms.s6_select.rules import FdhRule, apply_rule, keypoint_status, score_threshold_for
-from transforms.s7_crop import crop_box_for_person
+from transforms.s7_crop import MIN_BOX_AREA, box_area, crop_box_for_person, is_too_small
 
 STAGE = "select"
 
@@ -51,9 +51,12 @@ class Selection:
 
 def select_persons(annotated: AnnotatedPhoto, part_table: Optional[np.ndarray], rule: FdhRule,
                    iou_threshold: float = IOU_COMBINE_THRESHOLD,
-                   min_keypoint_box_iou: float = MIN_KEYPOINT_BOX_IOU) -> Selection:
+                   min_keypoint_box_iou: float = MIN_KEYPOINT_BOX_IOU,
+                   min_box_area: int = MIN_BOX_AREA) -> Selection:
     """Combine the detections of one photo and apply the FDH rule to each person.
 
+    A person whose crop box is under `min_box_area` pixels is dropped ('too_small') before the
+    rule, as DeepPrivacy2 does, so that a photo counted "with person" always yields a sample.
     'fdh' photos with CSE detections need `part_table`; 'lite' photos and 'fdh' photos annotated
     without embeddings (cse_dets None) use the mask form of the rule.
     Call `combine.annotation_problem` first: this assumes consistent arrays.
@@ -70,6 +73,10 @@ def select_persons(annotated: AnnotatedPhoto, part_table: Optional[np.ndarray], 
     for person in combined.persons:
         box = crop_box_for_person(person.box, image_hw, int(np.count_nonzero(person.mask)))
         person.extra["crop_box"] = box
+        if is_too_small(box, min_box_area):
+            selection.dropped.append(Dropped(
+                "too_small", f"crop box {box} has area {box_area(box)} < {min_box_area}", person.index))
+            continue
         status = keypoint_status(
             person.keypoints, box, person.mask,
             e_mask=person.e_mask if use_cse else None,
