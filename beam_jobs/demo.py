@@ -1,5 +1,6 @@
 """Offline end-to-end demo: build a tiny YFCC100M sample from photos that ship in packages, rebuild
-FDH from it with the CPU (`lite`) annotator, verify the output and draw a contact sheet.
+FDH from it with the CPU (`lite`) annotator, verify the output, chart its statistics and draw a
+contact sheet.
 
     python -m beam_jobs.demo --output=demo_out        (what `make demo` runs)
 
@@ -160,8 +161,8 @@ def contact_sheet(dataset_dir: str, out_path: str, columns: int = 6) -> int:
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
-    """Build the sample, rebuild it with the lite annotator, verify, draw the contact sheet."""
-    from beam_jobs import rebuild
+    """Build the sample, rebuild it with the lite annotator, verify, chart, draw the contact sheet."""
+    from beam_jobs import rebuild, stats as stats_job, verify
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="demo_out", help="demo directory (input/ and dataset/)")
@@ -172,6 +173,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     stats = rebuild.run([f"--yfcc={yfcc_path}", f"--output={dataset_dir}",
                          f"--image_source=mirror:{os.path.abspath(mirror_root)}",
                          "--annotator=lite", *beam_args])
+    print()
+    report = verify.run([f"--dataset={dataset_dir}"])
+    if report["problems"]:
+        raise SystemExit(f"verify found {len(report['problems'])} problems in {dataset_dir}")
+    print()
+    stats_job.run(dataset_dir, plots_dir=args.output)
     sheet = os.path.join(args.output, "contact_sheet.png")
     drawn = contact_sheet(dataset_dir, sheet)
     print(f"contact sheet with {drawn} samples: {sheet}")

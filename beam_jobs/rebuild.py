@@ -23,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.common import (JobOptions, is_local, make_pipeline, read_counters, split_job_flags,
                               split_list)
+from transforms.funnel import accounting_errors, funnel_rows, step_key
 from transforms.opt_out import OPT_OUT_FILENAME
 from transforms.records import FDH_LICENSES
 from transforms.rejects import CountRejects, WriteRejects
@@ -36,11 +37,6 @@ from transforms.s7_crop import CropPersons
 from transforms.s8_write import (STATS_FILE, AssignSplit, WriteRunOutputs, WriteShards,
                                  load_json)
 from transforms.s8_write.run_outputs import resolve_crawl_time
-
-# The funnel counts of stats.json ("funnel.NAME"), in pipeline order.
-FUNNEL_STEPS = ("lines_read", "candidates", "decoded", "annotated", "photos_with_person", "samples")
-# Stages whose rejects happen before a photo reaches annotation.
-PRE_ANNOTATION_STAGES = ("read", "prefilter", "fetch", "decode")
 
 DEFAULT_IMAGE_SOURCE = "mirror:https://multimedia-commons.s3-us-west-2.amazonaws.com"
 
@@ -101,18 +97,19 @@ def _opt_out_paths(options: RebuildOptions) -> list[str]:
     return paths
 
 
-def _count(pcoll, name: str):
-    """A singleton ('funnel.NAME', n) for the stats funnel."""
+def _count(pcoll, step: str):
+    """A singleton (step_key(step), n) for the stats funnel."""
+    label = step.title().replace("_", "")
     return (pcoll
-            | f"Count{name.title().replace('_', '')}" >> beam.combiners.Count.Globally()
-            | f"Key{name.title().replace('_', '')}" >> beam.Map(lambda n, key=f"funnel.{name}": (key, n)))
+            | f"Count{label}" >> beam.combiners.Count.Globally()
+            | f"Key{label}" >> beam.Map(lambda n, key=step_key(step): (key, n)))
 
 
 def _sum_line_counts(line_counts):
     return (line_counts
             | "LineCountValues" >> beam.Values()
             | "SumLines" >> beam.CombineGlobally(sum)
-            | "KeyLines" >> beam.Map(lambda n: ("funnel.lines_read", n)))
+            | "KeyLines" >> beam.Map(lambda n: (step_key("lines_read"), n)))
 
 
 def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
@@ -165,34 +162,6 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
         output, config=config, crawl_time=options.crawl_time)
 
 
-def accounting_errors(funnel: dict[str, int]) -> list[str]:
-    """Check the funnel invariants of design section 2; returns the violations (empty when sound).
-
-    lines read = rejects before annotation + photos annotated;
-    photos annotated = photos with >= 1 kept person + photos rejected whole by select/annotate.
-    """
-    def total(prefixes: tuple[str, ...]) -> int:
-        return sum(n for key, n in funnel.items()
-                   if not key.startswith("funnel.") and key.split(".", 1)[0] in prefixes)
-
-    errors = []
-    lines = funnel.get("funnel.lines_read", 0)
-    pre = total(PRE_ANNOTATION_STAGES)
-    reached = funnel.get("funnel.decoded", 0)
-    if lines != pre + reached:
-        errors.append(f"lines read {lines} != rejects before annotation {pre} + photos decoded {reached}")
-    annotated = funnel.get("funnel.annotated", 0)
-    failed = total(("annotate",))
-    if reached != annotated + failed:
-        errors.append(f"photos decoded {reached} != annotated {annotated} + annotate rejects {failed}")
-    whole_photo = sum(funnel.get(f"select.{reason}", 0) for reason in ("no_person", "bad_annotation"))
-    with_person = funnel.get("funnel.photos_with_person", 0)
-    if annotated != with_person + whole_photo:
-        errors.append(f"photos annotated {annotated} != with a kept person {with_person} + "
-                      f"without {whole_photo}")
-    return errors
-
-
 def summarize(output: str, counters: Optional[dict] = None) -> str:
     """A short human summary: kept per licence x split, rejects per reason, where the output is."""
     stats = load_json(output, STATS_FILE)
@@ -205,13 +174,8 @@ def summarize(output: str, counters: Optional[dict] = None) -> str:
                           for split, cell in sorted(written[license_slug].items()))
         lines.append(f"    {license_slug:<14} {cells}")
     funnel = stats.get("funnel", {})
-    for name in FUNNEL_STEPS:
-        if f"funnel.{name}" in funnel:
-            lines.append(f"  {name:<20} {funnel[f'funnel.{name}']}")
-    rejects = {key: value for key, value in funnel.items() if not key.startswith("funnel.")}
-    if rejects:
-        lines.append("  rejects by stage.reason:")
-        lines.extend(f"    {key:<40} {value}" for key, value in sorted(rejects.items()))
+    lines.append("  funnel:")
+    lines.extend(f"    {label:<44} {count:>10,d}" for label, count, _ in funnel_rows(funnel))
     errors = accounting_errors(funnel)
     lines.append("  accounting: " + ("every line accounted for" if not errors else "; ".join(errors)))
     lines.append(f"  rejects:  {output}/rejects/   manifest: {output}/manifest.json")

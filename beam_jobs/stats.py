@@ -33,7 +33,7 @@ def license_table(shards: Sequence[dict[str, Any]]) -> str:
 
 
 def funnel_table(steps: Sequence[tuple[str, int]]) -> str:
-    """The funnel as text: each step's count and its share of the first step."""
+    """The funnel as text: each row's count and its share of the first row (the lines read)."""
     first = steps[0][1] if steps and steps[0][1] else 0
     return dataset_ops.format_table(
         ("step", "count", "of first"),

@@ -58,8 +58,10 @@ def build_dataset(root: Path, no_embeddings: bool = False) -> Path:
     """Write the LAYOUT dataset with the project's writer; returns its directory."""
     out = root / "dataset"
     write_dataset(str(out), dataset_samples(), max_samples=MAX_SAMPLES, no_embeddings=no_embeddings,
-                  counts={"read.lines": 40, "prefilter.licence_not_allowed": 12,
-                          "fetch.http_404": 3, "select.no_person": 13})
+                  counts={"funnel.lines_read": 40, "prefilter.license_not_allowed": 12,
+                          "funnel.candidates": 28, "fetch.not_found": 3, "funnel.decoded": 25,
+                          "funnel.annotated": 25, "select.no_person": 14,
+                          "funnel.photos_with_person": 11, "funnel.samples": 12})
     return out
 
 

@@ -1,6 +1,8 @@
-"""DensePose CSE post-processing at the adapter boundary, with a detectron2-SHAPED fake.
+"""DensePose CSE post-processing at the adapter boundary, with a detectron2-SHAPED fake, and
+(only where detectron2 + DensePose are installed, e.g. the docker/ worker image) with the REAL
+config and model on random weights (see the end of this file).
 
-detectron2 is not installed here: the fake has the structure of DensePose's predictor output
+detectron2 is not on PyPI, so CI runs the fake: it has the structure of DensePose's predictor output
 (`pred_boxes.tensor`, `scores`, `pred_densepose.coarse_segm` (N, 2, 112, 112) and
 `pred_densepose.embedding` (N, 16, 112, 112)) with hand-built values, so the expected masks and
 vertex ids are known exactly. The same fake then stands in for the model in a full cascade
@@ -167,3 +169,144 @@ def test_full_cascade_with_fake_cse_in_a_pipeline():
     result = pipeline.run()
     result.wait_until_finish()
     assert read_counters(result)["annotate.model_error"] == 1
+
+
+# --- REAL detectron2 + DensePose, random weights (skipped where they are not installed: CI) -------
+# The worker image (docker/) has both. These prove that the real config builds, that a detectron2
+# model-zoo .pkl loads through the numpy-only unpickler, and that our post-processing turns the real
+# predictor's outputs into well-formed Detections. Random weights: plumbing only, never quality.
+
+SMALL_CSE = ("INPUT.MIN_SIZE_TEST", 256, "INPUT.MAX_SIZE_TEST", 384, "TEST.DETECTIONS_PER_IMAGE", 4)
+NUM_VERTICES = 27554
+
+
+def _densepose_config_dir() -> str:
+    pytest.importorskip("detectron2")
+    pytest.importorskip("densepose")
+    from transforms.s5_annotate.cse import find_config_dir
+
+    try:
+        return find_config_dir()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+
+
+def _astronaut() -> np.ndarray:
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[::2, ::2])  # a real photo, 256x256 RGB
+
+
+def _write_model_dir(tmp_path, config_dir):
+    """A model_dir with a random-weight CSE checkpoint in detectron2's model-zoo .pkl layout
+    ({"model": {name: ndarray}, "__author__": ...}) and a random phi {"features": [27554, 256]}."""
+    import pickle
+
+    from detectron2.modeling import build_model
+
+    from transforms import assets
+    from transforms.s5_annotate.cse import CSE_MODEL_ASSET, PHI_ASSET, build_cse_config
+
+    torch.manual_seed(0)
+    model = build_model(build_cse_config(config_dir, overrides=SMALL_CSE))
+    state = {name: tensor.detach().numpy().copy() for name, tensor in model.state_dict().items()}
+    embeddings = "roi_heads.embedder.embedder_smpl_27554.embeddings"
+    state[embeddings] = np.random.default_rng(1).standard_normal(state[embeddings].shape).astype(np.float32)
+    phi = np.random.default_rng(2).standard_normal((NUM_VERTICES, 256)).astype(np.float32)
+    for name, payload in ((CSE_MODEL_ASSET, {"model": state, "__author__": "fdh-beam test"}),
+                          (PHI_ASSET, {"features": phi})):
+        with open(tmp_path / assets.get_asset(name).filename, "wb") as handle:
+            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    return state, phi
+
+
+def _check_cse_detections(dets, height, width):
+    assert dets.masks.dtype == bool and dets.masks.shape == (len(dets), height, width)
+    assert dets.vertices.dtype == np.int16 and dets.vertices.shape == (len(dets), height, width)
+    assert dets.boxes.dtype == np.float32 and dets.boxes.shape == (len(dets), 4)
+    assert (dets.boxes[:, 0] < dets.boxes[:, 2]).all() and (dets.boxes[:, 1] < dets.boxes[:, 3]).all()
+    assert (dets.boxes >= 0).all() and (dets.boxes[:, 0::2] <= width).all() and (dets.boxes[:, 1::2] <= height).all()
+    assert ((dets.scores >= 0.3) & (dets.scores <= 1)).all()
+    assert (dets.vertices >= 0).all() and (dets.vertices < NUM_VERTICES).all()
+    assert not dets.vertices[~dets.masks].any()  # vertex 0 outside the CSE mask
+    for i, (x0, y0, x1, y1) in enumerate(dets.boxes.astype(int)):
+        outside = np.ones((height, width), bool)
+        outside[y0:y1, x0:x1] = False
+        assert not dets.masks[i][outside].any()  # the mask stays in its box
+
+
+@pytest.mark.slow
+def test_real_densepose_checkpoint_pkl_and_predictor_on_a_photo(tmp_path):
+    from densepose.modeling.cse.utils import get_closest_vertices_mask_from_ES
+
+    from transforms.s5_annotate.cse import load_cse_predictor
+
+    config_dir = _densepose_config_dir()
+    state, phi = _write_model_dir(tmp_path, config_dir)
+    predictor = load_cse_predictor(str(tmp_path), "CPU", config_dir, config_overrides=SMALL_CSE)
+    # every tensor of the .pkl landed in the model (restricted unpickler + detectron2's checkpointer)
+    loaded = predictor.model.state_dict()
+    assert set(state) <= set(loaded)
+    for name, array in state.items():
+        np.testing.assert_array_equal(loaded[name].numpy(), array, err_msg=name)
+    embeddings = state["roi_heads.embedder.embedder_smpl_27554.embeddings"]
+    expected_map = torch.nn.functional.normalize(torch.from_numpy(phi @ embeddings), dim=1)
+    assert predictor.embed_map.shape == (NUM_VERTICES, 16)
+    torch.testing.assert_close(predictor.embed_map, expected_map, rtol=1e-4, atol=1e-5)
+
+    image = _astronaut()
+    dets = predictor.detect([image])[0]
+    assert len(dets) > 0  # random heads score ~0.5 > 0.3: there is something to check
+    _check_cse_detections(dets, *image.shape[:2])
+    # the same boxes through DensePose's own box-frame -> vertices code give the same answer
+    inputs = [{"image": torch.from_numpy(image[:, :, ::-1].copy()).permute(2, 0, 1), "height": 256,
+               "width": 256}]
+    with torch.inference_mode():
+        instances = predictor.model(inputs)[0]["instances"]
+    assert instances.pred_densepose.embedding.shape[1:] == (16, 112, 112)
+    assert instances.pred_densepose.coarse_segm.shape[1:] == (2, 112, 112)
+    ours = cse_instances_to_detections(instances, (256, 256), predictor.embed_map)
+    x0, y0, x1, y1 = ours.boxes[0].astype(int)
+    theirs_vertices, theirs_mask = get_closest_vertices_mask_from_ES(
+        instances.pred_densepose.embedding[[0]], instances.pred_densepose.coarse_segm[[0]],
+        int(y1 - y0), int(x1 - x0), predictor.embed_map, torch.device("cpu"))
+    np.testing.assert_array_equal(ours.masks[0, y0:y1, x0:x1], theirs_mask.numpy())
+    np.testing.assert_array_equal(ours.vertices[0, y0:y1, x0:x1], theirs_vertices.numpy())
+
+
+@dataclasses.dataclass(frozen=True)
+class RealCseSettings(FdhSettings):
+    """The real FdhSettings.cse_handler (DensePose, random weights); person-biased torchvision."""
+
+    def torchvision_handler(self, model_name):
+        options = {k: v for k, v in self.model_options.items() if not k.startswith(("mask_model", "densepose"))}
+        return PersonBiasedHandler(model_name, random_weights=True, max_batch_size=self.max_batch_size,
+                                   **options)
+
+
+@pytest.mark.slow
+def test_real_densepose_random_weights_through_the_cascade_pipeline():
+    from transforms.s5_annotate import Annotate
+
+    config_dir = _densepose_config_dir()
+    model_options = dict(min_size=128, max_size=128, box_detections_per_img=2, score_threshold=0.0,
+                         mask_model="maskrcnn_resnet50_fpn", densepose_config_dir=config_dir,
+                         densepose_overrides=SMALL_CSE)
+    # Annotate accepts CSE with random weights (no weight files asked for) ...
+    Annotate("fdh", random_weights=True, model_options=model_options)
+    # ... and the cascade runs the real DensePose handler it builds.
+    settings = RealCseSettings(random_weights=True, max_batch_size=2, person_score=0.0,
+                               min_person_height=0, model_options=model_options)
+    image = _astronaut()
+    photo = DecodedImage(record=make_record(5), image=image,
+                         sha256=hashlib.sha256(image.tobytes()).hexdigest(), original_size=(256, 256))
+    pipeline = make_pipeline(PipelineOptions([]))
+    outputs = expand_fdh(pipeline | beam.Create([photo]), settings)
+
+    def check(annotated):
+        _check_cse_detections(annotated.cse_dets, 256, 256)
+        return annotated.photo.record.photo_id, len(annotated.cse_dets) > 0
+
+    assert_that(outputs["main"] | beam.Map(check), equal_to([(5, True)]), label="main")
+    assert_that(outputs["rejects"], equal_to([]), label="rejects")
+    pipeline.run().wait_until_finish()

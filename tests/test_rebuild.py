@@ -14,6 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from beam_jobs import demo, rebuild
+from transforms.funnel import accounting_errors
 from transforms.records import CROP_HEIGHT, CROP_WIDTH
 
 PEOPLE = {"9000001_0", "9000002_0", "9000003_0"}  # astronaut, Grace Hopper, cameraman
@@ -44,7 +45,7 @@ def _shard_bytes(output):
 def test_lite_rebuild_keeps_the_people_and_accounts_for_every_line(built):
     output, stats = built
     funnel = stats["funnel"]
-    assert rebuild.accounting_errors(funnel) == []
+    assert accounting_errors(funnel) == []
     assert funnel["funnel.lines_read"] == len(demo.SAMPLE_PHOTOS) + 1  # + the malformed line
     assert funnel["read.bad_field_count"] == 1
     assert funnel["prefilter.license_not_allowed"] == 1  # the NoDerivs rocket
@@ -108,7 +109,7 @@ def test_rebuild_is_byte_identical_on_rerun_and_honours_the_opt_out_file(sample,
     assert stats["totals"]["samples"] == 1
     assert stats["funnel"]["prefilter.user_opt_out"] == 1
     assert stats["funnel"]["prefilter.photo_opt_out"] == 1
-    assert rebuild.accounting_errors(stats["funnel"]) == []
+    assert accounting_errors(stats["funnel"]) == []
     assert set(stats["written"]) == {"cc-by-2"}
     assert not glob.glob(f"{again}/cc-by-sa-2/*/out-*.tar")
 
@@ -117,7 +118,7 @@ def test_licence_subset_flag(sample, tmp_path):
     stats = _rebuild(sample, str(tmp_path / "by"), "--licenses=cc-by-2")
     assert set(stats["written"]) == {"cc-by-2"}
     assert stats["funnel"]["prefilter.license_not_allowed"] == 4  # by-sa, by-nc, by-nc-sa, by-nd
-    assert rebuild.accounting_errors(stats["funnel"]) == []
+    assert accounting_errors(stats["funnel"]) == []
 
 
 def test_fdh_annotator_without_detectron2_fails_before_running(sample, tmp_path):
@@ -144,4 +145,4 @@ def test_fdh_annotator_plumbing_with_random_weights(sample, tmp_path):
                          "--random_weights", "--max_batch_size=2"])
     funnel = stats["funnel"]
     assert funnel["funnel.decoded"] == 5
-    assert rebuild.accounting_errors(funnel) == []
+    assert accounting_errors(funnel) == []

@@ -1,13 +1,7 @@
 """The scan job end to end: real files in, candidates/rejects Parquet + scan_counts.json out."""
 from __future__ import annotations
 
-import http.server
 import json
-import os
-import socket
-import subprocess
-import sys
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -15,13 +9,11 @@ import pandas as pd
 import pytest
 
 from beam_jobs import scan
+from tests.gcs_emulator import gcs_emulator  # noqa: F401 (fixture)
 from tests.yfcc_lines import random_records, record_line, write_lines
 from transforms.records import LICENSES
 from transforms.s2_prefilter import PrefilterRules
 from transforms.yfcc_format import format_line, parse_line
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _licence(name: str) -> dict:
     return {"license_name": name, "license_url": LICENSES.get(name, ("", "http://x/"))[1]}
@@ -136,85 +128,22 @@ def test_scan_help_explains_each_flag(capsys):
         assert flag in text
 
 
-# ---- gs:// through a GCS emulator on loopback ---------------------------------------------------
+# ---- gs:// through a GCS emulator on loopback (tests/gcs_emulator.py) -----------------------------
 
-class _TokenHandler(http.server.BaseHTTPRequestHandler):
-    """OAuth token endpoint on loopback: Beam's GCS filesystem asks for credentials first."""
-
-    def do_POST(self):  # noqa: N802 (http.server naming)
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = json.dumps({"access_token": "emulator", "expires_in": 3600,
-                           "token_type": "Bearer"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def gcs_emulator(tmp_path):
-    """A gcp-storage-emulator on loopback + the environment that points Beam's gcsio at it.
-
-    Beam's GCS filesystem always looks up Google credentials (retrying for ~30 s when there are
-    none), so the environment holds a throwaway service-account key whose token URI is a
-    loopback token server; NO_GCE_CHECK stops google-auth from probing the metadata server.
-    """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from gcp_storage_emulator.server import create_server
-
-    tokens = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenHandler)
-    threading.Thread(target=tokens.serve_forever, daemon=True).start()
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()).decode()
-    key_file = tmp_path / "service_account.json"
-    key_file.write_text(json.dumps({
-        "type": "service_account", "project_id": "fdh-test", "private_key_id": "1",
-        "private_key": key, "client_email": "scan@fdh-test.iam.gserviceaccount.com",
-        "client_id": "1", "token_uri": f"http://127.0.0.1:{tokens.server_port}/token"}))
-    port = _free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="yfcc-test")
-    server.start()
-    env = dict(os.environ, STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}",
-               GOOGLE_APPLICATION_CREDENTIALS=str(key_file), GOOGLE_CLOUD_PROJECT="fdh-test",
-               NO_GCE_CHECK="true", HOME=str(tmp_path))
-    try:
-        yield env
-    finally:
-        server.stop()
-        tokens.shutdown()
-
-
-def test_scan_reads_and_writes_gcs_through_an_emulator(tmp_path, gcs_emulator, monkeypatch):
-    from google.cloud import storage
-
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator["STORAGE_EMULATOR_HOST"])
-    bucket = storage.Client.create_anonymous_client().bucket("yfcc-test")
+def test_scan_reads_and_writes_gcs_through_an_emulator(tmp_path, gcs_emulator):
     yfcc, opt_out = _write_inputs(tmp_path)
     for name in ("a.txt", "b.txt.bz2"):
-        bucket.blob(f"meta/{name}").upload_from_filename(str(tmp_path / name))
-    bucket.blob("lists/opt_out.txt").upload_from_filename(opt_out)
+        gcs_emulator.upload_file(tmp_path / name, f"meta/{name}")
+    gcs_emulator.upload_file(opt_out, "lists/opt_out.txt")
 
-    # A fresh process: Beam caches credentials per process.
-    done = subprocess.run(
-        [sys.executable, "-m", "beam_jobs.scan", "--yfcc=gs://yfcc-test/meta/*.txt*",
-         "--output=gs://yfcc-test/scan", "--opt_out=gs://yfcc-test/lists/opt_out.txt"],
-        cwd=REPO, env=gcs_emulator, capture_output=True, text=True, timeout=300)
+    done = gcs_emulator.run_job(
+        "beam_jobs.scan", f"--yfcc={gcs_emulator.url('meta/*.txt*')}",
+        f"--output={gcs_emulator.url('scan')}",
+        f"--opt_out={gcs_emulator.url('lists/opt_out.txt')}")
     assert done.returncode == 0, done.stderr[-3000:]
-    counts = json.loads(bucket.blob("scan/scan_counts.json").download_as_bytes())
+    counts = json.loads(gcs_emulator.read("scan/scan_counts.json"))
     assert counts["lines_read"] == 16 and counts["candidates"] == 5
     assert counts["rejects_per_reason"] == EXPECTED_REJECTS
-    names = {blob.name for blob in bucket.list_blobs(prefix="scan/")}
+    names = gcs_emulator.names("scan/")
     assert any(name.startswith("scan/candidates/") and name.endswith(".parquet") for name in names)
     assert any(name.startswith("scan/rejects/") for name in names)

@@ -28,9 +28,11 @@ def test_table_funnel_and_pngs(dataset, tmp_path):
     assert rows[("cc-by-nc-2", "val")][2:4] == ["1", "1"]
     assert rows[("total", "all")][2:4] == ["9", "12"] and rows[("total", "all")][-1] == "100.0%"
     funnel = lines[lines.index("Funnel (stats.json)"):]
-    assert funnel[3].split() == ["read.lines", "40", "100.0%"]
-    assert [line.split()[0] for line in funnel[3:8]] == [
-        "read.lines", "prefilter.licence_not_allowed", "fetch.http_404", "select.no_person", "samples"]
+    assert funnel[3].split() == ["lines", "read", "40", "100.0%"]
+    assert [line.split() for line in funnel[4:6]] == [
+        ["-", "prefilter.license_not_allowed", "12", "30.0%"],
+        ["candidates", "(after", "prefilter)", "28", "70.0%"]]
+    assert funnel[funnel.index("") - 1].split() == ["samples", "in", "the", "dataset", "12", "30.0%"]
     for name in (stats.PIE_FILE, stats.FUNNEL_FILE):
         path = tmp_path / "plots" / name
         with Image.open(path) as image:
@@ -65,8 +67,12 @@ def test_empty_dataset_still_plots():
 
 
 def test_funnel_steps_follow_the_stages():
-    steps = dataset_ops.funnel_steps({"funnel": {"write.bad_shape": 1, "fetch.http_404": 2,
-                                                 "read.lines": 9, "zzz.other": 1},
+    steps = dataset_ops.funnel_steps({"funnel": {"write.bad_shape": 1, "fetch.not_found": 2,
+                                                 "funnel.lines_read": 9, "funnel.candidates": 7,
+                                                 "funnel.samples": 6, "read.bad_field_count": 2,
+                                                 "zzz.other": 1},
                                       "totals": {"samples": 5}})
-    assert steps == [("read.lines", 9), ("fetch.http_404", 2), ("write.bad_shape", 1),
+    assert steps == [("lines read", 9), ("  - read.bad_field_count", 2),
+                     ("candidates (after prefilter)", 7), ("  - fetch.not_found", 2),
+                     ("samples cropped", 6), ("  - write.bad_shape", 1),
                      ("zzz.other", 1), ("samples in the dataset", 5)]

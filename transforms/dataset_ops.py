@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from transforms.funnel import TAKEDOWN_KEY, funnel_rows
 from transforms.opt_out import OptOut
 from transforms.records import CROP_HEIGHT, CROP_WIDTH, NUM_CSE_VERTICES
 
@@ -438,27 +439,10 @@ def key_problems(metadata_keys: Iterable[str], parquet_keys: Sequence[str]) -> l
 
 # --------------------------------------------------------------------------------- stats ---
 
-# Stage order of the rebuild (records.Rejected.stage), used to order the funnel.
-STAGE_ORDER = ("read", "prefilter", "fetch", "decode", "annotate", "select", "crop", "write",
-               "takedown")
-TAKEDOWN_FUNNEL_KEY = "takedown.samples_removed"
-
-
 def funnel_steps(stats: Mapping[str, Any]) -> list[tuple[str, int]]:
-    """The funnel of stats.json as (label, count) steps in pipeline-stage order.
-
-    stats.json's "funnel" maps "stage.reason" (reject reasons and kept counts, as the rebuild
-    recorded them) to counts; entries are ordered by stage (STAGE_ORDER, unknown stages last),
-    then by name, and the samples written (its "totals") close the funnel.
-    """
-    funnel = stats.get("funnel") or {}
-
-    def order(name: str) -> tuple[int, str]:
-        stage = name.split(".", 1)[0]
-        return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), name)
-
-    steps = [(str(name), int(count)) for name, count in sorted(funnel.items(), key=lambda i: order(i[0]))
-             if isinstance(count, (int, float))]
+    """The funnel of stats.json as (label, count) rows, top-down (transforms.funnel.funnel_rows),
+    closed by the samples in the dataset now (its "totals", after any takedown)."""
+    steps = [(label, count) for label, count, _ in funnel_rows(stats.get("funnel") or {})]
     totals = stats.get("totals") or {}
     if "samples" in totals:
         steps.append(("samples in the dataset", int(totals["samples"])))
@@ -487,7 +471,7 @@ def updated_stats(stats: Mapping[str, Any], shards: Sequence[Mapping[str, Any]],
 
     funnel = dict(stats.get("funnel") or {})
     if removed:
-        funnel[TAKEDOWN_FUNNEL_KEY] = int(funnel.get(TAKEDOWN_FUNNEL_KEY, 0)) + int(removed)
+        funnel[TAKEDOWN_KEY] = int(funnel.get(TAKEDOWN_KEY, 0)) + int(removed)
     return {**stats, **build_stats(list(shards), funnel)}
 
 def license_rows(shards: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

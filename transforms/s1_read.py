@@ -33,24 +33,32 @@ LINE_COUNTS_TAG = "line_counts"
 READ_CHUNK_BYTES = 1 << 20
 
 
+# A YfccRecord as the plain tuple of its fields (in dataclass order) and back: the compact form
+# that Beam's C FastPrimitivesCoder encodes without pickling (records in a shuffled batch).
+RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(YfccRecord))
+record_to_fields = operator.attrgetter(*RECORD_FIELDS)
+
+
+def record_from_fields(values: tuple) -> YfccRecord:
+    """Inverse of `record_to_fields`."""
+    return build_record(dict(zip(RECORD_FIELDS, values)))
+
+
 class YfccRecordCoder(coders.Coder):
     """Encode a YfccRecord as the tuple of its fields with Beam's C FastPrimitivesCoder.
 
     About 2x faster and 40% smaller than the default (pickling) coder; used wherever a
-    PCollection is typed as YfccRecord, e.g. the photo-id shuffle of the prefilter.
+    PCollection is typed as YfccRecord.
     """
-
-    _FIELDS = tuple(field.name for field in dataclasses.fields(YfccRecord))
 
     def __init__(self):
         self._tuple_coder = coders.FastPrimitivesCoder()
-        self._values = operator.attrgetter(*self._FIELDS)
 
     def encode(self, record: YfccRecord) -> bytes:
-        return self._tuple_coder.encode(self._values(record))
+        return self._tuple_coder.encode(record_to_fields(record))
 
     def decode(self, encoded: bytes) -> YfccRecord:
-        return build_record(dict(zip(self._FIELDS, self._tuple_coder.decode(encoded))))
+        return record_from_fields(self._tuple_coder.decode(encoded))
 
     def is_deterministic(self) -> bool:
         return True

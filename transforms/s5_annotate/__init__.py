@@ -43,11 +43,11 @@ class Annotate(beam.PTransform):
         at least this many pixels tall (and scoring >= person_score).
       gpu_type: Dataflow accelerator type (e.g. 'nvidia-tesla-t4'): adds the resource hint
         `accelerator=type:...;count:1;install-nvidia-driver` to the model steps.
-      random_weights: build the torchvision models with random weights (tests and benches ONLY:
-        proves the plumbing, never the detections).
+      random_weights: build every model (torchvision and DensePose CSE) with random weights and
+        no weight files (tests and benches ONLY: proves the plumbing, never the detections).
       model_options: extra options for the model handlers: min_size, max_size, score_threshold,
         box_detections_per_img, mask_threshold; "mask_model" (maskrcnn_resnet50_fpn[_v2]);
-        "densepose_config_dir".
+        "densepose_config_dir"; "densepose_overrides" (detectron2 merge_from_list pairs).
       lite_thresholds: overrides of `lite.LiteThresholds` fields.
       large_model / model_copies: how RunInference shares a model between a worker's processes;
         default: one shared copy on GPU, one per process on CPU.

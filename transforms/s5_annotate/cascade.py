@@ -93,7 +93,7 @@ class FdhSettings:
         from transforms.s5_annotate.handlers import TorchvisionDetectionHandler
 
         options = {k: v for k, v in self.model_options.items()
-                   if k not in ("mask_model", "densepose_config_dir")}
+                   if k not in ("mask_model", "densepose_config_dir", "densepose_overrides")}
         return TorchvisionDetectionHandler(
             model_name, model_dir=self.model_dir, device=self.device,
             random_weights=self.random_weights, max_batch_size=self.max_batch_size,
@@ -105,7 +105,9 @@ class FdhSettings:
         return DensePoseCseHandler(
             model_dir=self.model_dir, device=self.device, max_batch_size=self.max_batch_size,
             large_model=self.large_model, model_copies=self.model_copies,
-            config_dir=self.model_options.get("densepose_config_dir"))
+            config_dir=self.model_options.get("densepose_config_dir"),
+            random_weights=self.random_weights,
+            config_overrides=tuple(self.model_options.get("densepose_overrides", ())))
 
 
 def _reject_model_error(photo: DecodedImage, error) -> beam.pvalue.TaggedOutput:

@@ -151,66 +151,138 @@ class CsePredictor:
                 for output, image in zip(outputs, images)]
 
 
-def load_cse_predictor(model_dir: Optional[str], device: str, config_dir: Optional[str] = None,
-                       score_threshold: float = 0.3, nms_threshold: float = 0.5) -> CsePredictor:
-    """Build the DensePose CSE model from its config, load the verified weights and phi."""
-    require_detectron2()
-    import torch
-    from densepose import add_densepose_config
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
+def find_config_dir(config_dir: Optional[str] = None) -> str:
+    """The directory holding DensePose's configs: `config_dir`, $DENSEPOSE_CONFIGS, the docker/
+    image's checkout, or (an editable / source install) the `configs/` next to the densepose
+    package. Raises FileNotFoundError naming every place looked at."""
+    candidates = [config_dir, os.environ.get(CONFIG_ENV), DEFAULT_CONFIG_DIR]
+    if not config_dir:
+        try:
+            import densepose
 
-    torch_dev = torch_device(device)
-    config_dir = config_dir or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_DIR
-    config_path = os.path.join(config_dir, CSE_CONFIG)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(
-            f"DensePose config {config_path} not found: set ${CONFIG_ENV} to detectron2's "
-            "projects/DensePose/configs (the docker/ image has it at " + DEFAULT_CONFIG_DIR + ")")
-    weights_path = assets.resolve(CSE_MODEL_ASSET, model_dir)
-    phi_path = assets.resolve(PHI_ASSET, model_dir)
+            candidates.append(os.path.join(os.path.dirname(os.path.dirname(densepose.__file__)), "configs"))
+        except ImportError:
+            pass
+    looked = []
+    for candidate in candidates:
+        if not candidate:
+            continue
+        looked.append(candidate)
+        if os.path.exists(os.path.join(candidate, CSE_CONFIG)):
+            return candidate
+        if candidate == config_dir:
+            break  # an explicit directory is not second-guessed
+    raise FileNotFoundError(
+        f"DensePose config {CSE_CONFIG} not found in {looked}: set ${CONFIG_ENV} to detectron2's "
+        f"projects/DensePose/configs (the docker/ image has it at {DEFAULT_CONFIG_DIR})")
+
+
+def build_cse_config(config_dir: Optional[str] = None, device: str = "cpu",
+                     score_threshold: float = 0.3, nms_threshold: float = 0.5,
+                     overrides: Sequence[str] = ()):
+    """detectron2 config of the FDH CSE model, frozen; nothing is downloaded when the model is built.
+
+    `overrides`: detectron2 `merge_from_list` pairs, e.g. ("TEST.DETECTIONS_PER_IMAGE", "5").
+    """
+    require_detectron2()
+    from densepose import add_densepose_config
+    from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_densepose_config(cfg)
-    cfg.merge_from_file(config_path)
+    cfg.merge_from_file(os.path.join(find_config_dir(config_dir), CSE_CONFIG))
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
     cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = nms_threshold
-    cfg.MODEL.DEVICE = str(torch_dev)
+    cfg.merge_from_list(list(overrides))
+    cfg.MODEL.DEVICE = str(device)
+    # The config names URLs (ImageNet backbone weights, phi) that detectron2 would fetch and
+    # plain-pickle.load while building the model: we load verified files safely instead.
     cfg.MODEL.WEIGHTS = ""
-    # detectron2 would pickle.load the phi file from a URL: load it ourselves, safely, below.
     cfg.MODEL.ROI_DENSEPOSE_HEAD.CSE.EMBEDDERS[MESH_NAME].INIT_FILE = ""
     cfg.freeze()
-    model = build_model(cfg).eval()
+    return cfg
 
-    class _SafeCheckpointer(DetectionCheckpointer):
-        """detectron2's checkpointer with the numpy-only unpickler for model zoo .pkl files."""
 
+def checkpoint_from_pickle(data: dict) -> dict:
+    """A detectron2 .pkl checkpoint (already safely unpickled) -> what DetectionCheckpointer's
+    `_load_file` returns for it (same rules as detectron2's own loader)."""
+    if "model" in data and "__author__" in data:
+        return data  # detectron2 model zoo format: exact parameter names, numpy arrays
+    if "blobs" in data:  # Caffe2 / Detectron1 detection models
+        data = data["blobs"]
+    model = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+    return {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
+
+
+def _load_weights(model, weights_path: str) -> None:
+    """Load a detectron2 .pkl checkpoint into `model` with the numpy-only unpickler."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    class SafeCheckpointer(DetectionCheckpointer):
         def _load_file(self, filename):
-            data = assets.safe_unpickle(filename)
-            if "model" in data and "__author__" in data:
-                return {"model": data["model"], "__author__": data["__author__"],
-                        "matching_heuristics": True}
-            return {"model": data.get("blobs", data), "__author__": "Caffe2", "matching_heuristics": True}
+            return checkpoint_from_pickle(assets.safe_unpickle(filename))
 
-    _SafeCheckpointer(model).load(weights_path)
-    embedder = model.roi_heads.embedder
-    features = assets.safe_unpickle(phi_path)["features"]
-    mesh_embedder = getattr(embedder, f"embedder_{MESH_NAME}")
+    SafeCheckpointer(model).load(weights_path)
+
+
+def _randomize_embedder(mesh_embedder, seed: int = 0) -> None:
+    """Random phi and embeddings (detectron2 initialises both to zeros: every vertex would tie)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        mesh_embedder.features.copy_(torch.as_tensor(np.asarray(features)).float())
-    embed_map = embedder(MESH_NAME).detach().to(torch_dev)
+        for tensor in (mesh_embedder.features, mesh_embedder.embeddings):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+
+
+def load_cse_predictor(model_dir: Optional[str], device: str, config_dir: Optional[str] = None,
+                       score_threshold: float = 0.3, nms_threshold: float = 0.5,
+                       random_weights: bool = False, config_overrides: Sequence[str] = ()) -> CsePredictor:
+    """Build the DensePose CSE model from its config, load the verified weights and phi.
+
+    `random_weights=True`: no files at all, random network AND random phi/embeddings (tests and
+    benches ONLY: proves the plumbing, the output is noise).
+    """
+    require_detectron2()
+    import torch
+    from detectron2.modeling import build_model
+
+    torch_dev = torch_device(device)
+    cfg = build_cse_config(config_dir, str(torch_dev), score_threshold, nms_threshold, config_overrides)
+    model = build_model(cfg).eval()
+    mesh_embedder = getattr(model.roi_heads.embedder, f"embedder_{MESH_NAME}")
+    if random_weights:
+        logging.warning("DensePose CSE: RANDOM weights and random phi (tests/benches only): "
+                        "detections, masks and vertices are noise")
+        _randomize_embedder(mesh_embedder)
+    else:
+        _load_weights(model, assets.resolve(CSE_MODEL_ASSET, model_dir))
+        phi = assets.safe_unpickle(assets.resolve(PHI_ASSET, model_dir))
+        if not isinstance(phi, dict) or "features" not in phi:
+            raise ValueError(f"{PHI_ASSET}: expected a dict with 'features' (as DensePose's "
+                             f"VertexFeatureEmbedder.load reads it), got {type(phi).__name__}")
+        features = torch.as_tensor(np.asarray(phi["features"])).float()
+        if tuple(features.shape) != tuple(mesh_embedder.features.shape):
+            raise ValueError(f"{PHI_ASSET}: features {tuple(features.shape)}, the model expects "
+                             f"{tuple(mesh_embedder.features.shape)}")
+        with torch.no_grad():
+            mesh_embedder.features.copy_(features)
+    embed_map = model.roi_heads.embedder(MESH_NAME).detach().to(torch_dev)
     logging.info("DensePose CSE loaded: embed_map %s on %s", tuple(embed_map.shape), torch_dev)
     return CsePredictor(model, cfg, embed_map)
 
 
 class DensePoseCseHandler(ModelHandler[np.ndarray, Any, CsePredictor]):
-    """RunInference handler: RGB uint8 images of any size -> CSE `Detections` (or ModelError)."""
+    """RunInference handler: RGB uint8 images of any size -> CSE `Detections` (or ModelError).
+
+    `random_weights=True` needs no weight files (tests and benches ONLY); `config_overrides` are
+    detectron2 `merge_from_list` pairs (e.g. smaller INPUT.MIN_SIZE_TEST for a bench)."""
 
     def __init__(self, *, model_dir: Optional[str] = None, device: str = "CPU",
                  config_dir: Optional[str] = None, score_threshold: float = 0.3,
                  nms_threshold: float = 0.5, max_batch_size: int = 4, large_model: bool = False,
-                 model_copies: Optional[int] = None):
+                 model_copies: Optional[int] = None, random_weights: bool = False,
+                 config_overrides: Sequence[str] = ()):
         super().__init__(min_batch_size=1, max_batch_size=max_batch_size, large_model=large_model,
                          model_copies=model_copies)
         self._model_dir = model_dir
@@ -218,10 +290,14 @@ class DensePoseCseHandler(ModelHandler[np.ndarray, Any, CsePredictor]):
         self._config_dir = config_dir
         self._score_threshold = score_threshold
         self._nms_threshold = nms_threshold
+        self._random_weights = random_weights  # tests/benches ONLY
+        self._config_overrides = tuple(config_overrides)
 
     def load_model(self) -> CsePredictor:
         return load_cse_predictor(self._model_dir, self._device, self._config_dir,
-                                  self._score_threshold, self._nms_threshold)
+                                  self._score_threshold, self._nms_threshold,
+                                  random_weights=self._random_weights,
+                                  config_overrides=self._config_overrides)
 
     def run_inference(self, batch: Sequence[np.ndarray], model: CsePredictor,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[Any]:
