@@ -83,7 +83,8 @@ def funnel_png(steps: Sequence[tuple[str, int]], title: str = "Rebuild funnel") 
     labels = [label for label, _ in steps]
     counts = [count for _, count in steps]
     positions = list(range(len(steps)))
-    colors = ["#4f81bd"] * len(steps)
+    # Steps blue, the rejects taken out between them (labels "  - stage.reason") red.
+    colors = ["#c0504d" if label.lstrip().startswith("- ") else "#4f81bd" for label in labels]
     if steps:
         colors[-1] = "#9bbb59"  # what is left: the samples in the dataset
     axes.barh(positions, counts, color=colors)

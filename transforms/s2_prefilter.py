@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -22,7 +22,7 @@ from apache_beam.transforms.window import GlobalWindows
 from transforms.opt_out import OptOut, read_opt_out
 from transforms.records import FDH_LICENSES, LICENSES, METRICS_NAMESPACE, REJECTS_TAG, YfccRecord
 from transforms.rejects import reject
-from transforms.s1_read import record_from_fields, record_to_fields
+from transforms.s1_read import RECORD_FIELDS, record_from_fields, record_to_fields
 
 STAGE = "prefilter"
 DEFAULT_DROP_TAGS = ("no_cv",)
@@ -91,16 +91,19 @@ def order_duplicates(records: Iterable[YfccRecord]) -> list[YfccRecord]:
 # workers; a batch is sent when BATCH_SIZE records of one bucket are buffered.
 ID_BUCKETS = 64
 BATCH_SIZE = 256
+_PHOTO_ID = RECORD_FIELDS.index("photo_id")
 
 
-def keep_first_of_each_photo(records: Iterable[YfccRecord]
+def keep_first_of_each_photo(records: Iterable[YfccRecord],
+                             photo_id_counts: Optional[Mapping[int, int]] = None
                              ) -> Iterator[tuple[YfccRecord, list[YfccRecord]]]:
-    """(record to keep, its duplicates) per photo id of `records`, re-iterable, in any order.
+    """(record to keep, its duplicates) per photo id of `records`, in any order.
 
-    Photo ids seen once are passed on in a first streaming pass that keeps only ids in memory;
-    the records of repeated ids (rare) are then ordered by `order_duplicates`.
+    Streams: only the photo id counts are held in memory (counted in a first pass over the
+    re-iterable `records` unless given), plus the records of repeated ids (rare), which are
+    ordered by `order_duplicates`.
     """
-    counts = Counter(record.photo_id for record in records)
+    counts = photo_id_counts or Counter(record.photo_id for record in records)
     repeated: dict[int, list[YfccRecord]] = {}
     for record in records:
         if counts[record.photo_id] == 1:
@@ -167,7 +170,7 @@ class _KeepFirstOfPhotoFn(beam.DoFn):
         _, batches = bucket_batches
         records = _ReiterableRecords(batches)
         kept_count = 0
-        for kept, duplicates in keep_first_of_each_photo(records):
+        for kept, duplicates in keep_first_of_each_photo(records, records.photo_id_counts()):
             kept_count += 1
             yield kept
             for duplicate in duplicates:
@@ -188,6 +191,10 @@ class _ReiterableRecords:
     def __iter__(self) -> Iterator[YfccRecord]:
         for batch in self._batches:
             yield from map(record_from_fields, batch)
+
+    def photo_id_counts(self) -> Counter:
+        """How often each photo id occurs, read off the field tuples (no records built)."""
+        return Counter(fields[_PHOTO_ID] for batch in self._batches for fields in batch)
 
 
 class Prefilter(beam.PTransform):
