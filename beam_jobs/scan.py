@@ -18,18 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-from typing import Any, Iterable, Optional, Sequence
+from collections import Counter
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.common import JobOptions, make_pipeline, split_job_flags, split_list
-from transforms.records import FDH_LICENSES
-from transforms.rejects import WriteRejects, reject_counts_key
-from transforms.s1_read import ReadYfcc
-from transforms.s2_prefilter import DEFAULT_DROP_TAGS, Prefilter, validate_licenses
-from transforms.yfcc_format import YFCC_RECORD_SCHEMA, record_to_row
+from transforms.records import FDH_LICENSES, Rejected
+from transforms.rejects import REJECTS_SCHEMA, reject_counts_key, rejected_to_row
+from transforms.s2_prefilter import DEFAULT_DROP_TAGS, ReadAndPrefilter, validate_licenses
+from transforms.yfcc_format import YFCC_RECORD_SCHEMA, records_to_table
 
 COUNTS_FILENAME = "scan_counts.json"
 CANDIDATES_DIR = "candidates"
@@ -67,13 +67,44 @@ class ScanOptions(JobOptions):
             help="Number of candidate/reject Parquet files (default: chosen by the runner).")
 
 
-def count_pairs(lines: beam.PCollection, candidates: beam.PCollection,
-                rejects: beam.PCollection) -> beam.PCollection:
+# Rows are written and counted in batches: one Parquet table and one count per name per batch
+# instead of a row conversion, a Parquet append and a count element per record.
+WRITE_BATCH_SIZE = 2048
+
+
+def _rejects_to_table(rejects: list[Rejected]) -> pa.Table:
+    return pa.Table.from_pylist([rejected_to_row(rejected) for rejected in rejects],
+                                schema=REJECTS_SCHEMA)
+
+
+class _WriteAndCount(beam.PTransform):
+    """Write batches (lists) of elements as Parquet files PREFIX-SSSSS-of-NNNNN.parquet,
+    converting each with `to_table`; return ((kind, name), count) pairs of `count_key(element)`,
+    one per name and batch."""
+
+    def __init__(self, to_table: Callable[[list], pa.Table], schema: pa.Schema, prefix: str,
+                 num_shards: int, count_key: Callable[[Any], tuple[str, str]]):
+        super().__init__()
+        self._to_table, self._schema, self._prefix = to_table, schema, prefix
+        self._num_shards, self._count_key = num_shards, count_key
+
+    def expand(self, batches):
+        count_key = self._count_key
+        _ = (batches
+             | "ToTable" >> beam.Map(self._to_table)
+             | "Write" >> beam.io.WriteToParquetBatched(
+                 self._prefix, self._schema, file_name_suffix=".parquet",
+                 num_shards=self._num_shards))
+        return batches | "Count" >> beam.FlatMap(
+            lambda batch: Counter(map(count_key, batch)).items())
+
+
+def count_pairs(lines: beam.PCollection, candidate_counts: beam.PCollection,
+                reject_counts: beam.PCollection) -> beam.PCollection:
     """((kind, name), count) for lines read, candidates per licence, rejects per reason."""
     keyed = (
         lines | "KeyLines" >> beam.Map(lambda path_count: ((LINES, ""), path_count[1])),
-        candidates | "KeyCandidates" >> beam.Map(lambda record: ((CANDIDATE, record.license), 1)),
-        rejects | "KeyRejects" >> beam.Map(lambda rejected: ((REJECT, reject_counts_key(rejected)), 1)),
+        candidate_counts, reject_counts,
     )
     return keyed | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
 
@@ -123,19 +154,21 @@ def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
                licenses: Sequence[str] = FDH_LICENSES, opt_out: Sequence[str] = (),
                drop_tags: Sequence[str] = DEFAULT_DROP_TAGS, num_shards: int = 0) -> None:
     """Add the scan steps to `pipeline`."""
-    read = pipeline | "ReadYfcc" >> ReadYfcc(list(yfcc))
-    kept = read["main"] | "Prefilter" >> Prefilter(licenses, opt_out, drop_tags)
-    candidates = kept["main"]
-    rejects = (read["rejects"], kept["rejects"]) | "AllRejects" >> beam.Flatten()
+    read = pipeline | "ReadAndPrefilter" >> ReadAndPrefilter(
+        list(yfcc), licenses, opt_out, drop_tags, batch_size=WRITE_BATCH_SIZE)
+    candidate_batches, rejects = read["main"], read["rejects"]
 
-    _ = (candidates
-         | "CandidateRow" >> beam.Map(record_to_row)
-         | "WriteCandidates" >> beam.io.WriteToParquet(
-             f"{output}/{CANDIDATES_DIR}/candidates", YFCC_RECORD_SCHEMA,
-             file_name_suffix=".parquet", num_shards=num_shards))
-    _ = rejects | "WriteRejects" >> WriteRejects(output, num_shards=num_shards)
+    candidate_counts = candidate_batches | "WriteCandidates" >> _WriteAndCount(
+        records_to_table, YFCC_RECORD_SCHEMA, f"{output}/{CANDIDATES_DIR}/candidates",
+        num_shards, lambda record: (CANDIDATE, record.license))
+    # The same files as transforms.rejects.WriteRejects writes, in batches.
+    reject_batches = rejects | "BatchRejects" >> beam.BatchElements(
+        min_batch_size=WRITE_BATCH_SIZE, max_batch_size=WRITE_BATCH_SIZE)
+    reject_counts = reject_batches | "WriteRejects" >> _WriteAndCount(
+        _rejects_to_table, REJECTS_SCHEMA, f"{output}/rejects/rejects", num_shards,
+        lambda rejected: (REJECT, reject_counts_key(rejected)))
     counts_path = f"{output}/{COUNTS_FILENAME}"
-    _ = (count_pairs(read["line_counts"], candidates, rejects)
+    _ = (count_pairs(read["line_counts"], candidate_counts, reject_counts)
          | "Gather" >> beam.combiners.ToList()
          | "Fold" >> beam.Map(build_counts)
          | "WriteCounts" >> beam.Map(lambda counts: write_json(counts_path, counts)))

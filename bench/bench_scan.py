@@ -1,37 +1,42 @@
-"""Bench the metadata scan: our line parser (and the Beam scan job) against pandas.read_csv.
+"""Bench the metadata scan: our line parser and the Beam scan job, each against a baseline.
 
-    .venv/bin/python bench/bench_scan.py [--lines 200000] [--pipeline_lines 50000]
+    .venv/bin/python bench/bench_scan.py [--lines 200000] [--pipeline_lines 100000]
+                                         [--rss_lines 100000,400000]
 
 Generates plausible YFCC lines (tests/yfcc_lines.py: descriptions of varied length, tags,
-geotags, six licences, both layouts) into one plain file, then times on one core, in this run:
+geotags, six licences, both layouts) into one plain file (cached in bench_out/), then measures
+on one core, in this run:
 
-* baseline: `pandas.read_csv(sep='\\t', header=None, quoting=QUOTE_NONE, dtype=str)` of the file
-  (splits fields only: no URL decoding, no numbers, no records);
-* core: `iter_lines` + `parse_numbered_lines` (stream the file, decode UTF-8, split, URL-decode,
-  check numbers, build YfccRecord or Rejected), i.e. all of stage 1 but Beam;
-* pipeline: the whole scan job (read + prefilter + Parquet + counts) on the in-process runner,
-  one worker, on the first --pipeline_lines lines (0 skips it).
-
-Prints lines/s and the ratio to pandas (target >= 1.0 for the core).
+* core vs pandas: `iter_lines` + `parse_numbered_lines` (stream the file, decode UTF-8, split,
+  URL-decode, check numbers, build YfccRecord or Rejected), i.e. all of stage 1 but Beam,
+  against `pandas.read_csv(sep='\\t', header=None, quoting=QUOTE_NONE, dtype=str)` (splits
+  fields only: no URL decoding, no numbers, no records). Target >= 1.0x.
+* pipeline vs Beam floor: the whole scan job (read + prefilter + duplicate check + Parquet +
+  counts) on the in-process runner, one worker, on the first --pipeline_lines lines, against
+  the cheapest Beam job over the same lines (ReadFromText | Map(len) | sum), and against pandas;
+  also "less start-up": the rate once running (the time of a 1,000-line run subtracted), which
+  is what a long Dataflow job sees per worker core.
+* peak RSS of the core in a fresh process for each of --rss_lines (must stay flat: streaming).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pandas as pd  # noqa: E402
-
 from tests.yfcc_lines import random_records, write_lines  # noqa: E402
 from transforms.s1_read import iter_lines, parse_numbered_lines  # noqa: E402
 from transforms.yfcc_format import format_line  # noqa: E402
 
 
+STARTUP_LINES = 1000  # a run this small measures the fixed start-up cost of a pipeline
 BENCH_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench_out")
 
 
@@ -45,6 +50,8 @@ def _best_of(repeats: int, function) -> float:
 
 
 def time_pandas(path: str) -> float:
+    import pandas as pd  # here, so that the peak RSS children do not load it
+
     def read():
         frame = pd.read_csv(path, sep="\t", header=None, quoting=csv.QUOTE_NONE, dtype=str,
                             keep_default_na=False)
@@ -70,13 +77,69 @@ def time_pipeline(path: str, output: str) -> float:
     return elapsed
 
 
+def time_beam_floor(path: str) -> float:
+    """The cheapest one-worker Beam job over the same lines: read them, sum their lengths."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_jobs.common import make_pipeline
+
+    start = time.perf_counter()
+    with make_pipeline(PipelineOptions([])) as pipeline:
+        _ = (pipeline | beam.io.ReadFromText(path) | beam.Map(len)
+             | beam.CombineGlobally(sum))
+    return time.perf_counter() - start
+
+
+def parse_file(path: str) -> int:
+    """Parse every line of `path` with the core; the number of lines."""
+    count = 0
+    with open(path, "rb") as stream:
+        for _ in parse_numbered_lines(iter_lines(stream), path):
+            count += 1
+    return count
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS in MiB. VmHWM, not getrusage's ru_maxrss: Linux carries a
+    parent's ru_maxrss over fork + exec into the child, which would hide a small child."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mib_of_core(path: str) -> float:
+    """Peak RSS (MiB) of a fresh process that parses `path` with the core."""
+    done = subprocess.run([sys.executable, __file__, "--rss_child", path],
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def write_first_lines(path: str, lines: list[str], count: int) -> str:
+    """A file of `count` lines: `lines` repeated as needed (ids repeat; the core does not care)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for index in range(count):
+            handle.write(lines[index % len(lines)])
+            handle.write("\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=200_000)
-    parser.add_argument("--pipeline_lines", type=int, default=50_000)
+    parser.add_argument("--pipeline_lines", type=int, default=100_000)
     parser.add_argument("--columns", type=int, choices=(23, 25), default=23,
                         help="one layout per file, as YFCC ships it (pandas needs one)")
+    parser.add_argument("--rss_lines", default="100000,400000",
+                        help="comma-separated line counts for the peak RSS check ('' skips it)")
+    parser.add_argument("--rss_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_child:  # child process of peak_rss_mib_of_core
+        parse_file(args.rss_child)
+        print(peak_rss_mib())
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench_scan_") as workdir:
         start = time.perf_counter()
@@ -104,12 +167,33 @@ def main() -> None:
               f"ratio vs pandas {core_rate / pandas_rate:.2f}x   "
               f"({1e6 / core_rate:.1f} us/line)")
         if args.pipeline_lines:
-            small = write_lines(os.path.join(workdir, "small.txt"), lines[:args.pipeline_lines])
+            count = min(args.pipeline_lines, len(lines))
+            small = write_lines(os.path.join(workdir, "small.txt"), lines[:count])
+            tiny = write_lines(os.path.join(workdir, "tiny.txt"), lines[:STARTUP_LINES])
+            floor_s = time_beam_floor(small)
+            floor_start_s = time_beam_floor(tiny)
             pipeline_s = time_pipeline(small, os.path.join(workdir, "out"))
-            rate = min(args.pipeline_lines, len(lines)) / pipeline_s
+            pipeline_start_s = time_pipeline(tiny, os.path.join(workdir, "out"))
+            floor_rate, rate = count / floor_s, count / pipeline_s
+            # Lines/s once running: the time of `count` lines less that of STARTUP_LINES lines.
+            floor_marginal = (count - STARTUP_LINES) / (floor_s - floor_start_s)
+            marginal = (count - STARTUP_LINES) / (pipeline_s - pipeline_start_s)
+            print(f"Beam floor (read+len+sum)       {floor_rate:>10,.0f} lines/s   "
+                  f"({floor_marginal:,.0f} lines/s less start-up)")
             print(f"scan pipeline, 1 worker         {rate:>10,.0f} lines/s   "
-                  f"ratio vs pandas {rate / pandas_rate:.2f}x   (read+prefilter+parquet+counts, "
-                  f"incl. ~1-2 s pipeline start)")
+                  f"ratio vs Beam floor {rate / floor_rate:.2f}x, vs pandas "
+                  f"{rate / pandas_rate:.2f}x   (read+prefilter+dedupe+parquet+counts)")
+            print(f"  less start-up ({pipeline_start_s:.1f} s)        {marginal:>10,.0f} lines/s   "
+                  f"ratio vs Beam floor {marginal / floor_marginal:.2f}x, vs pandas "
+                  f"{marginal / pandas_rate:.2f}x; 100M lines = "
+                  f"{1e8 / marginal / 3600:,.1f} core-hours")
+        rss_counts = [int(part) for part in args.rss_lines.split(",") if part]
+        if rss_counts:
+            peaks = [peak_rss_mib_of_core(write_first_lines(
+                os.path.join(workdir, f"rss-{count}.txt"), lines, count)) for count in rss_counts]
+            print("core peak RSS: " + ", ".join(
+                f"{count:,} lines {peak:.0f} MiB" for count, peak in zip(rss_counts, peaks))
+                + f"   (last/first {peaks[-1] / peaks[0]:.2f}x; flat = streaming)")
 
 
 if __name__ == "__main__":

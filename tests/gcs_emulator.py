@@ -7,8 +7,10 @@ and `upload_dir` / `download_prefix` / `names` copy files in and out.
 
 Beam's GCS filesystem always looks up Google credentials (retrying for ~30 s when there are
 none), so the environment holds a throwaway service-account key whose token URI is the loopback
-token server; NO_GCE_CHECK stops google-auth from probing the metadata server. Jobs run in a
-subprocess because Beam caches its GCS client and credentials per process.
+token server; NO_GCE_CHECK stops google-auth from probing the metadata server. Beam's gcsio and
+the Python storage client find the emulator through STORAGE_EMULATOR_HOST, and so does
+search_user's pyarrow GcsFileSystem (transforms.dataset_ops maps it onto endpoint_override). Jobs run
+in a subprocess because Beam caches its GCS client and credentials per process.
 
     from tests.gcs_emulator import gcs_emulator  # noqa: F401 (fixture)
 """
@@ -120,6 +122,7 @@ class GcsEmulator:
 def start_emulator(workdir: Path, bucket: str = BUCKET) -> Iterator[GcsEmulator]:
     """Start the token server and the emulator; yields a GcsEmulator, stops both after."""
     from gcp_storage_emulator.server import create_server
+    from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
     tokens = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenHandler)
@@ -133,16 +136,11 @@ def start_emulator(workdir: Path, bucket: str = BUCKET) -> Iterator[GcsEmulator]
     env = dict(os.environ, STORAGE_EMULATOR_HOST=host,
                GOOGLE_APPLICATION_CREDENTIALS=str(key_file), GOOGLE_CLOUD_PROJECT="fdh-test",
                NO_GCE_CHECK="true", HOME=str(workdir))
-    previous = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = host  # the test's own storage client
     try:
-        client = storage.Client.create_anonymous_client()
+        client = storage.Client(project="fdh-test", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": host})
         yield GcsEmulator(env=env, bucket=client.bucket(bucket), bucket_name=bucket)
     finally:
-        if previous is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = previous
         server.stop()
         tokens.shutdown()
         tokens.server_close()

@@ -92,6 +92,28 @@ def test_numpy_inputs_work_too():
     assert dets.masks[0, :, :10].all() and not dets.masks[0, :, 10:].any()
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])  # Caffe2-era pickles; detectron2's default; numpy buffers
+def test_detectron2_pkl_checkpoints_load_through_the_numpy_only_unpickler(tmp_path, protocol):
+    import pickle
+
+    from transforms import assets
+    from transforms.s5_annotate.cse import checkpoint_from_pickle
+
+    weights = {"backbone.res2.0.conv1.weight": np.arange(6, dtype=np.float32).reshape(1, 2, 3, 1),
+               "roi_heads.embedder.embedder_smpl_27554.embeddings": np.ones((4, 2), np.float32)}
+    zoo, caffe2 = tmp_path / "zoo.pkl", tmp_path / "caffe2.pkl"
+    zoo.write_bytes(pickle.dumps({"model": weights, "__author__": "Detectron2 Model Zoo"}, protocol))
+    caffe2.write_bytes(pickle.dumps({"blobs": {"conv1_w": weights["backbone.res2.0.conv1.weight"],
+                                               "conv1_w_momentum": np.zeros(1)}}, protocol))
+    checkpoint = checkpoint_from_pickle(assets.safe_unpickle(str(zoo)))
+    assert "matching_heuristics" not in checkpoint  # exact names, as detectron2 loads zoo files
+    for name, array in weights.items():
+        np.testing.assert_array_equal(checkpoint["model"][name], array)
+    checkpoint = checkpoint_from_pickle(assets.safe_unpickle(str(caffe2)))
+    assert checkpoint["matching_heuristics"] and checkpoint["__author__"] == "Caffe2"
+    assert list(checkpoint["model"]) == ["conv1_w"]  # momentum blobs dropped, like detectron2
+
+
 class FakeCsePredictor:
     """Stands in for `cse.CsePredictor`: one detectron2-shaped detection per image (its left half)."""
 
@@ -205,18 +227,19 @@ def _write_model_dir(tmp_path, config_dir):
     from detectron2.modeling import build_model
 
     from transforms import assets
-    from transforms.s5_annotate.cse import CSE_MODEL_ASSET, PHI_ASSET, build_cse_config
+    from transforms.s5_annotate.cse import CSE_MODEL_ASSET, PHI_ASSET, build_cse_config, randomize_for_plumbing
 
     torch.manual_seed(0)
     model = build_model(build_cse_config(config_dir, overrides=SMALL_CSE))
+    randomize_for_plumbing(model)  # random weights that still give detections
     state = {name: tensor.detach().numpy().copy() for name, tensor in model.state_dict().items()}
-    embeddings = "roi_heads.embedder.embedder_smpl_27554.embeddings"
-    state[embeddings] = np.random.default_rng(1).standard_normal(state[embeddings].shape).astype(np.float32)
+    features = "roi_heads.embedder.embedder_smpl_27554.features"
+    state[features] = np.zeros_like(state[features])  # to be filled from the phi file
     phi = np.random.default_rng(2).standard_normal((NUM_VERTICES, 256)).astype(np.float32)
     for name, payload in ((CSE_MODEL_ASSET, {"model": state, "__author__": "fdh-beam test"}),
                           (PHI_ASSET, {"features": phi})):
         with open(tmp_path / assets.get_asset(name).filename, "wb") as handle:
-            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(payload, handle)  # default protocol, as detectron2's own tools write them
     return state, phi
 
 
@@ -237,16 +260,18 @@ def _check_cse_detections(dets, height, width):
 
 @pytest.mark.slow
 def test_real_densepose_checkpoint_pkl_and_predictor_on_a_photo(tmp_path):
+    config_dir = _densepose_config_dir()  # skips without detectron2 + DensePose
     from densepose.modeling.cse.utils import get_closest_vertices_mask_from_ES
 
     from transforms.s5_annotate.cse import load_cse_predictor
 
-    config_dir = _densepose_config_dir()
     state, phi = _write_model_dir(tmp_path, config_dir)
     predictor = load_cse_predictor(str(tmp_path), "CPU", config_dir, config_overrides=SMALL_CSE)
     # every tensor of the .pkl landed in the model (restricted unpickler + detectron2's checkpointer)
     loaded = predictor.model.state_dict()
     assert set(state) <= set(loaded)
+    features = "roi_heads.embedder.embedder_smpl_27554.features"  # a buffer: in the checkpoint too
+    state[features] = phi  # ... but phi_smpl_27554_256 is what fills it
     for name, array in state.items():
         np.testing.assert_array_equal(loaded[name].numpy(), array, err_msg=name)
     embeddings = state["roi_heads.embedder.embedder_smpl_27554.embeddings"]

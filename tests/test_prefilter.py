@@ -10,8 +10,12 @@ from beam_jobs.common import make_pipeline
 from tests.factories import make_record
 from transforms.opt_out import OptOut
 from transforms.records import FDH_LICENSES, LICENSES
-from transforms.s2_prefilter import (Prefilter, PrefilterRules, order_duplicates,
-                                     validate_licenses)
+from tests.yfcc_lines import random_records, record_line, write_lines
+from transforms.s1_read import ReadYfcc
+from transforms.s2_prefilter import (BATCH_SIZE, ID_BUCKETS, Prefilter, PrefilterRules,
+                                     ReadAndPrefilter, keep_first_of_each_photo,
+                                     order_duplicates, validate_licenses)
+from transforms.yfcc_format import format_line, parse_line
 
 RULES = PrefilterRules.create()
 
@@ -83,6 +87,41 @@ def test_duplicates_keep_the_lowest_source_comparing_line_numbers_as_numbers():
     assert [r.source for r in order_duplicates(records)] == ["a.txt:9", "a.txt:10", "b.txt:1"]
 
 
+def test_keep_first_of_each_photo_streams_unique_ids_and_orders_repeated_ones():
+    records = [make_record(1, source="a.txt:1"), make_record(5, source="b.txt:1"),
+               make_record(2, source="a.txt:2"), make_record(5, source="a.txt:10"),
+               make_record(5, source="a.txt:9")]
+    result = {kept.photo_id: (kept.source, [d.source for d in duplicates])
+              for kept, duplicates in keep_first_of_each_photo(records)}
+    assert result == {1: ("a.txt:1", []), 2: ("a.txt:2", []),
+                      5: ("a.txt:9", ["a.txt:10", "b.txt:1"])}
+    # The same record read twice is one kept record and one duplicate.
+    twice = list(keep_first_of_each_photo([records[0], records[0]]))
+    assert [(kept.source, len(duplicates)) for kept, duplicates in twice] == [("a.txt:1", 1)]
+
+
+def test_prefilter_pipeline_with_many_batches_and_repeats_across_them():
+    # More candidates than one batch per bucket, and ids repeated across batches and bundles.
+    count = ID_BUCKETS * BATCH_SIZE // 16 + 7
+    records = [make_record(i, source=f"a.txt:{i}") for i in range(1, count + 1)]
+    records += [make_record(i, source=f"b.txt:{i}") for i in range(1, count + 1, 97)]
+    with make_pipeline(PipelineOptions([])) as pipeline:
+        out = pipeline | beam.Create(records) | Prefilter()
+        assert_that(out["main"] | "Key" >> beam.Map(lambda r: (r.photo_id, r.source)),
+                    equal_to([(i, f"a.txt:{i}") for i in range(1, count + 1)]), label="kept")
+        assert_that(out["rejects"] | "RKey" >> beam.Map(lambda r: (r.photo_id, r.detail)),
+                    equal_to([(i, f"b.txt:{i} repeats a.txt:{i}")
+                              for i in range(1, count + 1, 97)]), label="rejects")
+
+
+def test_prefilter_refuses_windowed_input():
+    pipeline = make_pipeline(PipelineOptions([]))
+    windowed = (pipeline | beam.Create([make_record(1)])
+                | beam.WindowInto(beam.window.FixedWindows(60)))
+    with pytest.raises(ValueError, match="global window"):
+        _ = windowed | Prefilter()
+
+
 def test_prefilter_pipeline(tmp_path):
     opt_out = tmp_path / "opt_out.txt"
     opt_out.write_text("# takedowns\nuser:11@N02\nphoto:30\n55555@N05  # bare NSID\n")
@@ -129,3 +168,52 @@ def test_missing_or_bad_opt_out_file_fails_when_the_pipeline_is_built(tmp_path):
     bad.write_text("user:ok@N01\nnot an entry\n")
     with pytest.raises(ValueError, match="bad.txt:2"):
         _ = records | "Bad" >> Prefilter(opt_out_paths=[str(bad)])
+
+
+def _summaries(outputs, label: str, batched: bool = False):
+    """(kept (photo id, source) pairs, rejects as tuples) of a read + prefilter."""
+    main = outputs["main"]
+    if batched:
+        main = main | f"{label}Flatten" >> beam.FlatMap(lambda batch: batch)
+    kept = main | f"{label}Kept" >> beam.Map(lambda r: (r.photo_id, r.source))
+    rejects = outputs["rejects"] | f"{label}Rejects" >> beam.Map(
+        lambda r: (r.record_id, r.stage, r.reason, r.detail, r.photo_id, r.user_nsid))
+    return kept, rejects
+
+
+def _assert_same(want: list, got: list, reasons: set) -> None:
+    assert sorted(want) == sorted(got) and len(want) > 10
+    if reasons:  # the rejects: the input must exercise every path
+        assert reasons <= {item[2] for item in want}, {item[2] for item in want}
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_read_and_prefilter_equals_read_then_prefilter(tmp_path, batched):
+    records = list(random_records(400, seed=21))
+    lines = [format_line(record, 23 if record.photo_id % 3 else 25) for record in records]
+    lines[7] = "not\ta\tline"
+    lines[9] = ""
+    rules = PrefilterRules.create()
+    kept_line = next(line for line in lines[300:] if rules.check(parse_line(line)) is None)
+    write_lines(tmp_path / "p-0.txt", lines[:250] + [kept_line, kept_line])
+    write_lines(tmp_path / "p-1.txt.gz", lines[250:])
+    opt_out = tmp_path / "opt_out.txt"
+    opt_out.write_text(f"user:{records[5].user_nsid}\nphoto:{records[6].photo_id}\n")
+    pattern = str(tmp_path / "p-*")
+    every_reason = {"bad_field_count", "blank_line", "license_not_allowed", "user_opt_out",
+                    "photo_opt_out", "duplicate_photo_id"}
+    with make_pipeline(PipelineOptions([])) as pipeline:
+        read = pipeline | "Read" >> ReadYfcc(pattern)
+        two_steps = dict(read["main"] | Prefilter(opt_out_paths=[str(opt_out)]))
+        two_steps["rejects"] = ((read["rejects"], two_steps["rejects"])
+                                | "Merge" >> beam.Flatten())
+        fused = pipeline | "Fused" >> ReadAndPrefilter(
+            pattern, opt_out_paths=[str(opt_out)], batch_size=50 if batched else None)
+        expected = _summaries(two_steps, "Two")
+        actual = _summaries(fused, "Fused", batched)
+        for name, want, got, reasons in (("kept", expected[0], actual[0], set()),
+                                         ("rejects", expected[1], actual[1], every_reason)):
+            _ = (want | f"{name}Expected" >> beam.combiners.ToList()
+                 | f"{name}Compare" >> beam.Map(_assert_same, beam.pvalue.AsList(got), reasons))
+        assert_that(fused["line_counts"] | beam.Map(lambda kv: kv[1]), equal_to([252, 150]),
+                    label="line_counts")

@@ -18,8 +18,9 @@ from tests.factories import make_record, yfcc_hash
 from tests.yfcc_lines import random_records, record_line, write_lines
 from transforms.records import LICENSES, YfccRecord
 from transforms.s1_read import ReadYfcc, YfccRecordCoder, iter_lines, parse_numbered_lines
-from transforms.yfcc_format import (LineError, decode_text, format_line, license_slug, parse_line,
-                                    photo_hash, record_to_row)
+from transforms.yfcc_format import (YFCC_RECORD_SCHEMA, LineError, decode_text, format_line,
+                                    license_slug, parse_line, photo_hash, record_to_row,
+                                    records_to_table)
 
 
 def _expected(record: YfccRecord, columns: int, source: str = "") -> YfccRecord:
@@ -165,6 +166,15 @@ def test_encoded_tab_and_comma_inside_fields():
     record = make_record(8, title="a\tb", description="c\td", user_tags=("x,y", "z\tw", "v"),
                          machine_tags=("m,n",))
     assert parse_line(format_line(record)) == _expected(record, 23)
+
+
+def test_records_to_table_equals_the_rows_of_record_to_row():
+    records = list(random_records(60, seed=4)) + [make_record(2, longitude=None, accuracy=None,
+                                                               date_taken=None, user_tags=())]
+    table = records_to_table(records)
+    assert table.schema == YFCC_RECORD_SCHEMA
+    assert table.to_pylist() == [record_to_row(record) for record in records]
+    assert records_to_table([]).num_rows == 0
 
 
 def test_record_to_row_has_tags_as_lists():

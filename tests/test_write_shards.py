@@ -15,7 +15,7 @@ import pytest
 from tests.factories import make_sample
 from transforms.s8_write import (PARQUET_SCHEMA, encode_sample, part_sizes, read_parquet_rows,
                                  read_tar_shard, sample_row, shard_path, write_dataset,
-                                 write_parquet_shard, write_tar_shard)
+                                 write_parquet_shard, write_shard, write_tar_shard)
 from transforms.s8_write.layout import TAR_RECORD, num_buckets, shard_offsets, tar_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +75,17 @@ def test_failing_writer_keeps_the_old_shard_and_leaves_no_temp(tmp_path):
     assert path.read_bytes() == old and os.listdir(path.parent) == ["out-000000.tar"]
     with pytest.raises(ValueError, match="duplicate"):
         write_tar_shard(str(path), _members(1) + _members(1))
+
+
+def test_write_shard_refuses_rows_that_do_not_match_the_samples(tmp_path):
+    members = _members(2)
+    rows = [sample_row(make_sample(i, 0), "") for i in range(2)]
+    with pytest.raises(ValueError, match="not as many samples as Parquet rows"):
+        write_shard(str(tmp_path), shard_path("cc-by-2", "train", 0), members, rows[:1])
+    assert [names for _, _, names in os.walk(tmp_path) if names] == []  # no tar, no temp file
+    entry = write_shard(str(tmp_path), shard_path("cc-by-2", "train", 0), members, rows)
+    assert entry["samples"] == 2
+    assert [r["shard"] for r in read_parquet_rows(str(tmp_path / entry["parquet"]))] == [entry["path"]] * 2
 
 
 def test_killed_writer_leaves_no_visible_shard_and_a_rerun_completes(tmp_path):

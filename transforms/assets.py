@@ -299,6 +299,8 @@ _SAFE_GLOBALS = {
     ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
     ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
     ("_codecs", "encode"),
+    # pickle protocol 5 rebuilds arrays from an out-of-band-capable buffer:
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 }
 
 

@@ -79,12 +79,30 @@ def metadata_matches(metadata: Mapping[str, Mapping[str, Any]], query: OptOut) -
 
 # ---------------------------------------------------------------- files through pyarrow ---
 
+# How long pyarrow's GCS client retries before it gives up (its default retries for minutes).
+GCS_RETRY_SECONDS = 30
+
+
 def _filesystem(uri: str):
-    """(pyarrow FileSystem, path inside it) for a local path or a gs:// / s3:// URI."""
+    """(pyarrow FileSystem, path inside it) for a local path or a gs:// / s3:// URI.
+
+    gs:// honours STORAGE_EMULATOR_HOST like Beam and google-cloud-storage do (pyarrow itself
+    reads only CLOUD_STORAGE_EMULATOR_ENDPOINT) and gives up after GCS_RETRY_SECONDS.
+    """
+    import datetime
+    import os
+
     from pyarrow import fs
 
     if "://" not in uri:
         return fs.LocalFileSystem(), posixpath.abspath(uri)
+    if uri.startswith("gs://"):
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST", "").split("://")[-1] or None
+        options = {"endpoint_override": emulator, "scheme": "http"} if emulator else {}
+        filesystem = fs.GcsFileSystem(
+            anonymous=bool(emulator), retry_time_limit=datetime.timedelta(seconds=GCS_RETRY_SECONDS),
+            **options)
+        return filesystem, uri[len("gs://"):]
     return fs.FileSystem.from_uri(uri)
 
 

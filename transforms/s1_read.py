@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import BinaryIO, Iterable, Iterator, Union
+from typing import Any, BinaryIO, Iterable, Iterator, Union
 
 import apache_beam as beam
 from apache_beam import coders
@@ -119,8 +119,12 @@ def _first(values: Iterable):
     return next(iter(values))
 
 
-class _ReadYfccFileFn(beam.DoFn):
-    """Stream one matched file; emit records, rejects and the file's line count."""
+class ReadYfccFileFn(beam.DoFn):
+    """Stream one matched file; emit records, rejects and the file's line count.
+
+    Subclasses may consume the records in the same step (see `on_record`), which saves a step
+    per record: transforms.s2_prefilter.ReadAndPrefilter applies its rules here.
+    """
 
     def __init__(self, compression_type: str):
         self._compression_type = compression_type
@@ -128,9 +132,14 @@ class _ReadYfccFileFn(beam.DoFn):
         self._records = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.records")
         self._files = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.files")
 
+    def on_record(self, record: YfccRecord) -> Iterable:
+        """The outputs for one parsed record: the record itself."""
+        yield record
+
     def process(self, readable_file: fileio.ReadableFile):
         path = readable_file.metadata.path
         lines = records = 0
+        on_record = self.on_record
         with readable_file.open(mime_type="application/octet-stream",
                                 compression_type=self._compression_type) as stream:
             for item in parse_numbered_lines(iter_lines(stream), path):
@@ -140,7 +149,7 @@ class _ReadYfccFileFn(beam.DoFn):
                     yield reject(STAGE, item.reason, item.record_id, item.detail)
                 else:
                     records += 1
-                    yield item
+                    yield from on_record(item)
         self._files.inc()
         self._lines.inc(lines)
         self._records.inc(records)
@@ -171,6 +180,13 @@ class ReadYfcc(beam.PTransform):
             if not result.metadata_list:
                 raise FileNotFoundError(f"no YFCC metadata file matches {pattern!r}")
 
+    # Overridden, with read_fn, by a subclass that consumes the records in the read step.
+    main_output_type: Any = YfccRecord
+
+    def read_fn(self) -> ReadYfccFileFn:
+        """The DoFn that reads one file."""
+        return ReadYfccFileFn(self._compression_type)
+
     def expand(self, pbegin):
         if self._validate:
             self._check_patterns_match()
@@ -184,8 +200,8 @@ class ReadYfcc(beam.PTransform):
             | "UniqueFiles" >> beam.CombinePerKey(_first)
             | "Metadata" >> beam.Values()
             | "Open" >> fileio.ReadMatches(compression=self._compression_type)
-            | "ReadLines" >> beam.ParDo(_ReadYfccFileFn(self._compression_type))
-            .with_output_types(YfccRecord).with_outputs(
+            | "ReadLines" >> beam.ParDo(self.read_fn())
+            .with_output_types(self.main_output_type).with_outputs(
                 REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
         return {"main": outputs.main, "rejects": outputs[REJECTS_TAG],
                 "line_counts": outputs[LINE_COUNTS_TAG]}

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from transforms.opt_out import OptOut, read_opt_out
 from transforms.records import FDH_LICENSES, LICENSES, METRICS_NAMESPACE, REJECTS_TAG, YfccRecord
 from transforms.rejects import reject
-from transforms.s1_read import RECORD_FIELDS, record_from_fields, record_to_fields
+from transforms.s1_read import (RECORD_FIELDS, ReadYfcc, ReadYfccFileFn, record_from_fields,
+                               record_to_fields)
 
 STAGE = "prefilter"
 DEFAULT_DROP_TAGS = ("no_cv",)
@@ -89,8 +91,8 @@ def order_duplicates(records: Iterable[YfccRecord]) -> list[YfccRecord]:
 # (runner bookkeeping, coder calls) is paid once per batch, and a record travels as the plain
 # tuple of its fields, which Beam's C coder encodes fast. The buckets spread the check over
 # workers; a batch is sent when BATCH_SIZE records of one bucket are buffered.
-ID_BUCKETS = 64
-BATCH_SIZE = 256
+ID_BUCKETS = 256
+BATCH_SIZE = 128
 _PHOTO_ID = RECORD_FIELDS.index("photo_id")
 
 
@@ -103,7 +105,9 @@ def keep_first_of_each_photo(records: Iterable[YfccRecord],
     re-iterable `records` unless given), plus the records of repeated ids (rare), which are
     ordered by `order_duplicates`.
     """
-    counts = photo_id_counts or Counter(record.photo_id for record in records)
+    counts = photo_id_counts
+    if counts is None:
+        counts = Counter(record.photo_id for record in records)
     repeated: dict[int, list[YfccRecord]] = {}
     for record in records:
         if counts[record.photo_id] == 1:
@@ -115,68 +119,137 @@ def keep_first_of_each_photo(records: Iterable[YfccRecord],
         yield kept, duplicates
 
 
-class _ApplyRulesFn(beam.DoFn):
-    """Apply `PrefilterRules`; the opt-out lists are read once per worker in setup().
+class _CandidateBatcher:
+    """Apply `PrefilterRules` to records; batch the candidates for the duplicate check.
 
-    Emits the rejects, and the candidates as (bucket, [record fields]) batches for the
-    duplicate check (the last, partial, batches at the end of the bundle).
+    `add` returns a reject, a full (bucket, [record fields]) batch, or None; `drain` the
+    partial batches. Shared by the per-record and the fused read + rules steps.
     """
 
-    def __init__(self, licenses: Sequence[str], drop_tags: Sequence[str],
-                 opt_out_paths: Sequence[str]):
-        self._licenses = tuple(licenses)
-        self._drop_tags = tuple(drop_tags)
-        self._opt_out_paths = tuple(opt_out_paths)
-        self._rules: Optional[PrefilterRules] = None
+    def __init__(self, rules: PrefilterRules):
+        self._rules = rules
         self._batches: dict[int, list[tuple]] = {}
         self._passed = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.passed_rules")
 
+    def add(self, record: YfccRecord):
+        verdict = self._rules.check(record)
+        if verdict is not None:
+            reason, detail = verdict
+            return reject(STAGE, reason, str(record.photo_id), detail,
+                          photo_id=record.photo_id, user_nsid=record.user_nsid)
+        bucket = record.photo_id % ID_BUCKETS
+        batch = self._batches.setdefault(bucket, [])
+        batch.append(record_to_fields(record))
+        if len(batch) < BATCH_SIZE:
+            return None
+        self._passed.inc(len(batch))
+        return bucket, self._batches.pop(bucket)
+
+    def drain(self) -> list[tuple[int, list[tuple]]]:
+        batches, self._batches = list(self._batches.items()), {}
+        self._passed.inc(sum(len(batch) for _, batch in batches))
+        return batches
+
+
+class _RulesConfig:
+    """The picklable configuration of the rules; `create` reads the opt-out lists."""
+
+    def __init__(self, licenses: Iterable[str], opt_out_paths: Iterable[str],
+                 drop_tags: Iterable[str]):
+        self.licenses = validate_licenses(licenses)
+        self.opt_out_paths = tuple(path for path in opt_out_paths if path)
+        self.drop_tags = tuple(drop_tags)
+
+    def create(self) -> PrefilterRules:
+        return PrefilterRules.create(self.licenses, self.drop_tags,
+                                     read_opt_out(self.opt_out_paths))
+
+
+class _ApplyRulesFn(beam.DoFn):
+    """Apply the rules to each record (opt-out lists read once per worker in setup()).
+
+    Emits the rejects, and the candidates as (bucket, [record fields]) batches for the
+    duplicate check (the partial batches at the end of the bundle).
+    """
+
+    def __init__(self, config: _RulesConfig):
+        self._config = config
+        self._rules: Optional[PrefilterRules] = None
+        self._batcher: Optional[_CandidateBatcher] = None
+
     def setup(self):
-        self._rules = PrefilterRules.create(self._licenses, self._drop_tags,
-                                            read_opt_out(self._opt_out_paths))
+        self._rules = self._config.create()
 
     def start_bundle(self):
-        self._batches = {}
+        self._batcher = _CandidateBatcher(self._rules)
 
     def process(self, record: YfccRecord):
-        verdict = self._rules.check(record)
-        if verdict is None:
-            bucket = record.photo_id % ID_BUCKETS
-            batch = self._batches.setdefault(bucket, [])
-            batch.append(record_to_fields(record))
-            if len(batch) >= BATCH_SIZE:
-                self._passed.inc(len(batch))
-                yield bucket, self._batches.pop(bucket)
-        else:
-            reason, detail = verdict
-            yield reject(STAGE, reason, str(record.photo_id), detail,
-                         photo_id=record.photo_id, user_nsid=record.user_nsid)
+        output = self._batcher.add(record)
+        if output is not None:
+            yield output
 
     def finish_bundle(self):
-        # Prefilter.expand checks that the input is in the global window.
-        for bucket, batch in self._batches.items():
-            self._passed.inc(len(batch))
-            yield GlobalWindows.windowed_value((bucket, batch))
-        self._batches = {}
+        # The transforms check that their input is in the global window.
+        for bucket_batch in self._batcher.drain():
+            yield GlobalWindows.windowed_value(bucket_batch)
+
+
+class _ReadAndApplyRulesFn(ReadYfccFileFn):
+    """Read one file and apply the rules to its records in the same step (one step per line
+    less than ReadYfcc | Prefilter); emits what both would, candidates in batches."""
+
+    def __init__(self, compression_type: str, config: _RulesConfig):
+        super().__init__(compression_type)
+        self._config = config
+        self._rules: Optional[PrefilterRules] = None
+        self._batcher: Optional[_CandidateBatcher] = None
+
+    def setup(self):
+        self._rules = self._config.create()
+
+    def start_bundle(self):
+        self._batcher = _CandidateBatcher(self._rules)
+
+    def on_record(self, record: YfccRecord):
+        output = self._batcher.add(record)
+        if output is not None:
+            yield output
+
+    def finish_bundle(self):
+        for bucket_batch in self._batcher.drain():
+            yield GlobalWindows.windowed_value(bucket_batch)
 
 
 class _KeepFirstOfPhotoFn(beam.DoFn):
-    """Keep one record per photo id of a bucket (lowest source); reject the others."""
+    """Keep one record per photo id of a bucket (lowest source); reject the others.
 
-    def __init__(self):
+    Emits each kept record, or with `batch_size` lists of up to that many kept records.
+    """
+
+    def __init__(self, batch_size: Optional[int] = None):
+        self._batch_size = batch_size
         self._kept = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.candidates")
 
     def process(self, bucket_batches):
         _, batches = bucket_batches
         records = _ReiterableRecords(batches)
+        kept_records: list[YfccRecord] = []
         kept_count = 0
         for kept, duplicates in keep_first_of_each_photo(records, records.photo_id_counts()):
             kept_count += 1
-            yield kept
+            if self._batch_size is None:
+                yield kept
+            else:
+                kept_records.append(kept)
+                if len(kept_records) == self._batch_size:
+                    yield kept_records
+                    kept_records = []
             for duplicate in duplicates:
                 yield reject(STAGE, "duplicate_photo_id", str(kept.photo_id),
                              f"{duplicate.source} repeats {kept.source}",
                              photo_id=kept.photo_id, user_nsid=duplicate.user_nsid)
+        if kept_records:
+            yield kept_records
         self._kept.inc(kept_count)
 
 
@@ -197,6 +270,24 @@ class _ReiterableRecords:
         return Counter(fields[_PHOTO_ID] for batch in self._batches for fields in batch)
 
 
+class _DropDuplicates(beam.PTransform):
+    """(bucket, [record fields]) batches -> {"main": YfccRecord per photo id, "rejects"};
+    with `batch_size`, "main" holds lists of up to that many records instead."""
+
+    def __init__(self, batch_size: Optional[int] = None):
+        super().__init__()
+        self._batch_size = batch_size
+
+    def expand(self, batches):
+        output_type = YfccRecord if self._batch_size is None else list[YfccRecord]
+        unique = (
+            batches
+            | "GroupByIdBucket" >> beam.GroupByKey()
+            | "KeepFirst" >> beam.ParDo(_KeepFirstOfPhotoFn(self._batch_size))
+            .with_output_types(output_type).with_outputs(REJECTS_TAG, main="main"))
+        return {"main": unique.main, "rejects": unique[REJECTS_TAG]}
+
+
 class Prefilter(beam.PTransform):
     """Keep the usable photos of a PCollection of `YfccRecord`s (in the global window).
 
@@ -208,23 +299,45 @@ class Prefilter(beam.PTransform):
                  opt_out_paths: Iterable[str] = (),
                  drop_tags: Iterable[str] = DEFAULT_DROP_TAGS):
         super().__init__()
-        self._licenses = validate_licenses(licenses)
-        self._opt_out_paths = tuple(path for path in opt_out_paths if path)
-        self._drop_tags = tuple(drop_tags)
+        self._config = _RulesConfig(licenses, opt_out_paths, drop_tags)
 
     def expand(self, records):
         if not isinstance(records.windowing.windowfn, GlobalWindows):
             raise ValueError("Prefilter needs its input in the global window (a batch job)")
-        # Read the opt-out lists once now, so that a missing or malformed file fails early.
-        read_opt_out(self._opt_out_paths)
+        self._config.create()  # reads the opt-out lists now: a missing or bad file fails early
         checked = records | "ApplyRules" >> beam.ParDo(
-            _ApplyRulesFn(self._licenses, self._drop_tags, self._opt_out_paths)
-        ).with_outputs(REJECTS_TAG, main="main")
-        unique = (
-            checked.main
-            | "GroupByIdBucket" >> beam.GroupByKey()
-            | "KeepFirst" >> beam.ParDo(_KeepFirstOfPhotoFn()).with_output_types(YfccRecord)
-            .with_outputs(REJECTS_TAG, main="main"))
-        rejects = ((checked[REJECTS_TAG], unique[REJECTS_TAG])
-                   | "MergeRejects" >> beam.Flatten())
-        return {"main": unique.main, "rejects": rejects}
+            _ApplyRulesFn(self._config)).with_outputs(REJECTS_TAG, main="main")
+        unique = checked.main | "DropDuplicates" >> _DropDuplicates()
+        rejects = ((checked[REJECTS_TAG], unique["rejects"]) | "MergeRejects" >> beam.Flatten())
+        return {"main": unique["main"], "rejects": rejects}
+
+
+class ReadAndPrefilter(ReadYfcc):
+    """`ReadYfcc(patterns) | Prefilter(...)` fused: the rules run in the read step.
+
+    Same outputs as the two in a row: {"main": YfccRecord (unique photo ids), "rejects":
+    Rejected of both stages, "line_counts": (path, lines)}; faster, as a record is not emitted
+    between reading and the rules. With `batch_size`, "main" holds lists of up to that many
+    records (in any grouping), for consumers that work in batches such as a Parquet writer.
+    """
+
+    main_output_type = Any  # (bucket, [record fields]) batches
+
+    def __init__(self, patterns: Union[str, Sequence[str]],
+                 licenses: Iterable[str] = FDH_LICENSES, opt_out_paths: Iterable[str] = (),
+                 drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
+                 compression_type: str = CompressionTypes.AUTO, validate: bool = True,
+                 batch_size: Optional[int] = None):
+        super().__init__(patterns, compression_type, validate)
+        self._config = _RulesConfig(licenses, opt_out_paths, drop_tags)
+        self._batch_size = batch_size
+
+    def read_fn(self) -> _ReadAndApplyRulesFn:
+        return _ReadAndApplyRulesFn(self._compression_type, self._config)
+
+    def expand(self, pbegin):
+        self._config.create()  # reads the opt-out lists now: a missing or bad file fails early
+        read = super().expand(pbegin)
+        unique = read["main"] | "DropDuplicates" >> _DropDuplicates(self._batch_size)
+        rejects = ((read["rejects"], unique["rejects"]) | "MergeRejects" >> beam.Flatten())
+        return {"main": unique["main"], "rejects": rejects, "line_counts": read["line_counts"]}

@@ -225,12 +225,23 @@ def _load_weights(model, weights_path: str) -> None:
     SafeCheckpointer(model).load(weights_path)
 
 
-def _randomize_embedder(mesh_embedder, seed: int = 0) -> None:
-    """Random phi and embeddings (detectron2 initialises both to zeros: every vertex would tie)."""
+def randomize_for_plumbing(model, seed: int = 0) -> None:
+    """Make a randomly initialised CSE model produce detections (tests and benches ONLY).
+
+    Untrained, the ResNet's activations explode (~1e6), so the random RPN and box regressors move
+    every box out of the image and nothing reaches the DensePose head. With those regressors and
+    the class logits zeroed, the anchors themselves become detections (score 0.5). phi and the
+    vertex embeddings (zeros in detectron2: every vertex would tie) get seeded random values.
+    """
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for layer in (model.proposal_generator.rpn_head.anchor_deltas,
+                      model.roi_heads.box_predictor.bbox_pred, model.roi_heads.box_predictor.cls_score):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        mesh_embedder = getattr(model.roi_heads.embedder, f"embedder_{MESH_NAME}")
         for tensor in (mesh_embedder.features, mesh_embedder.embeddings):
             tensor.copy_(torch.randn(tensor.shape, generator=generator))
 
@@ -254,7 +265,7 @@ def load_cse_predictor(model_dir: Optional[str], device: str, config_dir: Option
     if random_weights:
         logging.warning("DensePose CSE: RANDOM weights and random phi (tests/benches only): "
                         "detections, masks and vertices are noise")
-        _randomize_embedder(mesh_embedder)
+        randomize_for_plumbing(model)
     else:
         _load_weights(model, assets.resolve(CSE_MODEL_ASSET, model_dir))
         phi = assets.safe_unpickle(assets.resolve(PHI_ASSET, model_dir))

@@ -4,7 +4,9 @@
   with one entry per tar shard, sorted by path: path, sha256, samples, bytes, license, split,
   parquet, parquet_sha256.
 * metadata.json: FDH's {sample_key: entry} in key order, streamed by a k-way merge of the (key
-  sorted) Parquet shards, so it never needs every entry in memory and always agrees with them.
+  sorted) Parquet shards, at most MERGE_FAN_IN files at a time (intermediate sorted runs go to a
+  local temporary directory), so its memory depends on neither the sample nor the shard count,
+  and it always agrees with the Parquet files.
 * stats.json: the funnel (counts per stage and reject reason, as given) and samples/bytes/shards
   per licence x split.
 
@@ -13,10 +15,14 @@ then renamed, so the files are byte-identical across re-runs.
 """
 from __future__ import annotations
 
+import functools
 import heapq
+import itertools
 import json
 import logging
+import os
 import platform
+import tempfile
 import zlib
 from typing import Any, Iterable, Iterator, Optional
 
@@ -79,18 +85,58 @@ def write_metadata_json(dataset: str, entries: Iterable[tuple[str, dict]]) -> in
     return count
 
 
-def metadata_entries(dataset: str, shards: Iterable[dict]) -> Iterator[tuple[str, dict]]:
-    """(key, FDH metadata entry) of every sample, merged in key order from the shards' Parquet."""
-    columns = ["key", *METADATA_FIELDS]
+MERGE_FAN_IN = 32  # Parquet shards (or merged runs) read at once while merging metadata.json
 
-    def rows(entry):
-        # Small batches: one batch per shard is held at once during the merge.
-        for row in iter_parquet_rows(dataset_path(dataset, entry["parquet"]), columns=columns,
-                                     batch_size=64):
-            key = row.pop("key")
-            yield key, row
 
-    return heapq.merge(*(rows(entry) for entry in shards), key=lambda pair: pair[0])
+def _shard_metadata(dataset: str, entry: dict) -> Iterator[tuple[str, dict]]:
+    """(key, metadata entry) of one shard's Parquet, in file (key) order, 64 rows in memory."""
+    for row in iter_parquet_rows(dataset_path(dataset, entry["parquet"]),
+                                 columns=["key", *METADATA_FIELDS], batch_size=64):
+        key = row.pop("key")
+        yield key, row
+
+
+def _read_run(path: str) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            key, entry = json.loads(line)
+            yield key, entry
+
+
+def _merge(sources: list[Iterator[tuple[str, dict]]]) -> Iterator[tuple[str, dict]]:
+    return heapq.merge(*sources, key=lambda pair: pair[0])
+
+
+def metadata_entries(dataset: str, shards: Iterable[dict],
+                     fan_in: Optional[int] = None) -> Iterator[tuple[str, dict]]:
+    """(key, FDH metadata entry) of every sample, merged in key order from the shards' Parquet.
+
+    Memory is bounded by `fan_in`, not by the number of shards: each open Parquet reader holds a
+    decoded row group, so with more than `fan_in` shards, groups of `fan_in` are first merged into
+    sorted runs (JSON lines in a local temporary directory), and runs are merged likewise until one
+    merge of at most `fan_in` (default MERGE_FAN_IN) inputs is left. JSON keeps every value
+    exactly (str, int, float, None).
+    """
+    fan_in = max(2, int(fan_in or MERGE_FAN_IN))
+    shards = list(shards)
+    if len(shards) <= fan_in:
+        yield from _merge([_shard_metadata(dataset, entry) for entry in shards])
+        return
+    with tempfile.TemporaryDirectory(prefix="fdh-metadata-") as scratch:
+        sources = [functools.partial(_shard_metadata, dataset, entry) for entry in shards]
+        runs: list[str] = []
+        names = itertools.count()
+        while len(sources) > fan_in:
+            previous, runs = runs, []
+            for start in range(0, len(sources), fan_in):
+                runs.append(os.path.join(scratch, f"run-{next(names)}.jsonl"))
+                with open(runs[-1], "w", encoding="utf-8") as handle:
+                    for pair in _merge([source() for source in sources[start:start + fan_in]]):
+                        handle.write(json.dumps(pair) + "\n")
+            for path in previous:
+                os.remove(path)
+            sources = [functools.partial(_read_run, path) for path in runs]
+        yield from _merge([source() for source in sources])
 
 
 def code_versions() -> dict[str, str]:

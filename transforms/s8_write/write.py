@@ -8,17 +8,22 @@ assign hash buckets; plan the parts of every bucket from (key, size) pairs only 
 group the encoded samples by bucket (the one large shuffle) and write each part to its final,
 contiguous shard number.
 
-One process (`write_dataset`): encoded samples are spilled to local temporary tars per group, then
-per bucket, so memory holds at most one bucket (<= ~max_bytes) whatever the input size.
+One process (`write_dataset`): encoded samples are spilled to a local file per group, split into
+a file per bucket, and each bucket is written in key order by reading its samples back by offset:
+memory holds one sample, one shard's Parquet rows and one bucket's (key, size, offset) index
+(~150 B per sample of that bucket), whatever the input size.
 """
 from __future__ import annotations
 
 import collections
-import json
+import contextlib
+import itertools
 import logging
 import os
+import pickle
+import struct
 import tempfile
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -29,8 +34,7 @@ from transforms.s8_write.encode import SampleError, encode_sample, sample_row
 from transforms.s8_write.layout import (MAX_BYTES, MAX_SAMPLES, bucket_of, dedupe_sorted,
                                         num_buckets, part_sizes, shard_offsets, tar_size)
 from transforms.s8_write.run_outputs import finalize_dataset, resolve_crawl_time
-from transforms.s8_write.shards import (TarShardWriter, read_tar_shard, shard_path,
-                                        write_shard)
+from transforms.s8_write.shards import shard_path, write_shard_items
 from transforms.s8_write.split import DEFAULT_SPLIT_SEED, assign_split
 
 STAGE = "write"
@@ -54,6 +58,26 @@ def encode_for_writing(sample: FdhSample, no_embeddings: bool, crawl_time: float
                          members, row)
 
 
+def write_sorted_bucket(output_dir: str, group: str, first_index: int, sizes: Sequence[int],
+                        items: Iterable[EncodedSample], max_samples: int = MAX_SAMPLES,
+                        max_bytes: int = MAX_BYTES) -> list[dict]:
+    """Cut a bucket's samples, already deduplicated and sorted by key, into parts and write each part
+    as shard first_index, first_index+1, ...; returns the manifest entries.
+
+    `sizes` are the samples' tar sizes in that order (they decide the parts); `items` yields the
+    samples themselves in the same order and is consumed one sample at a time, so a caller can load
+    them lazily (the one-process writer reads them back from its spill file).
+    """
+    license, split = group.split("/")
+    items = iter(items)
+    entries = []
+    for index, count in enumerate(part_sizes(sizes, max_samples, max_bytes), start=first_index):
+        entries.append(write_shard_items(output_dir, shard_path(license, split, index),
+                                         ((item.members, item.row)
+                                          for item in itertools.islice(items, count))))
+    return entries
+
+
 def write_bucket(output_dir: str, group: str, first_index: int, items: Iterable[EncodedSample],
                  max_samples: int = MAX_SAMPLES, max_bytes: int = MAX_BYTES
                  ) -> tuple[list[dict], list[EncodedSample]]:
@@ -61,16 +85,9 @@ def write_bucket(output_dir: str, group: str, first_index: int, items: Iterable[
 
     Returns (manifest entries, duplicate samples dropped: a key seen twice keeps one copy).
     """
-    license, split = group.split("/")
     kept, duplicates = dedupe_sorted(((item.key, item.size, item) for item in items))
-    entries = []
-    start = 0
-    for index, count in enumerate(part_sizes([size for _, size, _ in kept], max_samples, max_bytes),
-                                  start=first_index):
-        part = [item for _, _, item in kept[start:start + count]]
-        start += count
-        entries.append(write_shard(output_dir, shard_path(license, split, index),
-                                   (item.members for item in part), [item.row for item in part]))
+    entries = write_sorted_bucket(output_dir, group, first_index, [size for _, size, _ in kept],
+                                  (item for _, _, item in kept), max_samples, max_bytes)
     return entries, [item for _, _, item in duplicates]
 
 
@@ -195,32 +212,82 @@ class WriteShards(beam.PTransform):
 
 # --- one process ----------------------------------------------------------------------------
 
-_SPILL_ROW = "spillrow.json"
+# A spill file is a sequence of records: header (key length, tar size, payload length), the key
+# (UTF-8), then the payload: pickle of (group, members, row). The header lets a reader index a
+# bucket's (key, size, offset) without loading any payload, then read the samples back in key
+# order by seeking. Spill files are local, private to this process and deleted when it is done.
+_SPILL_HEADER = struct.Struct("<IQQ")
+MAX_OPEN_SPILLS = 128  # bucket spill files open at once while splitting a group (file handles)
 
 
-def _spill(writer: TarShardWriter, item: EncodedSample) -> None:
-    writer.write({**item.members, _SPILL_ROW: json.dumps(item.row).encode("utf-8")})
+def _spill(handle: BinaryIO, item: EncodedSample) -> None:
+    key = item.key.encode("utf-8")
+    payload = pickle.dumps((item.group, item.members, item.row), protocol=pickle.HIGHEST_PROTOCOL)
+    handle.write(_SPILL_HEADER.pack(len(key), item.size, len(payload)) + key)
+    handle.write(payload)
 
 
-def _unspill(members: dict) -> EncodedSample:
-    members = dict(members)
-    row = json.loads(members.pop(_SPILL_ROW))
-    return EncodedSample(f"{row['license_slug']}/{row['split']}", members["__key__"],
-                         tar_size(members), members, row)
+def _spill_records(path: str) -> Iterator[tuple[str, int, int, int]]:
+    """(key, tar size, record offset, record length) of every record, in file order, payloads skipped."""
+    with open(path, "rb") as handle:
+        offset = 0
+        while header := handle.read(_SPILL_HEADER.size):
+            key_length, size, payload_length = _SPILL_HEADER.unpack(header)
+            key = handle.read(key_length).decode("utf-8")
+            length = _SPILL_HEADER.size + key_length + payload_length
+            yield key, size, offset, length
+            offset += length
+            handle.seek(offset)
 
 
-class _close_all:
-    """Close every writer on exit (abort them all when the block raised)."""
+def _read_spilled(handle: BinaryIO, offset: int) -> EncodedSample:
+    handle.seek(offset)
+    key_length, size, payload_length = _SPILL_HEADER.unpack(handle.read(_SPILL_HEADER.size))
+    key = handle.read(key_length).decode("utf-8")
+    group, members, row = pickle.loads(handle.read(payload_length))
+    return EncodedSample(group, key, size, members, row)
 
-    def __init__(self, writers: list[TarShardWriter]):
-        self._writers = writers
 
-    def __enter__(self):
-        return self._writers
+def _split_spill(path: str, buckets: int, first: int = 0, stop: Optional[int] = None
+                 ) -> Iterator[tuple[int, str]]:
+    """Split a group's spill file into one file per bucket; yields (bucket, path) in bucket order.
 
-    def __exit__(self, exc_type, exc, traceback):
-        for writer in self._writers:
-            writer.__exit__(exc_type, exc, traceback)
+    Covers buckets first..stop-1 (all of them by default) and deletes `path`. At most
+    MAX_OPEN_SPILLS files are written at once: more buckets than that are split into ranges
+    first, then each range again.
+    """
+    stop = buckets if stop is None else stop
+    if stop - first == 1:
+        yield first, path
+        return
+    step = -(-(stop - first) // MAX_OPEN_SPILLS)
+    starts = range(first, stop, step)
+    parts = [f"{path}.{start}" for start in starts]
+    with open(path, "rb") as source, contextlib.ExitStack() as stack:
+        sinks = [stack.enter_context(open(part, "wb")) for part in parts]
+        for key, _, offset, length in _spill_records(path):
+            source.seek(offset)
+            sinks[(bucket_of(key, buckets) - first) // step].write(source.read(length))
+    os.remove(path)
+    for start, part in zip(starts, parts):
+        if step == 1:
+            yield start, part
+        else:
+            yield from _split_spill(part, buckets, start, min(start + step, stop))
+
+
+def _write_spilled_bucket(output_dir: str, group: str, first_index: int, path: str,
+                          max_samples: int, max_bytes: int) -> tuple[list[dict], list[str]]:
+    """`write_bucket` for a bucket spill file, holding only its (key, size, offset) index in memory.
+
+    Returns (manifest entries, keys of the duplicates dropped).
+    """
+    kept, duplicates = dedupe_sorted((key, size, offset) for key, size, offset, _ in _spill_records(path))
+    with open(path, "rb") as handle:
+        entries = write_sorted_bucket(output_dir, group, first_index, [size for _, size, _ in kept],
+                                      (_read_spilled(handle, offset) for _, _, offset in kept),
+                                      max_samples, max_bytes)
+    return entries, [key for key, _, _ in duplicates]
 
 
 def write_dataset(output_dir: str, samples: Iterable[FdhSample], *, no_embeddings: bool = False,
@@ -234,8 +301,10 @@ def write_dataset(output_dir: str, samples: Iterable[FdhSample], *, no_embedding
 
     Gives the same shards as `AssignSplit | WriteShards | WriteRunOutputs`. Samples keep their split
     unless `val_fraction` is given (then `AssignSplit`'s hash sets it). Samples that cannot be
-    written are counted in stats.json as `write.<reason>` and logged. Memory stays bounded by one
-    bucket: encoded samples are spilled to temporary tars under `spill_dir` (default: system temp).
+    written are counted in stats.json as `write.<reason>` and logged. Memory does not grow with the
+    input: encoded samples are spilled to local files under `spill_dir` (default: system temp; it
+    needs about twice the encoded size of the largest licence/split group), and only one bucket's
+    (key, size, offset) index, one sample and one shard's Parquet rows are held at a time.
     Returns the manifest.
     """
     output_dir = output_dir.rstrip("/")
@@ -243,9 +312,10 @@ def write_dataset(output_dir: str, samples: Iterable[FdhSample], *, no_embedding
     funnel = collections.Counter(counts or {})
     entries: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fdh-write-", dir=spill_dir) as spill:
-        spills: dict[str, TarShardWriter] = {}
+        spills: dict[str, str] = {}
         totals: dict[str, list[int]] = {}
-        try:
+        with contextlib.ExitStack() as stack:
+            handles: dict[str, BinaryIO] = {}
             for sample in samples:
                 if val_fraction is not None:
                     sample = assign_split(sample, val_fraction, split_by, split_seed)
@@ -255,39 +325,24 @@ def write_dataset(output_dir: str, samples: Iterable[FdhSample], *, no_embedding
                     logging.warning("not writing %s: %s", sample.key, error)
                     funnel[f"{STAGE}.{error.reason}"] += 1
                     continue
-                if item.group not in spills:
-                    spills[item.group] = TarShardWriter(
-                        os.path.join(spill, f"group-{len(spills)}.tar"), spill, check_unique=False)
+                if item.group not in handles:
+                    spills[item.group] = os.path.join(spill, f"group-{len(spills)}")
+                    handles[item.group] = stack.enter_context(open(spills[item.group], "wb"))
                     totals[item.group] = [0, 0]
-                _spill(spills[item.group], item)
+                _spill(handles[item.group], item)
                 totals[item.group][0] += 1
                 totals[item.group][1] += item.size
-        finally:
-            for writer in spills.values():
-                writer.close()
         for group in sorted(spills):
-            group_spill = spills[group].path
             buckets = num_buckets(*totals[group], max_samples, max_bytes)
-            bucket_spills = [group_spill]
-            if buckets > 1:
-                writers = [TarShardWriter(os.path.join(spill, f"{group.replace('/', '-')}-{b}.tar"),
-                                          spill, check_unique=False) for b in range(buckets)]
-                with _close_all(writers):
-                    for members in read_tar_shard(group_spill):
-                        writers[bucket_of(members["__key__"], buckets)].write(members)
-                os.remove(group_spill)
-                bucket_spills = [writer.path for writer in writers]
             next_index = 0
-            for path in bucket_spills:
-                items = [_unspill(members) for members in read_tar_shard(path)]
-                written, duplicates = write_bucket(output_dir, group, next_index, items,
-                                                   max_samples, max_bytes)
-                del items
+            for _, path in _split_spill(spills[group], buckets):
+                written, duplicates = _write_spilled_bucket(output_dir, group, next_index, path,
+                                                            max_samples, max_bytes)
                 os.remove(path)
                 next_index += len(written)
                 entries += written
-                for item in duplicates:
-                    logging.warning("duplicate sample key %s: kept one copy", item.key)
+                for key in duplicates:
+                    logging.warning("duplicate sample key %s: kept one copy", key)
                     funnel[f"{STAGE}.duplicate_key"] += 1
     run_config = {"no_embeddings": bool(no_embeddings), "max_samples": int(max_samples),
                   "max_bytes": int(max_bytes), **(config or {})}
