@@ -15,7 +15,6 @@ or a directory that is not a dataset (no manifest.json).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys

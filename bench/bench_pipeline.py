@@ -37,7 +37,7 @@ from transforms.s3_fetch import FetchConfig, ImageFetcher, parse_image_sources  
 from transforms.s4_decode import decode_image  # noqa: E402
 from transforms.s5_annotate.lite import LiteAnnotator  # noqa: E402
 from transforms.s6_select import FdhRule, select_persons  # noqa: E402
-from transforms.s7_crop import crop_image, make_sample, person_crop_box  # noqa: E402
+from transforms.s7_crop import make_sample, person_crop_box  # noqa: E402
 from transforms.s8_write import write_dataset  # noqa: E402
 
 PEOPLE = [photo for photo in SAMPLE_PHOTOS[:3]]  # astronaut, Grace Hopper, cameraman

@@ -89,6 +89,19 @@ def make_sample(photo_id: int = 1000, person_index: int = 0, seed: int | None = 
     )
 
 
+def read_tree(root) -> dict[str, bytes]:
+    """Every file under `root` by relative path -> bytes (to compare two outputs byte for byte)."""
+    import os
+
+    found = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as handle:
+                found[os.path.relpath(path, root)] = handle.read()
+    return found
+
+
 def replace(record, **changes):
     """dataclasses.replace, re-exported for brevity in tests."""
     return dataclasses.replace(record, **changes)

@@ -12,7 +12,7 @@ the Python storage client find the emulator through STORAGE_EMULATOR_HOST, and s
 search_user's pyarrow GcsFileSystem (transforms.dataset_ops maps it onto endpoint_override). Jobs run
 in a subprocess because Beam caches its GCS client and credentials per process.
 
-    from tests.gcs_emulator import gcs_emulator  # noqa: F401 (fixture)
+    def test_x(gcs_emulator): ...       # registered in tests/conftest.py
 """
 from __future__ import annotations
 

@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.factories import make_sample, replace
 from transforms.records import LICENSES
 from transforms.s8_write import write_dataset
@@ -63,6 +65,18 @@ def build_dataset(root: Path, no_embeddings: bool = False) -> Path:
                           "funnel.annotated": 25, "select.no_person": 14,
                           "funnel.photos_with_person": 11, "funnel.samples": 12})
     return out
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """The LAYOUT dataset, built once per test module (never modify it: use `dataset`)."""
+    return build_dataset(tmp_path_factory.mktemp("jobs"))
+
+
+@pytest.fixture
+def dataset(pristine, tmp_path) -> Path:
+    """A fresh copy of the LAYOUT dataset for one test to modify."""
+    return copy_of(pristine, tmp_path)
 
 
 def copy_of(dataset: Path, root: Path) -> Path:

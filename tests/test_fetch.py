@@ -12,7 +12,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_jobs.common import make_pipeline, read_counters
 from tests.factories import make_record
-from tests.http_fixture import OVERSIZE_BYTES, http_server, sample_jpegs  # noqa: F401 (fixture)
+from tests.http_fixture import OVERSIZE_BYTES, sample_jpegs
 from transforms.s3_fetch import (DisallowedUrl, FetchConfig, FetchImages, HostPolicy, ImageFetcher,
                                  ImageSource, TokenBucket, check_url, parse_image_sources)
 from transforms.s4_decode import DecodeImages

@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 
 from beam_jobs.demo import build_sample
-from tests.gcs_emulator import gcs_emulator  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 

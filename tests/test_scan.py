@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from beam_jobs import scan
-from tests.gcs_emulator import gcs_emulator  # noqa: F401 (fixture)
 from tests.yfcc_lines import random_records, record_line, write_lines
 from transforms.records import LICENSES
 from transforms.s2_prefilter import PrefilterRules

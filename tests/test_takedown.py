@@ -6,20 +6,9 @@ import json
 import pytest
 
 from beam_jobs import takedown, verify
-from tests.jobs_dataset import (OTHER, THIRD, TWO_PERSON_PHOTO, UNKNOWN, VICTIM, build_dataset,
-                                copy_of, file_digests, keys_of)
+from tests.jobs_dataset import OTHER, THIRD, TWO_PERSON_PHOTO, UNKNOWN, VICTIM, file_digests, keys_of
 from transforms import dataset_ops, s8_write
 from transforms.opt_out import OptOut, read_opt_out
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    return build_dataset(tmp_path_factory.mktemp("takedown"))
-
-
-@pytest.fixture
-def dataset(pristine, tmp_path):
-    return copy_of(pristine, tmp_path)
 
 
 def members_by_key(dataset) -> dict[str, dict[str, bytes]]:

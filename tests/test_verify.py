@@ -11,18 +11,8 @@ from PIL import Image
 
 from beam_jobs import verify
 from tests.factories import make_sample
-from tests.jobs_dataset import build_dataset, copy_of
+from tests.jobs_dataset import build_dataset
 from transforms import dataset_ops, s8_write
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    return build_dataset(tmp_path_factory.mktemp("verify"))
-
-
-@pytest.fixture
-def dataset(pristine, tmp_path):
-    return copy_of(pristine, tmp_path)
 
 
 def shards(dataset) -> list[dict]:

@@ -11,7 +11,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs.common import make_pipeline
-from tests.factories import make_sample
+from tests.factories import read_tree, make_sample
 from transforms.records import NUM_CSE_VERTICES
 from transforms.rejects import CountRejects
 from transforms.s8_write import (MANIFEST_FILE, METADATA_FIELDS, METADATA_FILE, STATS_FILE,
@@ -34,15 +34,6 @@ def _samples(photos=12, persons=2, bad=True):
     return samples
 
 
-def _files(root):
-    found = {}
-    for directory, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(directory, name)
-            found[os.path.relpath(path, root)] = open(path, "rb").read()
-    return found
-
-
 def _run_beam(out, samples):
     with make_pipeline(PipelineOptions([])) as pipeline:
         write = WriteShards(str(out), max_samples=4, crawl_time=CRAWL_TIME)
@@ -57,11 +48,11 @@ def test_beam_runs_twice_byte_identical_and_equal_to_write_dataset(tmp_path):
     samples = _samples()
     _run_beam(tmp_path / "a", samples)
     _run_beam(tmp_path / "b", samples)
-    first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
+    first, second = read_tree(tmp_path / "a"), read_tree(tmp_path / "b")
     assert first == second
     write_dataset(str(tmp_path / "c"), samples, max_samples=4, crawl_time=CRAWL_TIME,
                   val_fraction=0.3, versions={"model": "test"})
-    assert _files(tmp_path / "c") == first
+    assert read_tree(tmp_path / "c") == first
 
     manifest = load_json(str(tmp_path / "a"), MANIFEST_FILE)
     stats = load_json(str(tmp_path / "a"), STATS_FILE)

@@ -8,22 +8,13 @@ import tracemalloc
 
 import numpy as np
 
-from tests.factories import make_sample
+from tests.factories import read_tree, make_sample
 from transforms.s8_write import (METADATA_FILE, STATS_FILE, TarShardWriter, encode_for_writing,
                                  load_json, metadata_entries, read_tar_shard, write_dataset)
 from transforms.s8_write import run_outputs, write
 from transforms.s8_write.write import write_bucket
 
 CRAWL_TIME = 1637341702.5
-
-
-def _files(root):
-    found = {}
-    for directory, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(directory, name)
-            found[os.path.relpath(path, root)] = open(path, "rb").read()
-    return found
 
 
 def _samples(photos=15):
@@ -42,7 +33,7 @@ def test_few_open_spills_and_a_multi_pass_metadata_merge_give_the_same_bytes(tmp
     manifest = write_dataset(str(tmp_path / "b"), samples, max_samples=2, crawl_time=CRAWL_TIME,
                              val_fraction=0.2, spill_dir=str(spill))
     assert len(manifest["shards"]) > 16
-    assert _files(tmp_path / "b") == _files(tmp_path / "a")
+    assert read_tree(tmp_path / "b") == read_tree(tmp_path / "a")
     assert os.listdir(spill) == []  # every spill file and run removed
     merged = list(metadata_entries(str(tmp_path / "a"), manifest["shards"], fan_in=3))
     assert [key for key, _ in merged] == sorted(s.key for s in samples)

@@ -123,7 +123,24 @@ class StartAnnotationFn(beam.DoFn):
                              keypoint_dets=Detections.empty()), photo.image
 
 
-class AttachKeypointsFn(beam.DoFn):
+class _AttachFn(beam.DoFn):
+    """Base of the steps after each RunInference: a model error becomes a reject, a result is
+    handed to `attach(annotated, result)`, which yields the photo on (DENSE_TAG) or finished."""
+
+    def process(self, element) -> Iterator:
+        from transforms.s5_annotate.handlers import ModelError
+
+        annotated, result = element
+        if isinstance(result, ModelError):
+            yield _reject_model_error(annotated.photo, result)
+            return
+        yield from self.attach(annotated, result)
+
+    def attach(self, annotated: AnnotatedPhoto, result: Detections) -> Iterator:
+        raise NotImplementedError
+
+
+class AttachKeypointsFn(_AttachFn):
     """Attach keypoint R-CNN detections; route the photo on (DENSE_TAG) or finish it (cascade)."""
 
     def __init__(self, person_score: float, min_person_height: float, no_embeddings: bool):
@@ -133,62 +150,44 @@ class AttachKeypointsFn(beam.DoFn):
         self._photos = Metrics.counter(METRICS_NAMESPACE, "annotate.photos")
         self._skipped = Metrics.counter(METRICS_NAMESPACE, "annotate.cascade_skipped")
 
-    def process(self, element) -> Iterator:
-        from transforms.s5_annotate.handlers import ModelError
-
-        annotated, result = element
-        photo = annotated.photo
-        if isinstance(result, ModelError):
-            yield _reject_model_error(photo, result)
-            return
+    def attach(self, annotated: AnnotatedPhoto, result: Detections) -> Iterator:
         self._photos.inc()
         annotated = dataclasses.replace(annotated, keypoint_dets=result)
+        image = annotated.photo.image
         if needs_dense_models(result, self._person_score, self._min_person_height):
-            yield beam.pvalue.TaggedOutput(DENSE_TAG, (annotated, photo.image))
+            yield beam.pvalue.TaggedOutput(DENSE_TAG, (annotated, image))
             return
         self._skipped.inc()
-        height, width = photo.image.shape[:2]
+        height, width = image.shape[:2]
         yield dataclasses.replace(
             annotated, mask_dets=empty_detections(height, width),
             cse_dets=None if self._no_embeddings else empty_detections(height, width, vertices=True))
 
 
-class AttachMasksFn(beam.DoFn):
+class AttachMasksFn(_AttachFn):
     """Attach Mask R-CNN detections; photos with a mask go on to CSE (DENSE_TAG) unless disabled."""
 
     def __init__(self, no_embeddings: bool):
         self._no_embeddings = no_embeddings
         self._skipped = Metrics.counter(METRICS_NAMESPACE, "annotate.cascade_skipped_cse")
 
-    def process(self, element) -> Iterator:
-        from transforms.s5_annotate.handlers import ModelError
-
-        annotated, result = element
-        photo = annotated.photo
-        if isinstance(result, ModelError):
-            yield _reject_model_error(photo, result)
-            return
+    def attach(self, annotated: AnnotatedPhoto, result: Detections) -> Iterator:
         annotated = dataclasses.replace(annotated, mask_dets=result)
+        image = annotated.photo.image
         if self._no_embeddings:
             yield annotated
         elif len(result) == 0:
             self._skipped.inc()
-            height, width = photo.image.shape[:2]
+            height, width = image.shape[:2]
             yield dataclasses.replace(annotated, cse_dets=empty_detections(height, width, vertices=True))
         else:
-            yield beam.pvalue.TaggedOutput(DENSE_TAG, (annotated, photo.image))
+            yield beam.pvalue.TaggedOutput(DENSE_TAG, (annotated, image))
 
 
-class AttachCseFn(beam.DoFn):
+class AttachCseFn(_AttachFn):
     """Attach DensePose CSE detections: the photo is fully annotated."""
 
-    def process(self, element) -> Iterator:
-        from transforms.s5_annotate.handlers import ModelError
-
-        annotated, result = element
-        if isinstance(result, ModelError):
-            yield _reject_model_error(annotated.photo, result)
-            return
+    def attach(self, annotated: AnnotatedPhoto, result: Detections) -> Iterator:
         yield dataclasses.replace(annotated, cse_dets=result)
 
 
