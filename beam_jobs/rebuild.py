@@ -27,8 +27,7 @@ from transforms.funnel import accounting_errors, funnel_rows, step_key
 from transforms.opt_out import OPT_OUT_FILENAME
 from transforms.records import FDH_LICENSES
 from transforms.rejects import CountRejects, WriteRejects
-from transforms.s1_read import ReadYfcc
-from transforms.s2_prefilter import Prefilter
+from transforms.s2_prefilter import ReadAndPrefilter
 from transforms.s3_fetch import FetchImages
 from transforms.s4_decode import DecodeImages
 from transforms.s5_annotate import Annotate
@@ -125,9 +124,10 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
     if options.annotator == "fdh" and not no_embeddings:
         part_table = options.model_dir
 
-    read = pipeline | "ReadYfcc" >> ReadYfcc(split_list(options.yfcc))
-    prefiltered = read["main"] | "Prefilter" >> Prefilter(
-        licenses=split_list(options.licenses) or FDH_LICENSES, opt_out_paths=_opt_out_paths(options))
+    # ReadYfcc | Prefilter fused in one step per file (same outputs, no element in between).
+    prefiltered = pipeline | "ReadAndPrefilter" >> ReadAndPrefilter(
+        split_list(options.yfcc), licenses=split_list(options.licenses) or FDH_LICENSES,
+        opt_out_paths=_opt_out_paths(options))
     fetched = (prefiltered["main"]
                | "Reshuffle" >> beam.Reshuffle()
                | "FetchImages" >> FetchImages(options.image_source, threads=options.fetch_threads))
@@ -140,11 +140,11 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
     write_shards = WriteShards(output, no_embeddings=no_embeddings, crawl_time=options.crawl_time)
     shards = split | "WriteShards" >> write_shards
 
-    rejects = ((read["rejects"], prefiltered["rejects"], fetched["rejects"], decoded["rejects"],
+    rejects = ((prefiltered["rejects"], fetched["rejects"], decoded["rejects"],
                 annotated["rejects"], selected["rejects"], cropped["rejects"], write_shards.rejects)
                | "AllRejects" >> beam.Flatten())
     _ = rejects | "WriteRejects" >> WriteRejects(output)
-    funnel = ((_sum_line_counts(read["line_counts"]),
+    funnel = ((_sum_line_counts(prefiltered["line_counts"]),
                _count(prefiltered["main"], "candidates"),
                _count(decoded["main"], "decoded"),
                _count(annotated["main"], "annotated"),

@@ -156,14 +156,12 @@ def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
     """Add the scan steps to `pipeline`."""
     read = pipeline | "ReadAndPrefilter" >> ReadAndPrefilter(
         list(yfcc), licenses, opt_out, drop_tags, batch_size=WRITE_BATCH_SIZE)
-    candidate_batches, rejects = read["main"], read["rejects"]
+    candidate_batches, reject_batches = read["main"], read["rejects"]
 
     candidate_counts = candidate_batches | "WriteCandidates" >> _WriteAndCount(
         records_to_table, YFCC_RECORD_SCHEMA, f"{output}/{CANDIDATES_DIR}/candidates",
         num_shards, lambda record: (CANDIDATE, record.license))
     # The same files as transforms.rejects.WriteRejects writes, in batches.
-    reject_batches = rejects | "BatchRejects" >> beam.BatchElements(
-        min_batch_size=WRITE_BATCH_SIZE, max_batch_size=WRITE_BATCH_SIZE)
     reject_counts = reject_batches | "WriteRejects" >> _WriteAndCount(
         _rejects_to_table, REJECTS_SCHEMA, f"{output}/rejects/rejects", num_shards,
         lambda rejected: (REJECT, reject_counts_key(rejected)))

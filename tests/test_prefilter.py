@@ -172,11 +172,12 @@ def test_missing_or_bad_opt_out_file_fails_when_the_pipeline_is_built(tmp_path):
 
 def _summaries(outputs, label: str, batched: bool = False):
     """(kept (photo id, source) pairs, rejects as tuples) of a read + prefilter."""
-    main = outputs["main"]
-    if batched:
-        main = main | f"{label}Flatten" >> beam.FlatMap(lambda batch: batch)
+    main, rejects = outputs["main"], outputs["rejects"]
+    if batched:  # lists of records, lists of rejects
+        main = main | f"{label}Unbatch" >> beam.FlatMap(lambda batch: batch)
+        rejects = rejects | f"{label}UnbatchRejects" >> beam.FlatMap(lambda batch: batch)
     kept = main | f"{label}Kept" >> beam.Map(lambda r: (r.photo_id, r.source))
-    rejects = outputs["rejects"] | f"{label}Rejects" >> beam.Map(
+    rejects = rejects | f"{label}Rejects" >> beam.Map(
         lambda r: (r.record_id, r.stage, r.reason, r.detail, r.photo_id, r.user_nsid))
     return kept, rejects
 

@@ -7,7 +7,9 @@ with an opt-out tag such as `no_cv` ('no_cv_tag'), its owner or the photo is on 
 record with the lowest source file:line is kept, so the choice does not depend on the runner).
 
 The pure core is `PrefilterRules.check` and `keep_first_of_each_photo` (with
-`order_duplicates`); `Prefilter` is the Beam wrapper.
+`order_duplicates`); `Prefilter` is the Beam wrapper for a PCollection of records, and
+`ReadAndPrefilter` = `ReadYfcc | Prefilter` fused into one step per file (the fast path of the
+scan job: no element per record between reading and the rules).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from transforms.opt_out import OptOut, read_opt_out
-from transforms.records import FDH_LICENSES, LICENSES, METRICS_NAMESPACE, REJECTS_TAG, YfccRecord
+from transforms.records import (FDH_LICENSES, LICENSES, METRICS_NAMESPACE, REJECTS_TAG, Rejected,
+                                YfccRecord)
 from transforms.rejects import reject
 from transforms.s1_read import (RECORD_FIELDS, ReadYfcc, ReadYfccFileFn, record_from_fields,
                                record_to_fields)
@@ -93,6 +96,9 @@ def order_duplicates(records: Iterable[YfccRecord]) -> list[YfccRecord]:
 # workers; a batch is sent when BATCH_SIZE records of one bucket are buffered.
 ID_BUCKETS = 256
 BATCH_SIZE = 128
+# The fused read step emits its rejects in lists too: a runner that materializes the merge of
+# the rejects of two steps (the local FnApiRunner does) then handles few elements.
+REJECTS_BATCH_SIZE = 1024
 _PHOTO_ID = RECORD_FIELDS.index("photo_id")
 
 
@@ -165,12 +171,9 @@ class _RulesConfig:
                                      read_opt_out(self.opt_out_paths))
 
 
-class _ApplyRulesFn(beam.DoFn):
-    """Apply the rules to each record (opt-out lists read once per worker in setup()).
-
-    Emits the rejects, and the candidates as (bucket, [record fields]) batches for the
-    duplicate check (the partial batches at the end of the bundle).
-    """
+class _RulesStep:
+    """The rules part of a DoFn (mixin): rules made once per worker in setup() (reading the
+    opt-out lists), candidates batched per bundle, partial batches emitted at its end."""
 
     def __init__(self, config: _RulesConfig):
         self._config = config
@@ -183,7 +186,8 @@ class _ApplyRulesFn(beam.DoFn):
     def start_bundle(self):
         self._batcher = _CandidateBatcher(self._rules)
 
-    def process(self, record: YfccRecord):
+    def on_record(self, record: YfccRecord):
+        """A reject, a full batch, or nothing, for one record."""
         output = self._batcher.add(record)
         if output is not None:
             yield output
@@ -194,36 +198,42 @@ class _ApplyRulesFn(beam.DoFn):
             yield GlobalWindows.windowed_value(bucket_batch)
 
 
-class _ReadAndApplyRulesFn(ReadYfccFileFn):
+class _ApplyRulesFn(_RulesStep, beam.DoFn):
+    """Apply the rules to each record. Emits the rejects, and the candidates as
+    (bucket, [record fields]) batches for the duplicate check."""
+
+    def process(self, record: YfccRecord):
+        return self.on_record(record)
+
+
+class _ReadAndApplyRulesFn(_RulesStep, ReadYfccFileFn):
     """Read one file and apply the rules to its records in the same step (one step per line
-    less than ReadYfcc | Prefilter); emits what both would, candidates in batches."""
+    less than ReadYfcc | Prefilter); emits what both would, the candidates in batches and the
+    rejects in lists of up to REJECTS_BATCH_SIZE."""
 
     def __init__(self, compression_type: str, config: _RulesConfig):
-        super().__init__(compression_type)
-        self._config = config
-        self._rules: Optional[PrefilterRules] = None
-        self._batcher: Optional[_CandidateBatcher] = None
+        ReadYfccFileFn.__init__(self, compression_type)
+        _RulesStep.__init__(self, config)
 
-    def setup(self):
-        self._rules = self._config.create()
-
-    def start_bundle(self):
-        self._batcher = _CandidateBatcher(self._rules)
-
-    def on_record(self, record: YfccRecord):
-        output = self._batcher.add(record)
-        if output is not None:
-            yield output
-
-    def finish_bundle(self):
-        for bucket_batch in self._batcher.drain():
-            yield GlobalWindows.windowed_value(bucket_batch)
+    def process(self, readable_file):
+        rejects: list[Rejected] = []
+        for output in super().process(readable_file):
+            if isinstance(output, beam.pvalue.TaggedOutput) and output.tag == REJECTS_TAG:
+                rejects.append(output.value)
+                if len(rejects) == REJECTS_BATCH_SIZE:
+                    yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
+                    rejects = []
+            else:
+                yield output
+        if rejects:
+            yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
 
 
 class _KeepFirstOfPhotoFn(beam.DoFn):
     """Keep one record per photo id of a bucket (lowest source); reject the others.
 
-    Emits each kept record, or with `batch_size` lists of up to that many kept records.
+    Emits each kept record and reject, or with `batch_size` lists of up to that many kept
+    records and one list of the bucket's rejects.
     """
 
     def __init__(self, batch_size: Optional[int] = None):
@@ -234,6 +244,7 @@ class _KeepFirstOfPhotoFn(beam.DoFn):
         _, batches = bucket_batches
         records = _ReiterableRecords(batches)
         kept_records: list[YfccRecord] = []
+        rejects: list[beam.pvalue.TaggedOutput] = []
         kept_count = 0
         for kept, duplicates in keep_first_of_each_photo(records, records.photo_id_counts()):
             kept_count += 1
@@ -244,13 +255,19 @@ class _KeepFirstOfPhotoFn(beam.DoFn):
                 if len(kept_records) == self._batch_size:
                     yield kept_records
                     kept_records = []
-            for duplicate in duplicates:
-                yield reject(STAGE, "duplicate_photo_id", str(kept.photo_id),
-                             f"{duplicate.source} repeats {kept.source}",
-                             photo_id=kept.photo_id, user_nsid=duplicate.user_nsid)
+            rejects.extend(
+                reject(STAGE, "duplicate_photo_id", str(kept.photo_id),
+                       f"{duplicate.source} repeats {kept.source}",
+                       photo_id=kept.photo_id, user_nsid=duplicate.user_nsid)
+                for duplicate in duplicates)
+        self._kept.inc(kept_count)
+        if self._batch_size is None:
+            yield from rejects
+            return
         if kept_records:
             yield kept_records
-        self._kept.inc(kept_count)
+        if rejects:
+            yield beam.pvalue.TaggedOutput(REJECTS_TAG, [tagged.value for tagged in rejects])
 
 
 class _ReiterableRecords:
@@ -318,7 +335,8 @@ class ReadAndPrefilter(ReadYfcc):
     Same outputs as the two in a row: {"main": YfccRecord (unique photo ids), "rejects":
     Rejected of both stages, "line_counts": (path, lines)}; faster, as a record is not emitted
     between reading and the rules. With `batch_size`, "main" holds lists of up to that many
-    records (in any grouping), for consumers that work in batches such as a Parquet writer.
+    records and "rejects" lists of rejects (in any grouping), for consumers that work in
+    batches such as a Parquet writer.
     """
 
     main_output_type = Any  # (bucket, [record fields]) batches
@@ -339,5 +357,9 @@ class ReadAndPrefilter(ReadYfcc):
         self._config.create()  # reads the opt-out lists now: a missing or bad file fails early
         read = super().expand(pbegin)
         unique = read["main"] | "DropDuplicates" >> _DropDuplicates(self._batch_size)
-        rejects = ((read["rejects"], unique["rejects"]) | "MergeRejects" >> beam.Flatten())
+        if self._batch_size is None:
+            rejects = ((read["rejects"] | "UnbatchRejects" >> beam.FlatMap(lambda batch: batch),
+                        unique["rejects"]) | "MergeRejects" >> beam.Flatten())
+        else:
+            rejects = (read["rejects"], unique["rejects"]) | "MergeRejects" >> beam.Flatten()
         return {"main": unique["main"], "rejects": rejects, "line_counts": read["line_counts"]}
