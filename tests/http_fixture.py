@@ -154,9 +154,13 @@ class FixtureServer:
             self._counts[path] = self._counts.get(path, 0) + 1
             return entry, self._counts[path]
 
+    def _answered(self, entry: LoggedRequest, status: int) -> None:
+        with self._lock:
+            entry.status = status
+
     def _end(self, entry: LoggedRequest, status: int) -> None:
         with self._lock:
-            entry.end, entry.status = time.monotonic(), status
+            entry.end, entry.status = time.monotonic(), entry.status or status
             self.in_flight -= 1
 
 
@@ -170,9 +174,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
 
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        # Log the status before the body goes out: a client may act on the answer (and a test
+        # read the log) before this handler has returned.
+        self.state._answered(self._entry, code)
+        super().send_response(code, message)
+
     def do_GET(self) -> None:  # noqa: N802 (http.server API)
         path = self.path.split("?", 1)[0]
         entry, nth = self.state._begin(path)
+        self._entry = entry
         status = 0
         try:
             status = self._route(path, nth)

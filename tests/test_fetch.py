@@ -4,15 +4,19 @@ FetchImages | DecodeImages where records in = decoded + rejects."""
 from __future__ import annotations
 
 import concurrent.futures
+import io
 
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_jobs.common import make_pipeline, read_counters
 from tests.factories import make_record
-from tests.http_fixture import OVERSIZE_BYTES, sample_jpegs
+from PIL import Image
+
+from tests.http_fixture import OVERSIZE_BYTES, mirror_path, sample_jpegs
 from transforms.s3_fetch import (DisallowedUrl, FetchConfig, FetchImages, HostPolicy, ImageFetcher,
                                  ImageSource, TokenBucket, check_url, parse_image_sources)
 from transforms.s4_decode import DecodeImages
@@ -151,6 +155,23 @@ def test_fetch_from_mirror(http_server):
     assert outcome.image.data == sample_jpegs()["coffee"]
     assert outcome.image.url == http_server.url(path) and outcome.bytes_read == len(outcome.image.data)
     assert http_server.requests_to(path) == 1
+
+
+def test_mirror_photos_stored_as_png_or_gif_are_found(http_server):
+    """The mirror keeps a few photos as .png/.gif: a .jpg miss tries those before giving up."""
+    record = make_record(2)
+    png = io.BytesIO()
+    Image.fromarray(np.full((64, 48, 3), 90, np.uint8)).save(png, format="PNG")
+    jpg_path = mirror_path(record.photo_hash)
+    png_path = http_server.add_file(jpg_path[:-len("jpg")] + "png", png.getvalue(), "image/png")
+    outcome = loopback_fetcher(http_server).fetch(record)
+    assert outcome.image is not None and outcome.image.url == http_server.url(png_path)
+    assert http_server.requests_to(jpg_path) == 1 and http_server.requests_to(png_path) == 1
+    assert outcome.attempts == []
+    missing_record = make_record(3, download_url="")
+    missing = loopback_fetcher(http_server).fetch(missing_record)
+    assert missing.reason == "not_found"
+    assert http_server.requests_to(mirror_path(missing_record.photo_hash)[:-3] + "gif") == 1
 
 
 def test_fetch_falls_back_to_flickr_when_mirror_misses(http_server):

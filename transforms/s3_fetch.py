@@ -74,6 +74,8 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 NOT_FOUND_STATUSES = frozenset({404, 410})
 PLACEHOLDER_MARKER = "photo_unavailable"
+# File extensions under which the mirror stores a photo, most common first.
+MIRROR_EXTENSIONS = ("jpg", "png", "gif")
 
 # Every reason a fetch can fail with (the last one of a record becomes its reject reason).
 FETCH_REASONS = ("not_found", "http_error", "timeout", "too_large", "unavailable", "disallowed_url",
@@ -104,14 +106,26 @@ class ImageSource:
 
     def location(self, record: YfccRecord) -> Optional[str]:
         """The URL or path of `record`'s photo in this source; None when the record lacks the keys."""
+        locations = self.locations(record)
+        return locations[0] if locations else None
+
+    def locations(self, record: YfccRecord) -> tuple[str, ...]:
+        """Where `record`'s photo may be in this source, tried in order while each is not found.
+
+        The mirror stores a few photos as .png or .gif instead of .jpg (design section 3).
+        """
         if self.kind == "mirror":
             h = record.photo_hash
             if not h or len(h) < 6:
-                return None
-            relative = f"data/images/{h[:3]}/{h[3:6]}/{h}.jpg"
+                return ()
+            relatives = [f"data/images/{h[:3]}/{h[3:6]}/{h}.{ext}" for ext in MIRROR_EXTENSIONS]
             if self.is_http:
-                return f"{self.prefix}/{relative}"
-            return FileSystems.join(self.prefix, *relative.split("/"))
+                return tuple(f"{self.prefix}/{relative}" for relative in relatives)
+            return tuple(FileSystems.join(self.prefix, *relative.split("/")) for relative in relatives)
+        url = self._flickr_url(record)
+        return (url,) if url else ()
+
+    def _flickr_url(self, record: YfccRecord) -> Optional[str]:
         if self.suffix:
             if not (record.server_id and record.secret):
                 return None
@@ -456,26 +470,29 @@ class ImageFetcher:
         attempts: list[FetchAttempt] = []
         bytes_read = 0
         for source in self.sources:
-            location = source.location(record)
-            if location is None:
+            locations = source.locations(record)
+            if not locations:
                 attempts.append(FetchAttempt(source.name, "no_url", "record lacks hash/url fields"))
                 continue
-            try:
-                if source.is_http:
-                    data, final_url = self.fetch_url(location)
-                else:
-                    data, final_url = self.fetch_file(location), location
-            except FetchFailure as failure:
-                attempts.append(FetchAttempt(source.name, failure.reason, failure.detail))
-                continue
-            except Exception as error:  # a bug or an unforeseen library error: never lose the record
-                logging.exception("unexpected error fetching %s", location)
-                attempts.append(FetchAttempt(source.name, "connection_error",
-                                             f"{type(error).__name__}: {error}"))
-                continue
-            bytes_read += len(data)
-            return FetchOutcome(record, FetchedImage(record=record, data=data, url=final_url,
-                                                     source=source.kind), attempts, bytes_read)
+            for location in locations:  # the next location only while this one is not found
+                try:
+                    if source.is_http:
+                        data, final_url = self.fetch_url(location)
+                    else:
+                        data, final_url = self.fetch_file(location), location
+                except FetchFailure as failure:
+                    if failure.reason == "not_found" and location != locations[-1]:
+                        continue
+                    attempts.append(FetchAttempt(source.name, failure.reason, failure.detail))
+                    break
+                except Exception as error:  # a bug or an unforeseen library error: never lose the record
+                    logging.exception("unexpected error fetching %s", location)
+                    attempts.append(FetchAttempt(source.name, "connection_error",
+                                                 f"{type(error).__name__}: {error}"))
+                    break
+                bytes_read += len(data)
+                return FetchOutcome(record, FetchedImage(record=record, data=data, url=final_url,
+                                                         source=source.kind), attempts, bytes_read)
         return FetchOutcome(record, None, attempts, bytes_read)
 
     def fetch_file(self, path: str) -> bytes:
