@@ -146,3 +146,33 @@ def test_fdh_annotator_plumbing_with_random_weights(sample, tmp_path):
     funnel = stats["funnel"]
     assert funnel["funnel.decoded"] == 5
     assert accounting_errors(funnel) == []
+
+
+def test_gpu_resource_hint_sits_on_the_model_steps_only(sample, tmp_path):
+    """Dataflow right fitting: only the annotate step asks for a GPU (the whole cascade, so that
+    photos cross to GPU workers once). Built, not run, for a remote runner: no CUDA needed."""
+    from beam_jobs.common import make_pipeline, split_job_flags
+
+    yfcc, _ = sample
+    job, pipeline_options = split_job_flags(rebuild.RebuildOptions, [
+        f"--yfcc={yfcc}", f"--output={tmp_path / 'out'}", "--image_source=mirror:gs://b/yfcc",
+        "--annotator=fdh", "--no_embeddings", "--device=GPU", "--gpu_type=nvidia-tesla-t4",
+        "--runner=PrismRunner"])
+    pipeline = make_pipeline(pipeline_options)
+    rebuild.build(pipeline, job)
+    proto = pipeline.to_runner_api()
+    hinted, plain = set(), set()
+    for transform in proto.components.transforms.values():
+        if transform.subtransforms:
+            continue
+        environment = proto.components.environments.get(transform.environment_id)
+        hints = dict(environment.resource_hints) if environment else {}
+        (hinted if "beam:resources:accelerator:v1" in hints else plain).add(transform.unique_name)
+        if hints:
+            assert hints["beam:resources:accelerator:v1"] == (
+                b"type:nvidia-tesla-t4;count:1;install-nvidia-driver")
+    assert hinted and all(name.startswith("Annotate/") for name in hinted)
+    assert any("KeypointRCNN" in name for name in hinted) and any("MaskRCNN" in name for name in hinted)
+    assert not any(name.startswith("Annotate/") for name in plain)
+    assert any(name.startswith("FetchImages/") for name in plain)
+    assert any(name.startswith("WriteShards/") for name in plain)

@@ -41,8 +41,10 @@ class Annotate(beam.PTransform):
       no_embeddings: skip DensePose CSE (no detectron2 needed; FDH's no-embeddings variant).
       min_person_height: cascade: the heavy models only run on photos with a keypoint-R-CNN person
         at least this many pixels tall (and scoring >= person_score).
-      gpu_type: Dataflow accelerator type (e.g. 'nvidia-tesla-t4'): adds the resource hint
-        `accelerator=type:...;count:1;install-nvidia-driver` to the model steps.
+      gpu_type: Dataflow accelerator type (e.g. 'nvidia-tesla-t4'): with device 'GPU', adds the
+        resource hint `accelerator=type:...;count:1;install-nvidia-driver` to this whole
+        transform (and so to nothing else in the job): photos cross to the GPU workers once, and
+        every model step and the glue between them run there.
       random_weights: build every model (torchvision and DensePose CSE) with random weights and
         no weight files (tests and benches ONLY: proves the plumbing, never the detections).
       model_options: extra options for the model handlers: min_size, max_size, score_threshold,
@@ -78,7 +80,8 @@ class Annotate(beam.PTransform):
         self._no_embeddings = no_embeddings
         self._min_person_height = min_person_height
         self._person_score = person_score
-        self._gpu_type = gpu_type
+        if device == "GPU" and gpu_type and annotator == "fdh":
+            self.with_resource_hints(accelerator=f"type:{gpu_type};count:1;install-nvidia-driver")
         self._random_weights = random_weights
         self._model_options = dict(model_options or {})
         self._lite_thresholds = thresholds_from_dict(lite_thresholds)
@@ -107,7 +110,7 @@ class Annotate(beam.PTransform):
         return FdhSettings(
             model_dir=self._model_dir, device=self._device, max_batch_size=self._max_batch_size,
             no_embeddings=self._no_embeddings, min_person_height=self._min_person_height,
-            person_score=self._person_score, gpu_type=self._gpu_type,
+            person_score=self._person_score,
             random_weights=self._random_weights, model_options=self._model_options,
             large_model=self._large_model, model_copies=self._model_copies)
 

@@ -67,7 +67,6 @@ class FdhSettings:
     no_embeddings: bool = False
     min_person_height: float = DEFAULT_MIN_PERSON_HEIGHT
     person_score: float = DEFAULT_PERSON_SCORE
-    gpu_type: Optional[str] = None
     random_weights: bool = False
     model_options: dict = field(default_factory=dict)  # torchvision handler kwargs; 'mask_model'
     large_model: bool = False
@@ -192,11 +191,7 @@ class AttachCseFn(_AttachFn):
 
 
 def _run_model(pcoll, label: str, handler, settings: FdhSettings):
-    inference = RunInference(KeyedModelHandler(handler))
-    if settings.device == "GPU" and settings.gpu_type:
-        inference = inference.with_resource_hints(
-            accelerator=f"type:{settings.gpu_type};count:1;install-nvidia-driver")
-    return pcoll | label >> inference
+    return pcoll | label >> RunInference(KeyedModelHandler(handler))
 
 
 def expand_fdh(photos, settings: FdhSettings) -> dict:
