@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Any, Optional, Sequence
@@ -95,3 +96,42 @@ def require_flags(options: PipelineOptions, *names: str) -> None:
 def split_list(value: Optional[str]) -> list[str]:
     """'a, b,,c' -> ['a', 'b', 'c'] for comma-separated flags."""
     return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def load_dataset_manifest(dataset: str) -> dict:
+    """The manifest.json of a built dataset; FileNotFoundError (clear) when it is not one."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from transforms import s8_write
+
+    if not FileSystems.exists(s8_write.dataset_path(dataset, s8_write.MANIFEST_FILE)):
+        raise FileNotFoundError(f"{dataset} has no {s8_write.MANIFEST_FILE}: not a dataset")
+    return s8_write.load_json(dataset, s8_write.MANIFEST_FILE)
+
+
+def report_path_for(report: Optional[str], options: PipelineOptions, filename: str) -> str:
+    """Where a job's final DoFn writes its JSON report for the launcher to read back: `report`,
+    else a local temp file (remote runners need a shared path such as gs://...)."""
+    import tempfile
+
+    from apache_beam.io.filesystems import FileSystems
+
+    if report:
+        return report
+    if not is_local(options):
+        raise ValueError("--report=gs://... is required with a remote runner")
+    return FileSystems.join(tempfile.mkdtemp(prefix="fdh-beam-"), filename)
+
+
+def write_json_report(path: str, report: dict) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as handle:
+        handle.write(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def read_json_report(path: str) -> dict:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read())

@@ -25,20 +25,19 @@ halfway leaves the old index, and running it again finishes the takedown.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import tempfile
 from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_jobs.common import is_local, make_pipeline
-from beam_jobs.common import JobOptions, split_job_flags
+from beam_jobs.common import (JobOptions, load_dataset_manifest, make_pipeline, read_json_report,
+                              report_path_for, split_job_flags, write_json_report)
 from beam_jobs.verify import STAGED_SUFFIX
 from transforms import dataset_ops
+from transforms.s8_write import dataset_path
 from transforms.opt_out import OptOut, parse_opt_out, read_opt_out
 from transforms.records import METRICS_NAMESPACE
 
@@ -71,10 +70,6 @@ class TakedownError(RuntimeError):
     """A shard the takedown must read or rewrite is damaged: the job stops rather than skip it."""
 
 
-def _full(dataset: str, relative: str) -> str:
-    return FileSystems.join(dataset, relative)
-
-
 # ---------------------------------------------------------------------------- pure steps ---
 
 def find_shard_matches(dataset: str, entry: dict, request: OptOut) -> list[dataset_ops.Match]:
@@ -83,7 +78,7 @@ def find_shard_matches(dataset: str, entry: dict, request: OptOut) -> list[datas
 
     path = dataset_ops.shard_parquet_path(entry)
     try:
-        with FileSystems.open(_full(dataset, path)) as handle:
+        with FileSystems.open(dataset_path(dataset, path)) as handle:
             table = pq.read_table(handle, columns=list(dataset_ops.SEARCH_COLUMNS))
     except Exception as error:
         # Never skip a shard: the person's samples could be in it. Fail, and say how to look.
@@ -100,12 +95,12 @@ def rewrite_shard(dataset: str, entry: dict, matches: Iterable[dataset_ops.Match
 
     matches = sorted(matches, key=lambda m: m.key)
     drop = {m.key for m in matches}
-    tar_path = _full(dataset, entry["path"])
+    tar_path = dataset_path(dataset, entry["path"])
     filtered = dataset_ops.filter_members(s8_write.read_tar_shard(tar_path), drop)
     info = s8_write.write_tar_shard(tar_path, filtered.kept)
     parquet = dataset_ops.shard_parquet_path(entry)
-    rows = dataset_ops.filter_rows(s8_write.read_parquet_rows(_full(dataset, parquet)), drop)
-    parquet_sha256 = s8_write.write_parquet_shard(_full(dataset, parquet + STAGED_SUFFIX), rows)
+    rows = dataset_ops.filter_rows(s8_write.read_parquet_rows(dataset_path(dataset, parquet)), drop)
+    parquet_sha256 = s8_write.write_parquet_shard(dataset_path(dataset, parquet + STAGED_SUFFIX), rows)
     if len(rows) != len(filtered.kept):
         raise TakedownError(f"{entry['path']}: {len(filtered.kept)} samples left in the tar but "
                            f"{len(rows)} Parquet rows; run `python -m beam_jobs.verify`")
@@ -149,17 +144,17 @@ def update_run_files(dataset: str, request: OptOut, rewrites: list[dict[str, Any
         s8_write.save_json(dataset, s8_write.MANIFEST_FILE, manifest)
         changed.append(s8_write.MANIFEST_FILE)
 
-    if removed_keys and FileSystems.exists(_full(dataset, s8_write.METADATA_FILE)):
+    if removed_keys and FileSystems.exists(dataset_path(dataset, s8_write.METADATA_FILE)):
         # Streamed from the shards' Parquet (the staged files where a shard was rewritten) by
         # the writer's own k-way merge: bounded memory, and the same bytes the writer writes.
         staged = {e["path"] for e in manifest["shards"] if e["path"] in by_path and FileSystems.exists(
-            _full(dataset, dataset_ops.shard_parquet_path(e) + STAGED_SUFFIX))}
+            dataset_path(dataset, dataset_ops.shard_parquet_path(e) + STAGED_SUFFIX))}
         sources = [{**e, "parquet": dataset_ops.shard_parquet_path(e) + STAGED_SUFFIX}
                    if e["path"] in staged else e for e in manifest["shards"]]
         s8_write.write_metadata_json(dataset, s8_write.metadata_entries(dataset, sources))
         changed.append(s8_write.METADATA_FILE)
 
-    if FileSystems.exists(_full(dataset, s8_write.STATS_FILE)):
+    if FileSystems.exists(dataset_path(dataset, s8_write.STATS_FILE)):
         stats = s8_write.load_json(dataset, s8_write.STATS_FILE)
         new_stats = dataset_ops.updated_stats(stats, manifest["shards"], len(removed))
         if new_stats != stats:
@@ -169,7 +164,7 @@ def update_run_files(dataset: str, request: OptOut, rewrites: list[dict[str, Any
     wanted = request if record_unmatched else OptOut(
         frozenset(m["user_nsid"] for m in removed if m["user_nsid"] in request.user_nsids),
         frozenset(m["photo_id"] for m in removed if m["photo_id"] in request.photo_ids))
-    opt_out_path = _full(dataset, s8_write.OPT_OUT_FILE)
+    opt_out_path = dataset_path(dataset, s8_write.OPT_OUT_FILE)
     existing_text = _read_text(opt_out_path) or ""
     recorded = parse_opt_out(existing_text, opt_out_path)
     lines = dataset_ops.new_opt_out_lines(recorded, wanted)
@@ -180,7 +175,7 @@ def update_run_files(dataset: str, request: OptOut, rewrites: list[dict[str, Any
         changed.append(s8_write.OPT_OUT_FILE)
 
     for rewrite in rewrites:  # last: the Parquet files are the index a re-run searches
-        final = _full(dataset, rewrite["parquet"])
+        final = dataset_path(dataset, rewrite["parquet"])
         if FileSystems.exists(final + STAGED_SUFFIX):
             FileSystems.rename([final + STAGED_SUFFIX], [final])
     changed += [r["path"] for r in rewrites] + [r["parquet"] for r in rewrites]
@@ -245,8 +240,7 @@ class UpdateRunFiles(beam.DoFn):
 
     def process(self, rewrites: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         report = update_run_files(self._dataset, self._request, rewrites, self._record_unmatched)
-        with FileSystems.create(self._report) as handle:
-            handle.write(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"))
+        write_json_report(self._report, report)
         yield report
 
 
@@ -319,21 +313,12 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not takedown.dataset:
         raise ValueError("--dataset is required")
     dataset = takedown.dataset.rstrip("/")
-    from transforms import s8_write
-
-    if not FileSystems.exists(_full(dataset, s8_write.MANIFEST_FILE)):
-        raise FileNotFoundError(f"{dataset} has no {s8_write.MANIFEST_FILE}: not a dataset")
-    shards = s8_write.load_json(dataset, s8_write.MANIFEST_FILE)["shards"]
-    report_path = takedown.report
-    if report_path is None:
-        if not is_local(options):
-            raise ValueError("--report=gs://... is required with a remote runner")
-        report_path = FileSystems.join(tempfile.mkdtemp(prefix="takedown-"), REPORT_FILE)
+    shards = load_dataset_manifest(dataset)["shards"]
+    report_path = report_path_for(takedown.report, options, REPORT_FILE)
     with make_pipeline(options) as pipeline:
         _ = pipeline | "Takedown" >> Takedown(dataset, shards, request, report_path,
                                                takedown.record_unmatched)
-    with FileSystems.open(report_path) as handle:
-        report = json.loads(handle.read())
+    report = read_json_report(report_path)
     print(format_report(report))
     return report
 

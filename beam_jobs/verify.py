@@ -15,18 +15,18 @@ or a directory that is not a dataset (no manifest.json).
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import tempfile
 from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_jobs.common import JobOptions, split_job_flags, is_local, make_pipeline
+from beam_jobs.common import (JobOptions, load_dataset_manifest, make_pipeline, read_json_report,
+                              report_path_for, split_job_flags, write_json_report)
 from transforms import dataset_ops
+from transforms.s8_write import dataset_path
 from transforms.records import METRICS_NAMESPACE
 
 REPORT_FILE = "verify_report.json"
@@ -49,17 +49,13 @@ class VerifyOptions(JobOptions):
                                  "for local runs; required on remote runners).")
 
 
-def _full(dataset: str, relative: str) -> str:
-    return FileSystems.join(dataset, relative)
-
-
 def verify_shard(dataset: str, entry: dict, no_embeddings: bool) -> dict[str, Any]:
     """Everything verify checks inside one shard; returns its report with the tar's keys."""
     from transforms import s8_write
 
     report = dataset_ops.ShardReport(entry["path"])
     problems = report.problems
-    tar_path = _full(dataset, entry["path"])
+    tar_path = dataset_path(dataset, entry["path"])
     keys: list[str] = []
     if not FileSystems.exists(tar_path):
         problems.append("missing")
@@ -87,17 +83,17 @@ def verify_shard(dataset: str, entry: dict, no_embeddings: bool) -> dict[str, An
             problems.append("a key appears twice in the tar")
     parquet = dataset_ops.shard_parquet_path(entry)
     parquet_keys: list[str] = []
-    if not FileSystems.exists(_full(dataset, parquet)):
+    if not FileSystems.exists(dataset_path(dataset, parquet)):
         problems.append(f"{parquet}: missing")
     else:
         try:
             parquet_keys = [row[dataset_ops.KEY_COLUMN]
-                            for row in s8_write.read_parquet_rows(_full(dataset, parquet))]
+                            for row in s8_write.read_parquet_rows(dataset_path(dataset, parquet))]
         except Exception as error:
             problems.append(f"{parquet}: unreadable: {type(error).__name__}: {error}")
         else:
             if entry.get("parquet_sha256"):
-                with FileSystems.open(_full(dataset, parquet)) as handle:
+                with FileSystems.open(dataset_path(dataset, parquet)) as handle:
                     parquet_digest, _ = dataset_ops.sha256_of_stream(handle)
                 if parquet_digest != entry["parquet_sha256"]:
                     problems.append(f"{parquet}: sha256 {parquet_digest} != manifest "
@@ -123,7 +119,7 @@ def verify_run_files(dataset: str, manifest: dict, shard_reports: list[dict[str,
         problems += [f"{report['path']}: {p}" for p in report["problems"]]
 
     expected = dataset_ops.expected_shard_files(shards)
-    patterns = [_full(dataset, f"*/*/out-*.{ext}") for ext in ("tar", "parquet")]
+    patterns = [dataset_path(dataset, f"*/*/out-*.{ext}") for ext in ("tar", "parquet")]
     root = dataset.rstrip("/") + "/"
     for result in FileSystems.match(patterns):
         for metadata in result.metadata_list:
@@ -131,7 +127,7 @@ def verify_run_files(dataset: str, manifest: dict, shard_reports: list[dict[str,
             if relative not in expected:
                 problems.append(f"{relative}: shard file not in the manifest")
 
-    leftovers = [_full(dataset, f"*/*/*{STAGED_SUFFIX}"), _full(dataset, f"*/*/.*{TEMP_MARKER}*")]
+    leftovers = [dataset_path(dataset, f"*/*/*{STAGED_SUFFIX}"), dataset_path(dataset, f"*/*/.*{TEMP_MARKER}*")]
     for result in FileSystems.match(leftovers):
         for metadata in result.metadata_list:
             relative = metadata.path[len(root):] if metadata.path.startswith(root) else metadata.path
@@ -140,7 +136,7 @@ def verify_run_files(dataset: str, manifest: dict, shard_reports: list[dict[str,
             problems.append(f"{relative}: leftover of {why}")
 
     parquet_keys = [k for r in shard_reports for k in r["parquet_keys"]]
-    if FileSystems.exists(_full(dataset, s8_write.METADATA_FILE)):
+    if FileSystems.exists(dataset_path(dataset, s8_write.METADATA_FILE)):
         metadata = s8_write.load_json(dataset, s8_write.METADATA_FILE)
         problems += [f"{s8_write.METADATA_FILE}: {p}"
                      for p in dataset_ops.key_problems(metadata.keys(), parquet_keys)]
@@ -148,7 +144,7 @@ def verify_run_files(dataset: str, manifest: dict, shard_reports: list[dict[str,
     else:
         problems.append(f"{s8_write.METADATA_FILE}: missing")
 
-    if FileSystems.exists(_full(dataset, s8_write.STATS_FILE)):
+    if FileSystems.exists(dataset_path(dataset, s8_write.STATS_FILE)):
         stats = s8_write.load_json(dataset, s8_write.STATS_FILE)
         problems += [f"{s8_write.STATS_FILE}: {p}" for p in dataset_ops.stats_count_problems(stats, shards)]
     else:
@@ -188,8 +184,7 @@ class VerifyRunFiles(beam.DoFn):
 
     def process(self, shard_reports: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         report = verify_run_files(self._dataset, self._manifest, shard_reports)
-        with FileSystems.create(self._report) as handle:
-            handle.write(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"))
+        write_json_report(self._report, report)
         yield report
 
 
@@ -223,28 +218,19 @@ def format_report(report: dict[str, Any]) -> str:
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run verify; returns the report (also printed)."""
-    from transforms import s8_write
-
     verify, options = split_job_flags(VerifyOptions, argv, __doc__)
     if not verify.dataset:
         raise ValueError("--dataset is required")
     dataset = verify.dataset.rstrip("/")
-    if not FileSystems.exists(_full(dataset, s8_write.MANIFEST_FILE)):
-        raise FileNotFoundError(f"{dataset} has no {s8_write.MANIFEST_FILE}: not a dataset")
-    manifest = s8_write.load_json(dataset, s8_write.MANIFEST_FILE)
+    manifest = load_dataset_manifest(dataset)
     if verify.no_embeddings is None:
         no_embeddings = bool(manifest.get("config", {}).get("no_embeddings", False))
     else:
         no_embeddings = verify.no_embeddings == "true"
-    report_path = verify.report
-    if report_path is None:
-        if not is_local(options):
-            raise ValueError("--report=gs://... is required with a remote runner")
-        report_path = FileSystems.join(tempfile.mkdtemp(prefix="verify-"), REPORT_FILE)
+    report_path = report_path_for(verify.report, options, REPORT_FILE)
     with make_pipeline(options) as pipeline:
         _ = pipeline | "Verify" >> VerifyDataset(dataset, manifest, report_path, no_embeddings)
-    with FileSystems.open(report_path) as handle:
-        report = json.loads(handle.read())
+    report = read_json_report(report_path)
     print(format_report(report))
     return report
 
