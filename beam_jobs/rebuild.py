@@ -79,6 +79,14 @@ class RebuildOptions(JobOptions):
         parser.add_argument("--max_batch_size", type=int, default=4, help="images per model call")
         parser.add_argument("--fetch_threads", type=int, default=16,
                             help="concurrent image requests per worker process")
+        parser.add_argument("--requests_per_second", type=float, default=None,
+                            help="cap on image requests per second per worker process, all hosts "
+                                 "(default: none)")
+        parser.add_argument("--flickr_requests_per_second", type=float, default=4.0,
+                            help="cap on requests per second to Flickr's own hosts, per worker "
+                                 "process (the job's total is workers x this); 0 for no cap")
+        parser.add_argument("--flickr_concurrency", type=int, default=4,
+                            help="requests in flight to one Flickr host, per worker process")
         parser.add_argument("--crawl_time", type=float, default=None,
                             help="unix time recorded as date_crawled / unixtime_crawled, the only "
                                  "time-dependent value in the output (default: the existing "
@@ -130,7 +138,11 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
         opt_out_paths=_opt_out_paths(options))
     fetched = (prefiltered["main"]
                | "Reshuffle" >> beam.Reshuffle()
-               | "FetchImages" >> FetchImages(options.image_source, threads=options.fetch_threads))
+               | "FetchImages" >> FetchImages(
+                   options.image_source, threads=options.fetch_threads,
+                   requests_per_second=options.requests_per_second or None,
+                   flickr_requests_per_second=options.flickr_requests_per_second or None,
+                   flickr_concurrency=options.flickr_concurrency))
     decoded = fetched["main"] | "DecodeImages" >> DecodeImages()
     annotated = decoded["main"] | "Annotate" >> annotate
     selected = annotated["main"] | "SelectPersons" >> SelectPersons(part_table=part_table)

@@ -299,6 +299,24 @@ def test_token_bucket_spaces_requests():
     assert now[0] == pytest.approx(0.4)
 
 
+def test_flickr_hosts_get_the_polite_caps_and_the_mirror_does_not():
+    fetcher = ImageFetcher(parse_image_sources("mirror:https://multimedia-commons.s3-us-west-2.amazonaws.com,flickr"),
+                           FetchConfig(per_host_concurrency=16, flickr_concurrency=3,
+                                       flickr_requests_per_second=2.0))
+    flickr_semaphore, flickr_buckets = fetcher.host_limits("farm4.staticflickr.com", 80)
+    live_semaphore, _ = fetcher.host_limits("live.staticflickr.com", 443)
+    mirror_semaphore, mirror_buckets = fetcher.host_limits(
+        "multimedia-commons.s3-us-west-2.amazonaws.com", 443)
+    assert [bucket.rate for bucket in flickr_buckets] == [2.0] and mirror_buckets == []
+    for _ in range(3):
+        assert flickr_semaphore.acquire(blocking=False)
+    assert not flickr_semaphore.acquire(blocking=False)  # the 4th concurrent Flickr request waits
+    assert live_semaphore is not flickr_semaphore  # caps are per host
+    for _ in range(16):
+        assert mirror_semaphore.acquire(blocking=False)
+    assert not mirror_semaphore.acquire(blocking=False)
+
+
 # --- file sources through Beam FileSystems ------------------------------------------------------
 
 def test_fetch_from_local_mirror_dir(tmp_path):

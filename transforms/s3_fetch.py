@@ -267,7 +267,12 @@ def is_allowed_host(host: str, port: int, scheme: str, policy: HostPolicy) -> bo
         return True
     if port != DEFAULT_PORTS[scheme]:
         return False
-    return host in MIRROR_HOSTS or any(p.fullmatch(host) for p in FLICKR_HOST_PATTERNS)
+    return host in MIRROR_HOSTS or is_flickr_host(host)
+
+
+def is_flickr_host(host: str) -> bool:
+    """True for Flickr's static image hosts (farmN.staticflickr.com, live.staticflickr.com, ...)."""
+    return any(pattern.fullmatch(host) for pattern in FLICKR_HOST_PATTERNS)
 
 
 def check_url(url: str, policy: HostPolicy, resolve: Resolver = resolve_host) -> Target:
@@ -336,6 +341,10 @@ class FetchConfig:
     max_redirects: int = 5
     per_host_concurrency: int = 16
     requests_per_second: Optional[float] = None  # token bucket over all hosts; None = no cap
+    # Flickr's own hosts get a stricter cap (the Webscope terms ask users not to hammer Flickr):
+    # per worker process, so a job's total is workers x this. The mirror is not slowed by it.
+    flickr_concurrency: int = 4
+    flickr_requests_per_second: Optional[float] = 4.0
     dns_cache_seconds: float = 60.0
     user_agent: str = "fdh-beam/0.1 (Flickr Diverse Humans rebuild; +https://github.com/hukkelas/FDH)"
 
@@ -448,6 +457,8 @@ class ImageFetcher:
         self._semaphores: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
         self._bucket = TokenBucket(config.requests_per_second) if config.requests_per_second else None
+        self._flickr_bucket = (TokenBucket(config.flickr_requests_per_second)
+                               if config.flickr_requests_per_second else None)
         self._timeout = urllib3.Timeout(connect=config.connect_timeout, read=config.read_timeout)
         self._retry = _CappedRetry(
             total=config.retries, connect=config.retries, read=config.retries,
@@ -555,13 +566,23 @@ class ImageFetcher:
         self._dns_cache[key] = (now + self.config.dns_cache_seconds, addresses)
         return addresses
 
-    def _host_semaphore(self, host_key: str) -> threading.BoundedSemaphore:
+    def _host_semaphore(self, host_key: str, limit: Optional[int] = None) -> threading.BoundedSemaphore:
         semaphore = self._semaphores.get(host_key)
         if semaphore is None:
             with self._lock:
                 semaphore = self._semaphores.setdefault(
-                    host_key, threading.BoundedSemaphore(self.config.per_host_concurrency))
+                    host_key, threading.BoundedSemaphore(limit or self.config.per_host_concurrency))
         return semaphore
+
+    def host_limits(self, host: str, port: int) -> tuple[threading.BoundedSemaphore, list[TokenBucket]]:
+        """The concurrency cap and the rate buckets a request to host:port waits on."""
+        buckets = [self._bucket] if self._bucket is not None else []
+        if is_flickr_host(host):
+            limit = min(self.config.per_host_concurrency, self.config.flickr_concurrency)
+            if self._flickr_bucket is not None:
+                buckets.append(self._flickr_bucket)
+            return self._host_semaphore(f"{host}:{port}", limit), buckets
+        return self._host_semaphore(f"{host}:{port}"), buckets
 
     def _request(self, target: Target) -> tuple[int, urllib3.HTTPHeaderDict, bytes, int]:
         """One guarded GET (with retries) to the pinned address; (status, headers, body, tries)."""
@@ -570,9 +591,10 @@ class ImageFetcher:
             pool_kwargs={"server_hostname": target.host, "assert_hostname": target.host}
             if target.scheme == "https" else None)
         retries: Retry = self._retry
-        with self._host_semaphore(f"{target.host}:{target.port}"):
-            if self._bucket is not None:
-                self._bucket.acquire()
+        semaphore, buckets = self.host_limits(target.host, target.port)
+        with semaphore:
+            for bucket in buckets:
+                bucket.acquire()
             while True:
                 deadline = time.monotonic() + self.config.total_timeout
                 try:
