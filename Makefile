@@ -6,6 +6,8 @@ PIP := $(VENV)/bin/pip
 EXTRAS ?= gcp,models,lite,demo,test
 DEMO_OUT ?= demo_out
 
+BENCH_VENV ?= .venv-bench
+
 .PHONY: all venv test test-fast demo bench clean
 
 all: test
@@ -28,7 +30,13 @@ test-fast: venv
 demo: venv
 	$(PY) -m beam_jobs.demo --output=$(DEMO_OUT)
 
-bench: venv
+# img2dataset (the fetch benchmark's baseline) pins old dependencies: it gets a venv of its own.
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q img2dataset==1.47.0
+	touch $@
+
+bench: venv $(BENCH_VENV)/.installed
 	$(PY) bench/run_all.py
 
 clean:
