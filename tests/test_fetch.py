@@ -19,7 +19,7 @@ from PIL import Image
 from tests.http_fixture import OVERSIZE_BYTES, mirror_path, sample_jpegs
 from transforms.s3_fetch import (DisallowedUrl, FetchConfig, FetchImages, HostPolicy, ImageFetcher,
                                  ImageSource, TokenBucket, check_url, parse_image_sources)
-from transforms.s4_decode import DecodeImages
+from transforms.s4_decode import DecodeError, DecodeImages, decode_image, quick_check
 
 PUBLIC_IP = "93.184.216.34"
 # Small timeouts and near-zero backoff: faults resolve in well under a second each.
@@ -161,7 +161,7 @@ def test_mirror_photos_stored_as_png_or_gif_are_found(http_server):
     """The mirror keeps a few photos as .png/.gif: a .jpg miss tries those before giving up."""
     record = make_record(2)
     png = io.BytesIO()
-    Image.fromarray(np.full((64, 48, 3), 90, np.uint8)).save(png, format="PNG")
+    Image.open(io.BytesIO(sample_jpegs()["chelsea"])).save(png, format="PNG")
     jpg_path = mirror_path(record.photo_hash)
     png_path = http_server.add_file(jpg_path[:-len("jpg")] + "png", png.getvalue(), "image/png")
     outcome = loopback_fetcher(http_server).fetch(record)
@@ -172,6 +172,44 @@ def test_mirror_photos_stored_as_png_or_gif_are_found(http_server):
     missing = loopback_fetcher(http_server).fetch(missing_record)
     assert missing.reason == "not_found"
     assert http_server.requests_to(mirror_path(missing_record.photo_hash)[:-3] + "gif") == 1
+
+
+def _flat_jpeg() -> bytes:
+    flat = io.BytesIO()
+    Image.fromarray(np.full((300, 400, 3), 128, np.uint8)).save(flat, format="JPEG")
+    return flat.getvalue()
+
+
+def test_garbage_on_the_mirror_falls_back_to_flickr(http_server):
+    record = make_record(8, download_url=http_server.url("/flickr/8_x.jpg"))
+    http_server.add_mirror_image(record.photo_hash, _flat_jpeg())
+    http_server.add_file("/flickr/8_x.jpg", sample_jpegs()["astronaut"])
+    outcome = loopback_fetcher(http_server).fetch(record)
+    assert outcome.image.source == "flickr" and outcome.image.data == sample_jpegs()["astronaut"]
+    assert [(a.source, a.reason) for a in outcome.attempts] == [("mirror", "bad_image")]
+    assert outcome.attempts[0].detail.startswith("near_blank")
+
+
+def test_garbage_is_kept_for_decode_when_no_source_has_better(http_server):
+    record = make_record(9, download_url=http_server.url("/flickr/gone.jpg"))
+    http_server.add_mirror_image(record.photo_hash, _flat_jpeg())
+    outcome = loopback_fetcher(http_server).fetch(record)
+    assert outcome.image.source == "mirror" and outcome.image.data == _flat_jpeg()
+    assert [(a.source, a.reason) for a in outcome.attempts] == [("mirror", "bad_image"),
+                                                                 ("flickr", "not_found")]
+    with pytest.raises(DecodeError, match="near_blank"):
+        decode_image(outcome.image.data)
+    unchecked = loopback_fetcher(http_server, check_before_fallback=False).fetch(record)
+    assert unchecked.image.source == "mirror" and unchecked.attempts == []
+
+
+def test_quick_check_agrees_with_decode_on_real_photos_and_garbage():
+    for name, data in sample_jpegs().items():
+        assert quick_check(data) is None, name
+    assert quick_check(_flat_jpeg()).reason == "near_blank"
+    assert quick_check(b"").reason == "empty"
+    assert quick_check(b"<html>").reason == "html"
+    assert quick_check(sample_jpegs()["coffee"][:3000]).reason == "truncated"
 
 
 def test_fetch_falls_back_to_flickr_when_mirror_misses(http_server):

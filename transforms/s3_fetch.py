@@ -49,6 +49,7 @@ from urllib3.util.retry import Retry
 
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, FetchedImage, YfccRecord
 from transforms.rejects import reject
+from transforms.s4_decode import quick_check
 
 STAGE = "fetch"
 
@@ -345,6 +346,9 @@ class FetchConfig:
     # per worker process, so a job's total is workers x this. The mirror is not slowed by it.
     flickr_concurrency: int = 4
     flickr_requests_per_second: Optional[float] = 4.0
+    # Before settling for a source's bytes while later sources remain, check them the way decode
+    # will (transforms.s4_decode.quick_check, a draft-scale decode) and try the next on garbage.
+    check_before_fallback: bool = True
     dns_cache_seconds: float = 60.0
     user_agent: str = "fdh-beam/0.1 (Flickr Diverse Humans rebuild; +https://github.com/hukkelas/FDH)"
 
@@ -477,9 +481,11 @@ class ImageFetcher:
     # -- per-record -------------------------------------------------------------------------
 
     def fetch(self, record: YfccRecord) -> FetchOutcome:
-        """Try each source in order; the first good body wins."""
+        """Try each source in order; the first body that passes `quick_check` wins (the last
+        source's is taken as it is: decode judges it)."""
         attempts: list[FetchAttempt] = []
         bytes_read = 0
+        fallback: Optional[FetchedImage] = None
         for source in self.sources:
             locations = source.locations(record)
             if not locations:
@@ -502,9 +508,18 @@ class ImageFetcher:
                                                  f"{type(error).__name__}: {error}"))
                     break
                 bytes_read += len(data)
-                return FetchOutcome(record, FetchedImage(record=record, data=data, url=final_url,
-                                                         source=source.kind), attempts, bytes_read)
-        return FetchOutcome(record, None, attempts, bytes_read)
+                image = FetchedImage(record=record, data=data, url=final_url, source=source.kind)
+                problem = (quick_check(data) if self.config.check_before_fallback
+                           and source is not self.sources[-1] else None)
+                if problem is None:
+                    return FetchOutcome(record, image, attempts, bytes_read)
+                # Garbage from this source (a near-blank mirror object, say): try the next one,
+                # keeping these bytes so that decode rejects them with the exact reason if the
+                # others have nothing better.
+                attempts.append(FetchAttempt(source.name, "bad_image", f"{problem.reason}: {problem.detail}"))
+                fallback = fallback or image
+                break
+        return FetchOutcome(record, fallback, attempts, bytes_read)
 
     def fetch_file(self, path: str) -> bytes:
         """Read `path` through Beam FileSystems (local, gs://, ...) with the byte cap."""

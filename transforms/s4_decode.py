@@ -25,7 +25,7 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -74,6 +74,30 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
                  blank_std: float = DEFAULT_BLANK_STD,
                  blank_levels: int = DEFAULT_BLANK_LEVELS) -> tuple[np.ndarray, DecodeInfo]:
     """Decode `data` to an upright uint8 (H, W, 3) array or raise DecodeError (see module doc)."""
+    image = _open_and_load(data, max_pixels, min_side)
+    width, height = image.size
+    stored_mode, image_format = image.mode, image.format or ""
+    orientation = _orientation(image)
+    if orientation not in (1, 0):
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception as error:
+            raise DecodeError("corrupt", f"EXIF orientation {orientation}: {error}"[:200]) from None
+    rgb = _to_rgb(image)
+    grey_std, levels = _blankness(rgb)
+    if grey_std < blank_std or levels <= blank_levels:
+        raise DecodeError("near_blank", f"grey std {grey_std:.2f}, {levels} grey levels")
+    array = np.asarray(rgb)
+    info = DecodeInfo(sha256=hashlib.sha256(data).hexdigest(), original_size=(width, height),
+                      format=image_format, mode=stored_mode, orientation=orientation or 1,
+                      grey_std=grey_std)
+    return array, info
+
+
+def _open_and_load(data: bytes, max_pixels: int, min_side: int, draft_side: int = 0) -> Image.Image:
+    """Open and decode `data` with the checks of `decode_image` up to the pixels (raise
+    DecodeError). With `draft_side`, a JPEG is decoded at the smallest scale (1/2 .. 1/8) that
+    keeps both sides >= draft_side: a fast look, not the photo."""
     if not data:
         raise DecodeError("empty", "zero bytes")
     if data.lstrip()[:1] == b"<":
@@ -93,6 +117,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
             raise DecodeError("decompression_bomb", f"{width}x{height} > {max_pixels} pixels")
         if min(width, height) < min_side:
             raise DecodeError("too_small", f"{width}x{height}, min side {min_side}")
+        if draft_side:
+            image.draft(None, (draft_side, draft_side))
         try:
             image.load()
         except Image.DecompressionBombError as error:
@@ -102,22 +128,23 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
             raise DecodeError(reason, f"{type(error).__name__}: {error}"[:200]) from None
         except Exception as error:
             raise DecodeError("corrupt", f"{type(error).__name__}: {error}"[:200]) from None
-    stored_mode, image_format = image.mode, image.format or ""
-    orientation = _orientation(image)
-    if orientation not in (1, 0):
-        try:
-            image = ImageOps.exif_transpose(image)
-        except Exception as error:
-            raise DecodeError("corrupt", f"EXIF orientation {orientation}: {error}"[:200]) from None
-    rgb = _to_rgb(image)
-    grey_std, levels = _blankness(rgb)
+    return image
+
+
+def quick_check(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
+                blank_std: float = DEFAULT_BLANK_STD,
+                blank_levels: int = DEFAULT_BLANK_LEVELS) -> Optional[DecodeError]:
+    """Would `decode_image` refuse `data`? The same rules on a draft-scale decode (a fraction of
+    the cost for JPEGs), so that the fetch stage can try the next source instead of keeping
+    garbage. Returns the DecodeError, or None when the bytes look like a usable photo."""
+    try:
+        image = _open_and_load(data, max_pixels, min_side, draft_side=THUMB_SIDE)
+        grey_std, levels = _blankness(_to_rgb(image))
+    except DecodeError as error:
+        return error
     if grey_std < blank_std or levels <= blank_levels:
-        raise DecodeError("near_blank", f"grey std {grey_std:.2f}, {levels} grey levels")
-    array = np.asarray(rgb)
-    info = DecodeInfo(sha256=hashlib.sha256(data).hexdigest(), original_size=(width, height),
-                      format=image_format, mode=stored_mode, orientation=orientation or 1,
-                      grey_std=grey_std)
-    return array, info
+        return DecodeError("near_blank", f"grey std {grey_std:.2f}, {levels} grey levels")
+    return None
 
 
 def _orientation(image: Image.Image) -> int:
