@@ -13,6 +13,11 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from transforms.records import METRICS_NAMESPACE
 
+class UsageError(ValueError):
+    """A mistake in how a job was called (a flag, an input path, a missing model): the job ends
+    with one line on stderr and exit 2, no traceback (see `run_main`)."""
+
+
 # Runner names that mean "run here, in this process". Beam >= 2.68 maps DirectRunner to the Prism
 # runner, which downloads a binary from the internet; we map them to the in-process FnApiRunner.
 LOCAL_RUNNERS = (None, "", "DirectRunner", "direct", "FnApiRunner", "SwitchingDirectRunner")
