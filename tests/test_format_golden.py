@@ -63,13 +63,14 @@ def _digests(root: str) -> dict[str, str]:
 
 
 def _build_all(tmp_path) -> dict[str, dict[str, str]]:
-    written = str(tmp_path / "written")
+    """Relative paths (run from tmp_path): the stripped manifest records `derived_from`."""
+    written = "written"
     _write_world(written)
-    edited = str(tmp_path / "edited")
+    edited = "edited"
     shutil.copytree(written, edited)
     takedown.run([f"--dataset={edited}", f"--user_nsid={VICTIM}", "--photo_id=5003",
                   f"--report={tmp_path / 'takedown_report.json'}"])
-    stripped = str(tmp_path / "stripped")
+    stripped = "stripped"
     strip_embeddings.run([f"--dataset={written}", f"--output={stripped}"])
     return {"written": _digests(written), "edited": _digests(edited), "stripped": _digests(stripped)}
 
@@ -111,7 +112,7 @@ GOLDEN: dict[str, dict[str, str]] = {'edited': {'cc-by-2/train/out-000000.parque
               'cc-by-nc-sa-2/train/out-000002.tar': '4ab40359d186d75064d05b53eb5e725c0055494b6ff1f7c23b7eedc711c209f5',
               'cc-by-nc-sa-2/val/out-000000.parquet': 'def77d0949ce5a6665c7ba26b9bdf33f730270840387a324fbe289436c21b40a',
               'cc-by-nc-sa-2/val/out-000000.tar': '7c8343f8ce52782527b58549d1f631a86a160f663f7986bc272b75822312b359',
-              'manifest.json': '957acdc89f4e206435004912a064812b59d90802dd2a05fd411c9293ad3a8626',
+              'manifest.json': '93f9c16c7a0f242859f07a110deebca9aafccfbc15d22eeb9ab596211dc9889b',
               'metadata.json': 'e58a4d5eab93221b959895e7bf9431923ed695e915d44656e4427a748b68e314',
               'stats.json': 'dab1750fd62d5bb5867844cb6c381a2b895c25dc9923b66e26c11f9909a7b306'},
  'written': {'cc-by-2/train/out-000000.parquet': '78b05c4d282936719d162cfa2b12b04e5a0276379403d5b34af42f1de19270ba',
@@ -136,7 +137,8 @@ GOLDEN: dict[str, dict[str, str]] = {'edited': {'cc-by-2/train/out-000000.parque
 
 
 @pytest.mark.slow
-def test_outputs_are_byte_identical_to_the_base_commit(tmp_path):
+def test_outputs_are_byte_identical_to_the_base_commit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     found = _build_all(tmp_path)
     if os.environ.get("PRINT_GOLDEN"):
         import pprint
