@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Any, Optional, Sequence
@@ -90,28 +89,9 @@ def split_job_flags(options_class: type, argv: Optional[Sequence[str]] = None,
     return options_class(argv), PipelineOptions(pipeline_flags)
 
 
-def require_flags(options: PipelineOptions, *names: str) -> None:
-    """Raise a clear error naming every required flag that was not given."""
-    values = options.get_all_options()
-    missing = [f"--{name}" for name in names if values.get(name) in (None, "")]
-    if missing:
-        raise SystemExit(f"error: missing required flag(s): {', '.join(missing)} (see --help)")
-
-
 def split_list(value: Optional[str]) -> list[str]:
     """'a, b,,c' -> ['a', 'b', 'c'] for comma-separated flags."""
     return [part.strip() for part in (value or "").split(",") if part.strip()]
-
-
-def load_dataset_manifest(dataset: str) -> dict:
-    """The manifest.json of a built dataset; FileNotFoundError (clear) when it is not one."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from transforms import s8_write
-
-    if not FileSystems.exists(s8_write.dataset_path(dataset, s8_write.MANIFEST_FILE)):
-        raise FileNotFoundError(f"{dataset} has no {s8_write.MANIFEST_FILE}: not a dataset")
-    return s8_write.load_json(dataset, s8_write.MANIFEST_FILE)
 
 
 def report_path_for(report: Optional[str], options: PipelineOptions, filename: str) -> str:
@@ -126,17 +106,3 @@ def report_path_for(report: Optional[str], options: PipelineOptions, filename: s
     if not is_local(options):
         raise ValueError("--report=gs://... is required with a remote runner")
     return FileSystems.join(tempfile.mkdtemp(prefix="fdh-beam-"), filename)
-
-
-def write_json_report(path: str, report: dict) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.create(path) as handle:
-        handle.write(json.dumps(report, indent=1, sort_keys=True).encode("utf-8"))
-
-
-def read_json_report(path: str) -> dict:
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path) as handle:
-        return json.loads(handle.read())

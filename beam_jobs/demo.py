@@ -15,11 +15,16 @@ import argparse
 import dataclasses
 import io
 import os
+import shlex
+import subprocess
+import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dataset.manifest import load_manifest
+from dataset.shards import read_tar_shard
 from transforms.records import CROP_HEIGHT, CROP_WIDTH, LICENSES, YfccRecord
 from transforms.yfcc_format import format_line, photo_hash
 
@@ -139,9 +144,7 @@ def draw_sample(members: dict) -> Image.Image:
 
 def contact_sheet(dataset_dir: str, out_path: str, columns: int = 6) -> int:
     """Draw every sample of the dataset into one PNG; returns how many were drawn."""
-    from transforms.s8_write import MANIFEST_FILE, load_json, read_tar_shard
-
-    manifest = load_json(dataset_dir, MANIFEST_FILE)
+    manifest = load_manifest(dataset_dir)
     tiles = []
     for shard in manifest["shards"]:
         for members in read_tar_shard(os.path.join(dataset_dir, shard["path"])):
@@ -160,29 +163,35 @@ def contact_sheet(dataset_dir: str, out_path: str, columns: int = 6) -> int:
     return len(tiles)
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict:
-    """Build the sample, rebuild it with the lite annotator, verify, chart, draw the contact sheet."""
-    from beam_jobs import rebuild, stats as stats_job, verify
+def run_job(module: str, *args: str) -> None:
+    """Run `python -m beam_jobs.MODULE ARGS...` as a user would type it; its output is printed.
+    Raises SystemExit naming the command when it fails."""
+    command = [sys.executable, "-m", f"beam_jobs.{module}", *args]
+    print("$ " + " ".join(shlex.quote(part) for part in ["python", *command[1:]]), flush=True)
+    if subprocess.run(command, check=False).returncode != 0:
+        raise SystemExit(f"demo: `{' '.join(command[1:])}` failed")
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+def run(argv: Optional[Sequence[str]] = None) -> str:
+    """Build the sample, rebuild it with the lite annotator, verify, chart, draw the contact sheet;
+    returns the dataset directory. Each job runs as its own `python -m beam_jobs.X` process."""
+    parser = argparse.ArgumentParser(prog="python -m beam_jobs.demo",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="demo_out", help="demo directory (input/ and dataset/)")
     args, beam_args = parser.parse_known_args(argv)
     input_dir = os.path.join(args.output, "input")
     dataset_dir = os.path.join(args.output, "dataset")
     yfcc_path, mirror_root = build_sample(input_dir)
-    stats = rebuild.run([f"--yfcc={yfcc_path}", f"--output={dataset_dir}",
-                         f"--image_source=mirror:{os.path.abspath(mirror_root)}",
-                         "--annotator=lite", *beam_args])
+    run_job("rebuild", f"--yfcc={yfcc_path}", f"--output={dataset_dir}",
+            f"--image_source=mirror:{os.path.abspath(mirror_root)}", "--annotator=lite", *beam_args)
     print()
-    report = verify.run([f"--dataset={dataset_dir}"])
-    if report["problems"]:
-        raise SystemExit(f"verify found {len(report['problems'])} problems in {dataset_dir}")
+    run_job("verify", f"--dataset={dataset_dir}")
     print()
-    stats_job.run(dataset_dir, plots_dir=args.output)
+    run_job("stats", f"--dataset={dataset_dir}", f"--plots_dir={args.output}")
     sheet = os.path.join(args.output, "contact_sheet.png")
     drawn = contact_sheet(dataset_dir, sheet)
     print(f"contact sheet with {drawn} samples: {sheet}")
-    return stats
+    return dataset_dir
 
 
 def main() -> None:

@@ -7,35 +7,52 @@ right after a takedown too) and the funnel from stats.json (lines read, rejected
 reason, samples kept). Writes `license_pie.png` (samples per licence, like FDH's README figure)
 and `funnel.png` (a bar chart of the funnel) into the dataset dir or --plots_dir (local or gs://).
 
-A plain command line, not a Beam pipeline: it reads two small JSON files.
+A plain command line, not a Beam pipeline: it reads two small JSON files. Exit status 2 when
+--dataset is not a dataset.
 """
 from __future__ import annotations
 
 import io
+import os
+import re
 import sys
 from typing import Any, Optional, Sequence
 
-import click
-
-from transforms import dataset_ops
+from beam_jobs.common import JobOptions, split_job_flags
+from dataset import fs
+from dataset.layout import STATS_FILE
+from dataset.manifest import load_manifest
+from dataset.stats import funnel_steps, human_bytes, license_rows
 
 PIE_FILE = "license_pie.png"
 FUNNEL_FILE = "funnel.png"
 
 
+class StatsOptions(JobOptions):
+    """Flags of the stats job."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        parser.add_argument("--dataset", required=True,
+                            help="Root of a built dataset (local path or gs://).")
+        parser.add_argument("--plots_dir", default=None,
+                            help=f"Where to write {PIE_FILE} and {FUNNEL_FILE} "
+                                 "(default: the dataset dir).")
+
+
 def license_table(shards: Sequence[dict[str, Any]]) -> str:
     """The licence x split table as text."""
-    rows = dataset_ops.license_rows(shards)
-    return dataset_ops.format_table(
+    rows = license_rows(shards)
+    return format_table(
         ("licence", "split", "shards", "samples", "size", "share"),
         [(r["license"], r["split"], r["shards"], f"{r['samples']:,}",
-          dataset_ops.human_bytes(r["bytes"]), f"{r['percent']:.1f}%") for r in rows])
+          human_bytes(r["bytes"]), f"{r['percent']:.1f}%") for r in rows])
 
 
 def funnel_table(steps: Sequence[tuple[str, int]]) -> str:
     """The funnel as text: each row's count and its share of the first row (the lines read)."""
     first = steps[0][1] if steps and steps[0][1] else 0
-    return dataset_ops.format_table(
+    return format_table(
         ("step", "count", "of first"),
         [(label, f"{count:,}", f"{100.0 * count / first:.1f}%" if first else "-")
          for label, count in steps])
@@ -54,7 +71,7 @@ def license_pie_png(shards: Sequence[dict[str, Any]], title: str = "FDH samples 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    rows = [r for r in dataset_ops.license_rows(shards) if r["split"] == "all" and r["license"] != "total"]
+    rows = [r for r in license_rows(shards) if r["split"] == "all" and r["license"] != "total"]
     figure = Figure(figsize=(6.4, 4.8))
     axes = figure.subplots()
     counts = [r["samples"] for r in rows]
@@ -62,7 +79,7 @@ def license_pie_png(shards: Sequence[dict[str, Any]], title: str = "FDH samples 
         axes.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=14)
         axes.set_axis_off()
     else:
-        labels = [f"{r['license']}\n{r['samples']:,} ({dataset_ops.human_bytes(r['bytes'])})"
+        labels = [f"{r['license']}\n{r['samples']:,} ({human_bytes(r['bytes'])})"
                   for r in rows]
         axes.pie(counts, labels=labels, autopct="%1.1f%%", startangle=90, counterclock=False,
                  wedgeprops={"linewidth": 1, "edgecolor": "white"}, textprops={"fontsize": 9})
@@ -106,26 +123,33 @@ def funnel_png(steps: Sequence[tuple[str, int]], title: str = "Rebuild funnel") 
     return _figure_bytes(figure)
 
 
-def write_file(path: str, data: bytes) -> None:
-    from apache_beam.io.filesystems import FileSystems
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table, numbers right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(_numberish(r[i]) for r in cells[1:]) for i in range(len(headers))]
 
-    with FileSystems.create(path) as handle:
-        handle.write(data)
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w)
+                         for c, w, num in zip(r, widths, numeric)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
-def run(dataset: str, plots_dir: Optional[str] = None) -> dict[str, Any]:
+def _numberish(text: str) -> bool:
+    return bool(re.match(r"^[-+]?[\d,.]+( ?%| [KMGT]?i?B)?$", text))
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Print the tables and write the PNGs; returns {"license_pie": path, "funnel": path}."""
-    from apache_beam.io.filesystems import FileSystems
-    from transforms import s8_write
-
-    dataset = dataset.rstrip("/")
-    if not FileSystems.exists(FileSystems.join(dataset, s8_write.MANIFEST_FILE)):
-        raise FileNotFoundError(f"{dataset} has no {s8_write.MANIFEST_FILE}: not a dataset")
-    shards = s8_write.load_json(dataset, s8_write.MANIFEST_FILE).get("shards", [])
+    args, _ = split_job_flags(StatsOptions, argv, __doc__)
+    dataset = args.dataset.rstrip("/")
+    shards = load_manifest(dataset).get("shards", [])
     stats: dict[str, Any] = {}
-    if FileSystems.exists(FileSystems.join(dataset, s8_write.STATS_FILE)):
-        stats = s8_write.load_json(dataset, s8_write.STATS_FILE)
-    steps = dataset_ops.funnel_steps(stats)
+    if fs.exists(fs.join(dataset, STATS_FILE)):
+        stats = fs.load_json(dataset, STATS_FILE)
+    steps = funnel_steps(stats)
 
     print(f"Dataset {dataset}: licence distribution")
     print(license_table(shards))
@@ -134,31 +158,24 @@ def run(dataset: str, plots_dir: Optional[str] = None) -> dict[str, Any]:
         print("Funnel (stats.json)")
         print(funnel_table(steps))
     else:
-        print(f"Funnel: no funnel counts in {s8_write.STATS_FILE}")
+        print(f"Funnel: no funnel counts in {STATS_FILE}")
 
-    out = (plots_dir or dataset).rstrip("/")
-    if plots_dir and "://" not in out:
-        import os
-
+    out = (args.plots_dir or dataset).rstrip("/")
+    if args.plots_dir and "://" not in out:
         os.makedirs(out, exist_ok=True)
-    written = {"license_pie": FileSystems.join(out, PIE_FILE), "funnel": FileSystems.join(out, FUNNEL_FILE)}
-    write_file(written["license_pie"], license_pie_png(shards))
-    write_file(written["funnel"], funnel_png(steps))
+    written = {"license_pie": fs.join(out, PIE_FILE), "funnel": fs.join(out, FUNNEL_FILE)}
+    fs.write_bytes_atomic(written["license_pie"], license_pie_png(shards))
+    fs.write_bytes_atomic(written["funnel"], funnel_png(steps))
     print()
     print(f"Wrote {written['license_pie']} and {written['funnel']}")
     return written
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--dataset", required=True, help="Root of a built dataset (local path or gs://).")
-@click.option("--plots_dir", default=None,
-              help=f"Where to write {PIE_FILE} and {FUNNEL_FILE} (default: the dataset dir).")
-def main(dataset: str, plots_dir: Optional[str]) -> None:
-    """Print the licence distribution and funnel of DATASET; write the licence pie and funnel PNGs."""
+def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
-        run(dataset, plots_dir)
+        run(argv)
     except FileNotFoundError as error:
-        click.echo(f"error: {error}", err=True)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
 

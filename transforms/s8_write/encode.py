@@ -17,9 +17,10 @@ import math
 from typing import Any, Optional
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
+from dataset.layout import EMBEDDING_MEMBERS
+from dataset.schema import METADATA_FIELDS
 from transforms.records import CROP_HEIGHT, CROP_WIDTH, FDH_LICENSES, NUM_CSE_VERTICES, FdhSample
 
 # Pillow PNG options; changing them changes every shard's bytes (recorded in the manifest config).
@@ -29,50 +30,7 @@ PNG_COMPRESS_LEVEL = 1  # bench: level 6 is ~3x slower per image for ~7% smaller
 # 0.0 (1970-01-01) marks "not recorded". The rebuild job passes its launch time (`--crawl_time`).
 DEFAULT_CRAWL_TIME = 0.0
 
-# Members that carry the DensePose CSE embedding; the no-embeddings variant omits them.
-EMBEDDING_MEMBERS = ("e_mask.png", "vertices.npy")
-# Members in the order they are written to the tar (after `__key__`).
-MEMBER_ORDER = ("image.png", "mask.png", "maskrcnn_mask.png", "e_mask.png", "keypoints.npy",
-                "vertices.npy", "json")
 
-# FDH's metadata.json field names (README "Metainfo"), plus the correctly spelt `category`.
-METADATA_FIELDS = ("author", "category", "cateogry", "date_crawled", "date_taken", "date_uploaded",
-                   "id", "license", "license_url", "photo_title", "photo_url", "unixtime_crawled",
-                   "user_nsid", "yfcc100m_line_idx")
-
-# One row per sample, beside each tar shard (same stem, .parquet).
-PARQUET_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("photo_id", pa.int64()),
-    ("person_index", pa.int32()),
-    ("license_slug", pa.string()),
-    ("split", pa.string()),
-    # The FDH metadata.json fields, same names and types as in metadata.json.
-    ("author", pa.string()),
-    ("category", pa.string()),
-    ("cateogry", pa.string()),
-    ("date_crawled", pa.string()),
-    ("date_taken", pa.string()),
-    ("date_uploaded", pa.string()),
-    ("id", pa.int64()),
-    ("license", pa.string()),
-    ("license_url", pa.string()),
-    ("photo_title", pa.string()),
-    ("photo_url", pa.string()),
-    ("unixtime_crawled", pa.float64()),
-    ("user_nsid", pa.string()),
-    ("yfcc100m_line_idx", pa.string()),
-    # Where the crop came from and how sure the models were.
-    ("crop_x0", pa.int32()),
-    ("crop_y0", pa.int32()),
-    ("crop_x1", pa.int32()),
-    ("crop_y1", pa.int32()),
-    ("detection_score", pa.float32()),
-    ("keypoint_scores", pa.list_(pa.float32())),
-    ("annotator", pa.string()),
-    ("source_sha256", pa.string()),
-    ("shard", pa.string()),  # tar shard path relative to the dataset root
-])
 
 
 class SampleError(ValueError):
@@ -101,7 +59,7 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def check_sample(sample: FdhSample, no_embeddings: bool = False) -> None:
+def check_writable(sample: FdhSample, no_embeddings: bool = False) -> None:
     """Raise `SampleError` (reason, detail) when `sample` cannot be written as an FDH sample."""
     if not sample.key or "." in sample.key or "/" in sample.key:
         raise SampleError("bad_key", f"key {sample.key!r} is empty or has a dot or slash")
@@ -199,7 +157,7 @@ def encode_sample(sample: FdhSample, no_embeddings: bool = False,
     Members in `MEMBER_ORDER`; without `e_mask.png`/`vertices.npy` when `no_embeddings`.
     Raises `SampleError` for a sample that does not fit the FDH layout.
     """
-    check_sample(sample, no_embeddings)
+    check_writable(sample, no_embeddings)
     members: dict[str, bytes | str] = {
         "__key__": sample.key,
         "image.png": encode_png(sample.image),

@@ -5,7 +5,7 @@ writers); every header has the same mtime, owner, group and mode, so the same me
 the same bytes. The temporary name (`.out-000000.tar.tmp-<random>`) never matches `out-*.tar`, so a
 writer killed midway leaves no partial shard visible, and a re-run simply overwrites the shard
 (rename replaces the destination). Parquet files sit beside their tar (same stem, `.parquet`).
-All I/O goes through Beam's `FileSystems`, so gs:// paths work wherever local ones do.
+All I/O goes through `dataset.fs` (Beam FileSystems), so gs:// paths work wherever local ones do.
 """
 from __future__ import annotations
 
@@ -14,21 +14,18 @@ import hashlib
 import io
 import itertools
 import tarfile
-import uuid
 from dataclasses import asdict, dataclass
 from typing import IO, Any, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
-from transforms.s8_write.encode import PARQUET_SCHEMA
+from dataset import fs
+from dataset.layout import parquet_path_for, relative_shard_path
+from dataset.schema import PARQUET_SCHEMA
 
 TAR_MTIME = 0  # fixed header fields: reproducible tars (like SOURCE_DATE_EPOCH builds)
 TAR_MODE = 0o444
 TAR_FORMAT = tarfile.USTAR_FORMAT  # plain headers only; member names are short (KEY.ext)
-TEMP_MARKER = ".tmp-"  # temporary names: `.NAME.tmp-<hex>`, never matching `out-*.tar`
 PARQUET_COMPRESSION = "zstd"
 
 
@@ -43,55 +40,6 @@ class ShardInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def shard_path(license: str, split: str, index: int) -> str:
-    """Relative path of a tar shard: `{license}/{split}/out-{index:06d}.tar`."""
-    return f"{license}/{split}/out-{int(index):06d}.tar"
-
-
-def parquet_path_for(tar_path: str) -> str:
-    """The Parquet file beside a tar shard (same stem)."""
-    if not tar_path.endswith(".tar"):
-        raise ValueError(f"not a tar shard path: {tar_path}")
-    return tar_path[:-len(".tar")] + ".parquet"
-
-
-def relative_shard_path(path: str, root: Optional[str] = None) -> str:
-    """`path` relative to the dataset `root`; without a root, its last three parts (licence/split/name)."""
-    if root:
-        prefix = root.rstrip("/") + "/"
-        if not path.startswith(prefix):
-            raise ValueError(f"{path} is not under {root}")
-        return path[len(prefix):]
-    return "/".join(path.replace("\\", "/").split("/")[-3:])
-
-
-def temp_path(path: str) -> str:
-    """A fresh temporary name in the same directory as `path` (hidden, never `out-*.tar`)."""
-    directory, name = FileSystems.split(path)
-    return FileSystems.join(directory, f".{name}{TEMP_MARKER}{uuid.uuid4().hex}")
-
-
-@contextlib.contextmanager
-def atomic_create(path: str) -> Iterator[IO[bytes]]:
-    """Open a writer on a temporary name; on success rename it onto `path`, on error delete it."""
-    temporary = temp_path(path)
-    handle = FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED)
-    try:
-        yield handle
-        handle.close()
-    except BaseException:
-        handle.close()
-        with contextlib.suppress(Exception):
-            FileSystems.delete([temporary])
-        raise
-    FileSystems.rename([temporary], [path])
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    with atomic_create(path) as handle:
-        handle.write(data)
 
 
 class _HashingWriter(io.RawIOBase):
@@ -133,7 +81,7 @@ class TarShardWriter:
         self._check_unique = check_unique
         self._samples = 0
         self._relative = relative_shard_path(path, root)
-        self._context = atomic_create(path)
+        self._context = fs.atomic_create(path)
         self._hashing = _HashingWriter(self._context.__enter__())
         self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=TAR_FORMAT)
         self._keys: set[str] = set()
@@ -201,7 +149,7 @@ def write_tar_shard(path: str, samples: Iterable[dict[str, bytes | str]],
 
 def read_tar_shard(path: str) -> Iterator[dict[str, bytes]]:
     """Raw member dicts {"__key__": key, ext: bytes, ...} grouped by key, in file order (streamed)."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+    with fs.open_read(path) as handle:
         with tarfile.open(fileobj=handle, mode="r|") as tar:
             current: Optional[dict[str, bytes]] = None
             # `tar.next()` rather than iterating: forget each TarInfo once read, so a long tar
@@ -236,20 +184,20 @@ def parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
 def write_parquet_shard(path: str, rows: list[dict[str, Any]]) -> str:
     """Write `rows` (PARQUET_SCHEMA) to `path` atomically; returns the file's sha256."""
     data = parquet_bytes(rows)
-    write_bytes_atomic(path, data)
+    fs.write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
 def read_parquet_rows(path: str, columns: Optional[list[str]] = None) -> list[dict[str, Any]]:
     """All rows of a Parquet shard as dicts."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+    with fs.open_read(path) as handle:
         return pq.read_table(handle, columns=columns).to_pylist()
 
 
 def iter_parquet_rows(path: str, columns: Optional[list[str]] = None,
                       batch_size: int = 512) -> Iterator[dict[str, Any]]:
     """Stream the rows of a Parquet shard in file order, `batch_size` rows in memory at a time."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+    with fs.open_read(path) as handle:
         for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns):
             yield from batch.to_pylist()
 
@@ -277,8 +225,8 @@ def write_shard_items(output_dir: str, relative_path: str,
             rows.append({**row, "shard": relative_path})
             yield sample
 
-    info = write_tar_shard(FileSystems.join(root, relative_path), members(), root=root)
-    parquet_sha = write_parquet_shard(FileSystems.join(root, parquet_path_for(relative_path)), rows)
+    info = write_tar_shard(fs.join(root, relative_path), members(), root=root)
+    parquet_sha = write_parquet_shard(fs.join(root, parquet_path_for(relative_path)), rows)
     return shard_entry(info, parquet_sha)
 
 
@@ -287,7 +235,7 @@ def write_shard(output_dir: str, relative_path: str, samples: Iterable[dict[str,
     """Write one tar shard and its Parquet file under `output_dir`; returns the manifest entry.
 
     `rows` must be the Parquet rows of the same samples in the same order; their `shard` field is
-    set to `relative_path`. This is what takedown uses to rewrite a shard without re-encoding.
+    set to `relative_path`.
     """
     missing = object()
 
