@@ -15,7 +15,7 @@ import pytest
 
 from tests.factories import make_sample, replace
 from transforms.records import LICENSES
-from transforms.s8_write import write_dataset
+from tests.beam_writer import write_with_beam
 
 VICTIM = "11111111@N01"
 OTHER = "22222222@N02"
@@ -59,7 +59,7 @@ def keys_of(user: str) -> list[str]:
 def build_dataset(root: Path, no_embeddings: bool = False) -> Path:
     """Write the LAYOUT dataset with the project's writer; returns its directory."""
     out = root / "dataset"
-    write_dataset(str(out), dataset_samples(), max_samples=MAX_SAMPLES, no_embeddings=no_embeddings,
+    write_with_beam(str(out), dataset_samples(), max_samples=MAX_SAMPLES, no_embeddings=no_embeddings,
                   counts={"funnel.lines_read": 40, "prefilter.license_not_allowed": 12,
                           "funnel.candidates": 28, "fetch.not_found": 3, "funnel.decoded": 25,
                           "funnel.annotated": 25, "select.no_person": 14,

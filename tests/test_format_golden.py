@@ -45,10 +45,8 @@ def _write_world(out: str) -> None:
     with make_pipeline(PipelineOptions([])) as pipeline:
         write = WriteShards(out, max_samples=4, crawl_time=CRAWL_TIME)
         written = pipeline | beam.Create(_samples()) | AssignSplit(val_fraction=0.3) | write
-        shards, rejects = (written.main, written.rejects) if isinstance(written, tuple) else (
-            written, write.rejects)
-        counts = rejects | CountRejects()
-        _ = {"shards": shards, "counts": counts} | WriteRunOutputs(
+        counts = written.rejects | CountRejects()
+        _ = {"shards": written.main, "counts": counts} | WriteRunOutputs(
             out, config=write.config, versions=PINNED_VERSIONS, crawl_time=CRAWL_TIME)
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from beam_jobs import stats
 from tests.jobs_dataset import build_dataset
-from transforms import dataset_ops
+from dataset import stats as dataset_stats
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_not_a_dataset_exits_2(tmp_path):
 
 def test_license_rows_add_up(dataset):
     shards = json.loads((dataset / "manifest.json").read_text())["shards"]
-    rows = dataset_ops.license_rows(shards)
+    rows = dataset_stats.license_rows(shards)
     per_licence = [r for r in rows if r["split"] == "all" and r["license"] != "total"]
     assert sum(r["percent"] for r in per_licence) == pytest.approx(100.0)
     assert rows[-1]["samples"] == sum(r["samples"] for r in per_licence) == 12
@@ -67,7 +67,7 @@ def test_empty_dataset_still_plots():
 
 
 def test_funnel_steps_follow_the_stages():
-    steps = dataset_ops.funnel_steps({"funnel": {"write.bad_shape": 1, "fetch.not_found": 2,
+    steps = dataset_stats.funnel_steps({"funnel": {"write.bad_shape": 1, "fetch.not_found": 2,
                                                  "funnel.lines_read": 9, "funnel.candidates": 7,
                                                  "funnel.samples": 6, "read.bad_field_count": 2,
                                                  "zzz.other": 1},

@@ -7,7 +7,8 @@ import pytest
 
 from beam_jobs import takedown, verify
 from tests.jobs_dataset import OTHER, THIRD, TWO_PERSON_PHOTO, UNKNOWN, VICTIM, file_digests, keys_of
-from transforms import dataset_ops, s8_write
+from dataset import layout, shards, search
+from dataset import takedown as takedown_core
 from transforms.opt_out import OptOut, read_opt_out
 
 
@@ -15,7 +16,7 @@ def members_by_key(dataset) -> dict[str, dict[str, bytes]]:
     """Raw tar members of every sample, by key."""
     manifest = json.loads((dataset / "manifest.json").read_text())
     return {m["__key__"]: m for e in manifest["shards"]
-            for m in s8_write.read_tar_shard(str(dataset / e["path"]))}
+            for m in shards.read_tar_shard(str(dataset / e["path"]))}
 
 
 def verify_report(dataset) -> dict:
@@ -28,7 +29,7 @@ def test_takedown_of_a_user_in_several_shards_and_licences(dataset, capsys):
     manifest_before = json.loads((dataset / "manifest.json").read_text())
     victim_shards = {e["path"] for e in manifest_before["shards"]
                      if any(m["user_nsid"] == VICTIM
-                            for m in s8_write.read_parquet_rows(str(dataset / e["parquet"])))}
+                            for m in shards.read_parquet_rows(str(dataset / e["parquet"])))}
     assert len(victim_shards) >= 3  # the layout spreads the user over shards and licences
 
     report = takedown.run([f"--dataset={dataset}", f"--user_nsid={VICTIM}"])
@@ -50,8 +51,8 @@ def test_takedown_of_a_user_in_several_shards_and_licences(dataset, capsys):
             assert after_files[path] == digest, path
     metadata = json.loads((dataset / "metadata.json").read_text())
     assert VICTIM not in {entry["user_nsid"] for entry in metadata.values()}
-    assert dataset_ops.search(str(dataset), OptOut(frozenset([VICTIM]))) == []
-    assert dataset_ops.search(str(dataset / "metadata.json"), OptOut(frozenset([VICTIM]))) == []
+    assert search.search(str(dataset), OptOut(frozenset([VICTIM]))) == []
+    assert search.search(str(dataset / "metadata.json"), OptOut(frozenset([VICTIM]))) == []
 
     # Manifest, stats and opt-out agree with the shards; an emptied shard stays, valid, with 0.
     manifest = json.loads((dataset / "manifest.json").read_text())
@@ -62,7 +63,7 @@ def test_takedown_of_a_user_in_several_shards_and_licences(dataset, capsys):
     assert stats["funnel"]["takedown.samples_removed"] == len(keys_of(VICTIM))
     assert read_opt_out([str(dataset / "opt_out.txt")]).excludes(VICTIM, None) == "user_opt_out"
     assert verify_report(dataset)["ok"]
-    assert not list(dataset.glob("**/*" + takedown.STAGED_SUFFIX))
+    assert not list(dataset.glob("**/*" + layout.STAGED_SUFFIX))
 
     # A second run finds nothing and changes no byte.
     frozen = file_digests(dataset)
@@ -108,8 +109,8 @@ def test_a_takedown_killed_after_rewriting_shards_finishes_on_rerun(dataset):
     manifest = json.loads((dataset / "manifest.json").read_text())
     request = OptOut(frozenset([VICTIM]))
     entry = next(e for e in manifest["shards"]
-                 if takedown.find_shard_matches(str(dataset), e, request))
-    takedown.rewrite_shard(str(dataset), entry, takedown.find_shard_matches(str(dataset), entry, request))
+                 if takedown_core.find_shard_matches(str(dataset), e, request))
+    takedown_core.rewrite_shard(str(dataset), entry, takedown_core.find_shard_matches(str(dataset), entry, request))
     assert not verify_report(dataset)["ok"]  # the manifest's sha256 no longer matches
 
     report = takedown.run([f"--dataset={dataset}", f"--user_nsid={VICTIM}"])
@@ -147,7 +148,7 @@ def test_configuration_errors_raise_before_running(dataset, tmp_path):
 def test_filter_members_passes_other_bytes_through():
     members = [{"__key__": "1_0", "image.png": b"a"}, {"__key__": "2_0", "image.png": b"b"},
                {"__key__": "3_0", "image.png": b"c"}]
-    result = dataset_ops.filter_members(members, {"2_0", "9_9"})
+    result = takedown_core.filter_members(members, {"2_0", "9_9"})
     assert result.kept == [members[0], members[2]] and result.removed == ["2_0"]
     assert result.kept[0]["image.png"] is members[0]["image.png"]
 
@@ -155,5 +156,5 @@ def test_filter_members_passes_other_bytes_through():
 def test_new_opt_out_lines_skip_recorded_entries():
     existing = OptOut(frozenset(["a@N01"]), frozenset([5]))
     request = OptOut(frozenset(["a@N01", "b@N02"]), frozenset([5, 6]))
-    assert dataset_ops.new_opt_out_lines(existing, request) == "user:b@N02\nphoto:6\n"
-    assert dataset_ops.new_opt_out_lines(request, request) == ""
+    assert takedown_core.new_opt_out_lines(existing, request) == "user:b@N02\nphoto:6\n"
+    assert takedown_core.new_opt_out_lines(request, request) == ""

@@ -12,7 +12,9 @@ from PIL import Image
 from beam_jobs import verify
 from tests.factories import make_sample
 from tests.jobs_dataset import build_dataset
-from transforms import dataset_ops, s8_write
+from dataset import fs, layout, shards
+from dataset import verify as verify_core
+from transforms.s8_write import encode_sample
 
 
 def shards(dataset) -> list[dict]:
@@ -58,10 +60,10 @@ def test_missing_and_extra_shards_are_caught(dataset, capsys):
     (dataset / entries[2]["path"]).unlink()
     extra = dataset / "cc-by-2" / "train" / "out-000009.tar"
     shutil.copy(dataset / entries[0]["path"], extra)
-    staged = dataset / (entries[0]["parquet"] + verify.STAGED_SUFFIX)
+    staged = dataset / (entries[0]["parquet"] + layout.STAGED_SUFFIX)
     shutil.copy(dataset / entries[0]["parquet"], staged)
     code, out = run_verify(dataset, capsys)
-    assert f"{entries[0]['parquet']}{verify.STAGED_SUFFIX}: leftover of an unfinished takedown" in out
+    assert f"{entries[0]['parquet']}{layout.STAGED_SUFFIX}: leftover of an unfinished takedown" in out
     assert code == 1
     assert f"{entries[2]['path']}: missing" in out
     assert "cc-by-2/train/out-000009.tar: shard file not in the manifest" in out
@@ -71,14 +73,14 @@ def test_counts_out_of_step_with_metadata_parquet_and_stats_are_caught(dataset, 
     metadata = json.loads((dataset / "metadata.json").read_text())
     metadata.pop("1001_0")
     metadata["424242_0"] = dict(metadata["1002_0"])
-    s8_write.save_json(str(dataset), s8_write.METADATA_FILE, metadata)
+    fs.save_json(str(dataset), layout.METADATA_FILE, metadata)
     stats = json.loads((dataset / "stats.json").read_text())
     stats["totals"]["samples"] += 1
-    s8_write.save_json(str(dataset), s8_write.STATS_FILE, stats)
+    fs.save_json(str(dataset), layout.STATS_FILE, stats)
     entry, rows = next((e, rows) for e in shards(dataset) if e["samples"] == 2
-                       for rows in [s8_write.read_parquet_rows(str(dataset / e["parquet"]))]
+                       for rows in [shards.read_parquet_rows(str(dataset / e["parquet"]))]
                        if "1001_0" not in {r["key"] for r in rows})
-    s8_write.write_parquet_shard(str(dataset / entry["parquet"]), rows[1:])
+    shards.write_parquet_shard(str(dataset / entry["parquet"]), rows[1:])
     code, out = run_verify(dataset, capsys)
     assert code == 1
     dropped_row = rows[0]["key"]
@@ -104,7 +106,7 @@ def test_no_embeddings_dataset_passes(tmp_path, capsys):
 
 
 def _members(**changes):
-    members = s8_write.encode_sample(make_sample(5, 0))
+    members = encode_sample(make_sample(5, 0))
     members.update(changes)
     return {k: v for k, v in members.items() if v is not None}
 
@@ -137,7 +139,7 @@ def _npy(array) -> bytes:
     ({"__key__": "5.0"}, False, "key contains a dot"),
 ])
 def test_check_sample(changes, no_embeddings, problem):
-    problems = dataset_ops.check_sample(_members(**changes), no_embeddings)
+    problems = verify_core.check_sample(_members(**changes), no_embeddings)
     if problem is None:
         assert problems == []
     else:
@@ -145,8 +147,8 @@ def test_check_sample(changes, no_embeddings, problem):
 
 
 def test_naming_problems_want_contiguous_numbers():
-    entries = [{"path": s8_write.shard_path("cc-by-2", "train", i), "license": "cc-by-2",
+    entries = [{"path": layout.shard_path("cc-by-2", "train", i), "license": "cc-by-2",
                 "split": "train"} for i in (0, 2)]
-    assert dataset_ops.naming_problems(entries) == [
+    assert verify_core.naming_problems(entries) == [
         "cc-by-2/train: shard numbers not contiguous from 000000: [0, 2]"]
-    assert dataset_ops.naming_problems(entries[:1]) == []
+    assert verify_core.naming_problems(entries[:1]) == []

@@ -1,4 +1,4 @@
-"""Whole datasets: Beam path twice == byte-identical == write_dataset; FDH/DP2 compatibility."""
+"""Whole datasets: Beam path twice == byte-identical == write_with_beam; FDH/DP2 compatibility."""
 from __future__ import annotations
 
 import io
@@ -14,10 +14,12 @@ from beam_jobs.common import make_pipeline
 from tests.factories import read_tree, make_sample
 from transforms.records import NUM_CSE_VERTICES
 from transforms.rejects import CountRejects
-from transforms.s8_write import (MANIFEST_FILE, METADATA_FIELDS, METADATA_FILE, STATS_FILE,
-                                 AssignSplit, WriteRunOutputs, WriteShards, load_json,
-                                 read_parquet_rows, read_tar_shard, sample_metadata, save_json,
-                                 split_of, write_dataset)
+from dataset.fs import load_json, save_json
+from dataset.layout import MANIFEST_FILE, METADATA_FILE, STATS_FILE
+from dataset.schema import METADATA_FIELDS
+from dataset.shards import read_parquet_rows, read_tar_shard
+from tests.beam_writer import write_with_beam
+from transforms.s8_write import AssignSplit, sample_metadata, split_of, WriteRunOutputs, WriteShards
 
 LICENCES = [("cc-by-2", "Attribution License"), ("cc-by-nc-sa-2", "Attribution-NonCommercial-ShareAlike License")]
 CRAWL_TIME = 1637341702.5
@@ -37,9 +39,9 @@ def _samples(photos=12, persons=2, bad=True):
 def _run_beam(out, samples):
     with make_pipeline(PipelineOptions([])) as pipeline:
         write = WriteShards(str(out), max_samples=4, crawl_time=CRAWL_TIME)
-        shards = (pipeline | beam.Create(samples) | AssignSplit(val_fraction=0.3) | write)
-        counts = write.rejects | CountRejects()
-        {"shards": shards, "counts": counts} | WriteRunOutputs(
+        written = (pipeline | beam.Create(samples) | AssignSplit(val_fraction=0.3) | write)
+        counts = written.rejects | CountRejects()
+        {"shards": written.main, "counts": counts} | WriteRunOutputs(
             str(out), config=write.config, versions={"model": "test"}, crawl_time=CRAWL_TIME)
 
 
@@ -50,7 +52,7 @@ def test_beam_runs_twice_byte_identical_and_equal_to_write_dataset(tmp_path):
     _run_beam(tmp_path / "b", samples)
     first, second = read_tree(tmp_path / "a"), read_tree(tmp_path / "b")
     assert first == second
-    write_dataset(str(tmp_path / "c"), samples, max_samples=4, crawl_time=CRAWL_TIME,
+    write_with_beam(str(tmp_path / "c"), samples, max_samples=4, crawl_time=CRAWL_TIME,
                   val_fraction=0.3, versions={"model": "test"})
     assert read_tree(tmp_path / "c") == first
 
@@ -85,21 +87,21 @@ def test_beam_runs_twice_byte_identical_and_equal_to_write_dataset(tmp_path):
 
 def test_metadata_json_is_streamed_like_save_json(tmp_path):
     samples = _samples(photos=5, bad=False)
-    write_dataset(str(tmp_path / "d"), samples, max_samples=3, crawl_time=CRAWL_TIME)
+    write_with_beam(str(tmp_path / "d"), samples, max_samples=3, crawl_time=CRAWL_TIME)
     streamed = (tmp_path / "d" / METADATA_FILE).read_bytes()
     entries = {s.key: sample_metadata(s, CRAWL_TIME) for s in samples}
     save_json(str(tmp_path), "expected.json", entries)
     assert streamed == (tmp_path / "expected.json").read_bytes()
     assert json.loads(streamed) == entries
-    write_dataset(str(tmp_path / "e"), [], crawl_time=CRAWL_TIME)
+    write_with_beam(str(tmp_path / "e"), [], crawl_time=CRAWL_TIME)
     assert load_json(str(tmp_path / "e"), METADATA_FILE) == {}
     assert load_json(str(tmp_path / "e"), MANIFEST_FILE)["shards"] == []
 
 
 def test_rewrite_with_fewer_samples_removes_stale_shards(tmp_path):
     out = str(tmp_path / "out")
-    write_dataset(out, _samples(photos=12, bad=False), max_samples=2)
-    manifest = write_dataset(out, _samples(photos=2, bad=False), max_samples=2)
+    write_with_beam(out, _samples(photos=12, bad=False), max_samples=2)
+    manifest = write_with_beam(out, _samples(photos=2, bad=False), max_samples=2)
     on_disk = sorted(os.path.relpath(os.path.join(d, n), out) for d, _, names in os.walk(out)
                      for n in names if n.startswith("out-"))
     listed = sorted([e["path"] for e in manifest["shards"]] + [e["parquet"] for e in manifest["shards"]])
@@ -139,7 +141,7 @@ def test_shards_load_in_webdataset_as_deep_privacy2_reads_them(tmp_path):
 
     samples = _samples(photos=4, bad=False)
     samples[0].keypoints[3] = [1.5, 0.5, 1.0]  # a keypoint outside the crop: DP2 marks it invisible
-    manifest = write_dataset(str(tmp_path), samples, max_samples=3)
+    manifest = write_with_beam(str(tmp_path), samples, max_samples=3)
     urls = [str(tmp_path / e["path"]) for e in manifest["shards"]]
     seen = {}
     for sample in wds.WebDataset(urls, shardshuffle=False).decode(*_dp2_decoders()):
@@ -173,7 +175,7 @@ def test_parquet_reads_in_pandas_and_pyarrow_dataset(tmp_path):
     import pyarrow.dataset as ds
 
     samples = _samples(photos=6, bad=False)
-    manifest = write_dataset(str(tmp_path), samples, max_samples=3, val_fraction=0.5)
+    manifest = write_with_beam(str(tmp_path), samples, max_samples=3, val_fraction=0.5)
     paths = [str(tmp_path / e["parquet"]) for e in manifest["shards"]]
     table = ds.dataset(paths, format="parquet").to_table()
     assert table.num_rows == len(samples)

@@ -10,8 +10,10 @@ from PIL import Image
 
 from tests.factories import make_sample, replace
 from transforms.records import NUM_CSE_VERTICES
-from transforms.s8_write import (EMBEDDING_MEMBERS, METADATA_FIELDS, PARQUET_SCHEMA, SampleError,
-                                 encode_sample, metadata_from_row, sample_metadata, sample_row)
+from dataset.layout import EMBEDDING_MEMBERS
+from dataset.schema import METADATA_FIELDS, PARQUET_SCHEMA
+from transforms.s8_write import (encode_sample, metadata_from_row, sample_metadata, sample_row,
+                                 SampleError)
 
 FDH_README_FIELDS = {"author", "cateogry", "date_crawled", "unixtime_crawled", "date_taken",
                      "date_uploaded", "license", "license_url", "photo_title", "photo_url",

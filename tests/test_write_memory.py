@@ -1,17 +1,20 @@
-"""The writer's bounded-memory machinery gives the same bytes: spill splitting with few open files,
-multi-pass metadata.json merge, streamed tars that forget member headers, duplicate keys."""
+"""The writer's bounded-memory machinery gives the same bytes: multi-pass metadata.json merge,
+streamed tars that forget member headers, duplicate keys."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import tracemalloc
 
 import numpy as np
 
 from tests.factories import read_tree, make_sample
-from transforms.s8_write import (METADATA_FILE, STATS_FILE, TarShardWriter, encode_for_writing,
-                                 load_json, metadata_entries, read_tar_shard, write_dataset)
-from transforms.s8_write import run_outputs, write
+from dataset.fs import load_json
+from dataset.layout import METADATA_FILE, STATS_FILE
+from dataset.metadata import metadata_entries
+from dataset.shards import read_tar_shard, TarShardWriter
+from tests.beam_writer import write_with_beam
+from transforms.s8_write import encode_for_writing
+from dataset import metadata
 from transforms.s8_write.write import write_bucket
 
 CRAWL_TIME = 1637341702.5
@@ -21,20 +24,15 @@ def _samples(photos=15):
     return [make_sample(7000 + i, j, user_nsid=f"{i % 4}@N01") for i in range(photos) for j in range(2)]
 
 
-def test_few_open_spills_and_a_multi_pass_metadata_merge_give_the_same_bytes(tmp_path, monkeypatch):
+def test_a_multi_pass_metadata_merge_gives_the_same_bytes(tmp_path, monkeypatch):
     samples = _samples()
-    write_dataset(str(tmp_path / "a"), samples, max_samples=2, crawl_time=CRAWL_TIME, val_fraction=0.2)
-    # 2 files open while splitting a group (~10 buckets -> ranges -> ... -> buckets) and a 2-way
-    # metadata merge (21 shards -> 11 -> 6 -> 3 -> 2 runs -> metadata.json): same bytes.
-    monkeypatch.setattr(write, "MAX_OPEN_SPILLS", 2)
-    monkeypatch.setattr(run_outputs, "MERGE_FAN_IN", 2)
-    spill = tmp_path / "spill"
-    spill.mkdir()
-    manifest = write_dataset(str(tmp_path / "b"), samples, max_samples=2, crawl_time=CRAWL_TIME,
-                             val_fraction=0.2, spill_dir=str(spill))
+    write_with_beam(str(tmp_path / "a"), samples, max_samples=2, crawl_time=CRAWL_TIME, val_fraction=0.2)
+    # A 2-way metadata merge (21 shards -> 11 -> 6 -> 3 -> 2 runs -> metadata.json): same bytes.
+    monkeypatch.setattr(metadata, "MERGE_FAN_IN", 2)
+    manifest = write_with_beam(str(tmp_path / "b"), samples, max_samples=2, crawl_time=CRAWL_TIME,
+                               val_fraction=0.2)
     assert len(manifest["shards"]) > 16
     assert read_tree(tmp_path / "b") == read_tree(tmp_path / "a")
-    assert os.listdir(spill) == []  # every spill file and run removed
     merged = list(metadata_entries(str(tmp_path / "a"), manifest["shards"], fan_in=3))
     assert [key for key, _ in merged] == sorted(s.key for s in samples)
     assert merged == list(metadata_entries(str(tmp_path / "a"), manifest["shards"], fan_in=64))
@@ -45,7 +43,7 @@ def test_duplicate_keys_keep_one_copy_like_the_beam_core(tmp_path):
     samples = _samples(photos=4)
     other = dataclasses.replace(samples[3], image=np.zeros_like(samples[3].image))  # smaller PNG
     stream = samples + [samples[1], other]
-    manifest = write_dataset(str(tmp_path / "a"), stream, max_samples=100, crawl_time=CRAWL_TIME)
+    manifest = write_with_beam(str(tmp_path / "a"), stream, max_samples=100, crawl_time=CRAWL_TIME)
     assert load_json(str(tmp_path / "a"), STATS_FILE)["funnel"] == {"write.duplicate_key": 2}
     keys = [m["__key__"] for e in manifest["shards"] for m in read_tar_shard(str(tmp_path / "a" / e["path"]))]
     assert sorted(keys) == sorted(s.key for s in samples)

@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 
 from tests.factories import make_sample
-from transforms.s8_write import (PARQUET_SCHEMA, encode_sample, part_sizes, read_parquet_rows,
-                                 read_tar_shard, sample_row, shard_path, write_dataset,
-                                 write_parquet_shard, write_shard, write_tar_shard)
+from dataset.layout import shard_path
+from dataset.schema import PARQUET_SCHEMA
+from dataset.shards import read_parquet_rows, read_tar_shard, write_parquet_shard, write_tar_shard
+from tests.beam_writer import write_with_beam
+from transforms.s8_write import encode_sample, part_sizes, sample_row
 from transforms.s8_write.layout import TAR_RECORD, num_buckets, shard_offsets, tar_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,23 +79,12 @@ def test_failing_writer_keeps_the_old_shard_and_leaves_no_temp(tmp_path):
         write_tar_shard(str(path), _members(1) + _members(1))
 
 
-def test_write_shard_refuses_rows_that_do_not_match_the_samples(tmp_path):
-    members = _members(2)
-    rows = [sample_row(make_sample(i, 0), "") for i in range(2)]
-    with pytest.raises(ValueError, match="not as many samples as Parquet rows"):
-        write_shard(str(tmp_path), shard_path("cc-by-2", "train", 0), members, rows[:1])
-    assert [names for _, _, names in os.walk(tmp_path) if names] == []  # no tar, no temp file
-    entry = write_shard(str(tmp_path), shard_path("cc-by-2", "train", 0), members, rows)
-    assert entry["samples"] == 2
-    assert [r["shard"] for r in read_parquet_rows(str(tmp_path / entry["parquet"]))] == [entry["path"]] * 2
-
-
 def test_killed_writer_leaves_no_visible_shard_and_a_rerun_completes(tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {REPO!r})
-        from transforms.s8_write import write_tar_shard
+        from dataset.shards import write_tar_shard
         def members():
             for i in range(100000):
                 yield {{"__key__": f"{{i}}_0", "image.png": bytes(1 << 20)}}
@@ -116,7 +107,7 @@ def test_killed_writer_leaves_no_visible_shard_and_a_rerun_completes(tmp_path):
     assert glob.glob(str(out / "*" / "*" / "out-*.tar")) == []
     # Re-running the write completes: every sample once, the leftover temp file removed.
     samples = [make_sample(i, j) for i in range(6) for j in range(2)]
-    manifest = write_dataset(str(out), samples, max_samples=5)
+    manifest = write_with_beam(str(out), samples, max_samples=5)
     keys = [m["__key__"] for e in manifest["shards"] for m in read_tar_shard(str(out / e["path"]))]
     assert sorted(keys) == sorted(s.key for s in samples)
     assert glob.glob(str(out / "*" / "*" / ".*")) == []

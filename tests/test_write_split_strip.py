@@ -11,8 +11,11 @@ from apache_beam.testing.util import assert_that, equal_to
 from beam_jobs import strip_embeddings
 from beam_jobs.common import make_pipeline
 from tests.factories import make_record, make_sample
-from transforms.s8_write import (EMBEDDING_MEMBERS, MANIFEST_FILE, METADATA_FILE, AssignSplit,
-                                 load_json, read_tar_shard, split_of, write_dataset)
+from dataset.fs import load_json
+from dataset.layout import EMBEDDING_MEMBERS, MANIFEST_FILE, METADATA_FILE
+from dataset.shards import read_tar_shard
+from tests.beam_writer import write_with_beam
+from transforms.s8_write import AssignSplit, split_of
 
 
 def test_split_is_a_stable_hash_by_user_or_photo():
@@ -46,11 +49,11 @@ def test_assign_split_in_beam_keeps_the_persons_of_a_photo_together():
 def test_strip_embeddings_job_equals_a_no_embeddings_run(tmp_path):
     samples = [make_sample(100 + i, j, user_nsid=f"{i % 4}@N01") for i in range(8) for j in range(2)]
     full, stripped, fresh = (str(tmp_path / name) for name in ("full", "stripped", "fresh"))
-    write_dataset(full, samples, max_samples=3, val_fraction=0.3, crawl_time=5.0)
+    write_with_beam(full, samples, max_samples=3, val_fraction=0.3, crawl_time=5.0)
     (tmp_path / "full" / "opt_out.txt").write_text("user:1@N01\n")
     summary = strip_embeddings.run([f"--dataset={full}", f"--output={stripped}"])
     assert summary == {"shards": len(load_json(full, MANIFEST_FILE)["shards"]), "samples": 16}
-    write_dataset(fresh, samples, max_samples=3, val_fraction=0.3, crawl_time=5.0, no_embeddings=True)
+    write_with_beam(fresh, samples, max_samples=3, val_fraction=0.3, crawl_time=5.0, no_embeddings=True)
     manifest = load_json(stripped, MANIFEST_FILE)
     fresh_manifest = load_json(fresh, MANIFEST_FILE)
     assert manifest["config"]["no_embeddings"] is True and manifest["crawl_time"] == 5.0
@@ -68,6 +71,6 @@ def test_strip_embeddings_job_equals_a_no_embeddings_run(tmp_path):
 def test_strip_embeddings_refuses_bad_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest"):
         strip_embeddings.run([f"--dataset={tmp_path}", f"--output={tmp_path / 'x'}"])
-    write_dataset(str(tmp_path / "d"), [make_sample()])
+    write_with_beam(str(tmp_path / "d"), [make_sample()])
     with pytest.raises(ValueError, match="differ"):
         strip_embeddings.run([f"--dataset={tmp_path / 'd'}", f"--output={tmp_path / 'd'}/"])
