@@ -1,14 +1,17 @@
 """search_user: FDH's output line for line, from metadata.json and from the Parquet shards."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from beam_jobs.search_user import EXIT_ERROR, EXIT_FOUND, EXIT_NO_MATCH, main
+from beam_jobs.search_user import EXIT_ERROR, EXIT_FOUND, EXIT_NO_MATCH, run
 from tests.jobs_dataset import OTHER, TWO_PERSON_PHOTO, UNKNOWN, VICTIM, build_dataset, keys_of
-from transforms.dataset_ops import metadata_matches, parquet_files, parquet_matches
+from dataset.search import metadata_matches, parquet_files, parquet_matches
 from transforms.opt_out import OptOut
 
 
@@ -37,8 +40,22 @@ def fdh_lines(metadata_path, user_nsid) -> str:
                    for key, item in data.items() if item["user_nsid"] == user_nsid)
 
 
-def search(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+@dataclasses.dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def search(source, *flags) -> Result:
+    """Run search_user as `--dataset=SOURCE FLAGS...`; its exit code and printed output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = run([f"--dataset={source}", *[str(f) for f in flags]])
+        except SystemExit as exit_:  # argparse: bad usage
+            code = exit_.code
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def test_metadata_json_output_is_fdh_output(dataset):
@@ -79,8 +96,17 @@ def test_no_match_has_its_own_exit_code_and_a_message(dataset):
         assert f"No image in {source} matches user_nsid {UNKNOWN}, photo id 424242." in result.stderr
 
 
+def run_without_dataset() -> Result:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        run([f"--user_nsid={VICTIM}"])
+    assert "--dataset" in err.getvalue()
+    return Result(exit_.value.code, "", err.getvalue())
+
+
 def test_bad_input_and_bad_usage_exit_2(dataset, tmp_path):
     assert search(dataset).exit_code == EXIT_ERROR  # neither --user_nsid nor --photo_id
+    assert run_without_dataset().exit_code == EXIT_ERROR  # --dataset is required
     missing = search(tmp_path / "nothing.json", f"--user_nsid={VICTIM}")
     assert missing.exit_code == EXIT_ERROR and "cannot search" in missing.stderr
     empty_dir = search(tmp_path, f"--user_nsid={VICTIM}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from beam_jobs import stats
@@ -17,10 +16,9 @@ def dataset(tmp_path_factory):
     return build_dataset(tmp_path_factory.mktemp("stats"))
 
 
-def test_table_funnel_and_pngs(dataset, tmp_path):
-    result = CliRunner().invoke(stats.main, [f"--dataset={dataset}", f"--plots_dir={tmp_path / 'plots'}"])
-    assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
+def test_table_funnel_and_pngs(dataset, tmp_path, capsys):
+    stats.main([f"--dataset={dataset}", f"--plots_dir={tmp_path / 'plots'}"])
+    lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["licence", "split", "shards", "samples", "size", "share"]
     rows = {tuple(line.split()[:2]): line.split() for line in lines[3:13]}
     assert rows[("cc-by-2", "train")][2:4] == ["4", "6"]
@@ -42,14 +40,21 @@ def test_table_funnel_and_pngs(dataset, tmp_path):
 
 
 def test_pngs_default_to_the_dataset_dir(dataset):
-    stats.run(str(dataset))
+    stats.run([f"--dataset={dataset}"])
     assert (dataset / stats.PIE_FILE).stat().st_size > 0
     assert (dataset / stats.FUNNEL_FILE).stat().st_size > 0
 
 
-def test_not_a_dataset_exits_2(tmp_path):
-    result = CliRunner().invoke(stats.main, [f"--dataset={tmp_path}"])
-    assert result.exit_code == 2 and "not a dataset" in result.stderr
+def test_not_a_dataset_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        stats.main([f"--dataset={tmp_path}"])
+    assert exit_.value.code == 2 and "not a dataset" in capsys.readouterr().err
+
+
+def test_dataset_flag_is_required(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        stats.main([])
+    assert exit_.value.code == 2 and "--dataset" in capsys.readouterr().err
 
 
 def test_license_rows_add_up(dataset):

@@ -12,7 +12,8 @@ from PIL import Image
 from beam_jobs import verify
 from tests.factories import make_sample
 from tests.jobs_dataset import build_dataset
-from dataset import fs, layout, shards
+from dataset import fs, layout
+from dataset.shards import read_parquet_rows, write_parquet_shard
 from dataset import verify as verify_core
 from transforms.s8_write import encode_sample
 
@@ -78,9 +79,9 @@ def test_counts_out_of_step_with_metadata_parquet_and_stats_are_caught(dataset, 
     stats["totals"]["samples"] += 1
     fs.save_json(str(dataset), layout.STATS_FILE, stats)
     entry, rows = next((e, rows) for e in shards(dataset) if e["samples"] == 2
-                       for rows in [shards.read_parquet_rows(str(dataset / e["parquet"]))]
+                       for rows in [read_parquet_rows(str(dataset / e["parquet"]))]
                        if "1001_0" not in {r["key"] for r in rows})
-    shards.write_parquet_shard(str(dataset / entry["parquet"]), rows[1:])
+    write_parquet_shard(str(dataset / entry["parquet"]), rows[1:])
     code, out = run_verify(dataset, capsys)
     assert code == 1
     dropped_row = rows[0]["key"]
