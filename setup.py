@@ -10,7 +10,6 @@ BASE = [
     "scipy>=1.10",
     "urllib3>=2",
     "tqdm>=4.60",
-    "click>=8",
 ]
 
 EXTRAS = {
@@ -39,7 +38,8 @@ setup(
     name="fdh-beam",
     version="0.1.0",
     description="Rebuild the Flickr Diverse Humans dataset from YFCC100M with Apache Beam",
-    packages=find_packages(include=["beam_jobs", "beam_jobs.*", "transforms", "transforms.*"]),
+    packages=find_packages(include=["beam_jobs", "beam_jobs.*", "dataset", "dataset.*", "transforms",
+                                    "transforms.*"]),
     python_requires=">=3.10",
     install_requires=BASE,
     extras_require=EXTRAS,

@@ -8,9 +8,8 @@ and `upload_dir` / `download_prefix` / `names` copy files in and out.
 Beam's GCS filesystem always looks up Google credentials (retrying for ~30 s when there are
 none), so the environment holds a throwaway service-account key whose token URI is the loopback
 token server; NO_GCE_CHECK stops google-auth from probing the metadata server. Beam's gcsio and
-the Python storage client find the emulator through STORAGE_EMULATOR_HOST, and so does
-search_user's pyarrow GcsFileSystem (transforms.dataset_ops maps it onto endpoint_override). Jobs run
-in a subprocess because Beam caches its GCS client and credentials per process.
+the Python storage client find the emulator through STORAGE_EMULATOR_HOST (every job, search_user
+included, reads gs:// through Beam's FileSystems: `dataset.fs`). Jobs run in a subprocess because Beam caches its GCS client and credentials per process.
 
     def test_x(gcs_emulator): ...       # registered in tests/conftest.py
 """

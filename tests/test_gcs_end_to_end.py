@@ -87,7 +87,8 @@ def test_rebuild_writes_the_dataset_to_gcs_byte_for_byte_like_a_local_one(rebuil
 def test_verify_takedown_search_and_rebuild_again_on_gcs(rebuilt, gcs_emulator):
     out = gcs_emulator.url("out")
     assert "3 samples" in _ok(gcs_emulator.run_job("beam_jobs.verify", f"--dataset={out}"))
-    found = gcs_emulator.run_job("beam_jobs.search_user", out, f"--user_nsid={TAKEN_DOWN_USER}")
+    found = gcs_emulator.run_job("beam_jobs.search_user", f"--dataset={out}",
+                                 f"--user_nsid={TAKEN_DOWN_USER}")
     assert found.returncode == 0, found.stderr
     assert found.stdout == "Image 9000002_0 includes your username\n"
 
@@ -100,12 +101,13 @@ def test_verify_takedown_search_and_rebuild_again_on_gcs(rebuilt, gcs_emulator):
     assert {shard["path"]: shard["samples"] for shard in manifest["shards"]} == {
         f"{shard}.tar": 0 if shard.startswith("cc-by-sa-2/") else 1 for shard in SHARDS}
 
-    # search_user reads gs:// itself (pyarrow's GCS filesystem): Parquet shards and metadata.json.
+    # search_user reads gs:// through Beam's FileSystems: Parquet shards and metadata.json.
     for source in (out, f"{out}/metadata.json"):
-        gone = gcs_emulator.run_job("beam_jobs.search_user", source, f"--user_nsid={TAKEN_DOWN_USER}")
+        gone = gcs_emulator.run_job("beam_jobs.search_user", f"--dataset={source}",
+                                    f"--user_nsid={TAKEN_DOWN_USER}")
         assert gone.returncode == 1 and gone.stdout == "", (source, gone.stderr[-2000:])
         assert "No image" in gone.stderr
-    kept = gcs_emulator.run_job("beam_jobs.search_user", f"{out}/cc-by*/*/*.parquet",
+    kept = gcs_emulator.run_job("beam_jobs.search_user", f"--dataset={out}/cc-by*/*/*.parquet",
                                 f"--user_nsid={KEPT_USER}")
     assert kept.returncode == 0 and kept.stdout == "Image 9000001_0 includes your username\n"
 
