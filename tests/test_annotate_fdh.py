@@ -119,10 +119,10 @@ def test_annotate_fdh_pipeline_random_weights():
         return annotated.photo.record.photo_id, annotated.annotator, annotated.cse_dets, dense
 
     # Thresholds 0 and a score threshold of 0 make every photo with any detection go dense.
-    assert_that(outputs["main"] | beam.Map(check),
+    assert_that(outputs.main | beam.Map(check),
                 equal_to([(1, "fdh", None, True), (2, "fdh", None, True), (3, "fdh", None, True)]),
                 label="main")
-    assert_that(outputs["rejects"] | beam.Map(lambda r: (r.record_id, r.reason)),
+    assert_that(outputs.rejects | beam.Map(lambda r: (r.record_id, r.reason)),
                 equal_to([("4", "model_error")]), label="rejects")
     result = pipeline.run()
     result.wait_until_finish()

@@ -108,13 +108,13 @@ def test_annotate_lite_in_a_beam_pipeline():
               _decoded(3, skimage.data.camera())]  # 3: a 2-D array, not RGB: a model_error reject
     pipeline = make_pipeline(PipelineOptions([]))
     outputs = (pipeline | beam.Create(photos) | Annotate(annotator="lite"))
-    summary = outputs["main"] | beam.Map(
+    summary = outputs.main | beam.Map(
         lambda a: (a.photo.record.photo_id, a.annotator, len(a.keypoint_dets),
                    a.keypoint_dets.masks is not None and len(a.keypoint_dets) > 0,
                    a.mask_dets, a.cse_dets))
     assert_that(summary, equal_to([(1, "lite", 1, True, None, None), (2, "lite", 0, False, None, None)]),
                 label="main")
-    rejects = outputs["rejects"] | beam.Map(lambda r: (r.record_id, r.stage, r.reason))
+    rejects = outputs.rejects | beam.Map(lambda r: (r.record_id, r.stage, r.reason))
     assert_that(rejects, equal_to([("3", "annotate", "model_error")]), label="rejects")
     result = pipeline.run()
     result.wait_until_finish()

@@ -107,9 +107,9 @@ def test_prefilter_pipeline_with_many_batches_and_repeats_across_them():
     records += [make_record(i, source=f"b.txt:{i}") for i in range(1, count + 1, 97)]
     with make_pipeline(PipelineOptions([])) as pipeline:
         out = pipeline | beam.Create(records) | Prefilter()
-        assert_that(out["main"] | "Key" >> beam.Map(lambda r: (r.photo_id, r.source)),
+        assert_that(out.main | "Key" >> beam.Map(lambda r: (r.photo_id, r.source)),
                     equal_to([(i, f"a.txt:{i}") for i in range(1, count + 1)]), label="kept")
-        assert_that(out["rejects"] | "RKey" >> beam.Map(lambda r: (r.photo_id, r.detail)),
+        assert_that(out.rejects | "RKey" >> beam.Map(lambda r: (r.photo_id, r.detail)),
                     equal_to([(i, f"b.txt:{i} repeats a.txt:{i}")
                               for i in range(1, count + 1, 97)]), label="rejects")
 
@@ -142,9 +142,9 @@ def test_prefilter_pipeline(tmp_path):
     ]
     with make_pipeline(PipelineOptions([])) as pipeline:
         out = pipeline | beam.Create(records) | Prefilter(opt_out_paths=[str(opt_out)])
-        assert_that(out["main"] | "Key" >> beam.Map(lambda r: (r.photo_id, r.title)),
+        assert_that(out.main | "Key" >> beam.Map(lambda r: (r.photo_id, r.title)),
                     equal_to([(10, "A title"), (40, "first"), (41, "A title")]), label="kept")
-        assert_that(out["rejects"] | "RKey" >> beam.Map(
+        assert_that(out.rejects | "RKey" >> beam.Map(
             lambda r: (r.record_id, r.stage, r.reason, r.detail, r.photo_id)),
             equal_to([
                 ("11", "prefilter", "video", "", 11),
@@ -172,7 +172,7 @@ def test_missing_or_bad_opt_out_file_fails_when_the_pipeline_is_built(tmp_path):
 
 def _summaries(outputs, label: str, batched: bool = False):
     """(kept (photo id, source) pairs, rejects as tuples) of a read + prefilter."""
-    main, rejects = outputs["main"], outputs["rejects"]
+    main, rejects = outputs.main, outputs.rejects
     if batched:  # lists of records, lists of rejects
         main = main | f"{label}Unbatch" >> beam.FlatMap(lambda batch: batch)
         rejects = rejects | f"{label}UnbatchRejects" >> beam.FlatMap(lambda batch: batch)
@@ -205,9 +205,9 @@ def test_read_and_prefilter_equals_read_then_prefilter(tmp_path, batched):
                     "photo_opt_out", "duplicate_photo_id"}
     with make_pipeline(PipelineOptions([])) as pipeline:
         read = pipeline | "Read" >> ReadYfcc(pattern)
-        two_steps = dict(read["main"] | Prefilter(opt_out_paths=[str(opt_out)]))
-        two_steps["rejects"] = ((read["rejects"], two_steps["rejects"])
-                                | "Merge" >> beam.Flatten())
+        prefiltered = read.main | Prefilter(opt_out_paths=[str(opt_out)])
+        two_steps = prefiltered._replace(
+            rejects=(read.rejects, prefiltered.rejects) | "Merge" >> beam.Flatten())
         fused = pipeline | "Fused" >> ReadAndPrefilter(
             pattern, opt_out_paths=[str(opt_out)], batch_size=50 if batched else None)
         expected = _summaries(two_steps, "Two")
@@ -216,5 +216,5 @@ def test_read_and_prefilter_equals_read_then_prefilter(tmp_path, batched):
                                          ("rejects", expected[1], actual[1], every_reason)):
             _ = (want | f"{name}Expected" >> beam.combiners.ToList()
                  | f"{name}Compare" >> beam.Map(_assert_same, beam.pvalue.AsList(got), reasons))
-        assert_that(fused["line_counts"] | beam.Map(lambda kv: kv[1]), equal_to([252, 150]),
+        assert_that(fused.line_counts | beam.Map(lambda kv: kv[1]), equal_to([252, 150]),
                     label="line_counts")

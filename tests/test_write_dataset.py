@@ -37,7 +37,7 @@ def _samples(photos=12, persons=2, bad=True):
 def _run_beam(out, samples):
     with make_pipeline(PipelineOptions([])) as pipeline:
         write = WriteShards(str(out), max_samples=4, crawl_time=CRAWL_TIME)
-        shards = (pipeline | beam.Create(samples) | AssignSplit(val_fraction=0.3) | write)
+        shards = (pipeline | beam.Create(samples) | AssignSplit(val_fraction=0.3)).main | write
         counts = write.rejects | CountRejects()
         {"shards": shards, "counts": counts} | WriteRunOutputs(
             str(out), config=write.config, versions={"model": "test"}, crawl_time=CRAWL_TIME)
