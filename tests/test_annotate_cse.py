@@ -164,6 +164,7 @@ def _photo(photo_id: int, height: int, width: int) -> DecodedImage:
                         sha256=hashlib.sha256(image.tobytes()).hexdigest(), original_size=(width, height))
 
 
+@pytest.mark.pipeline
 @pytest.mark.slow
 def test_full_cascade_with_fake_cse_in_a_pipeline():
     settings = FakeCseSettings(
@@ -309,6 +310,7 @@ class RealCseSettings(FdhSettings):
                                    **options)
 
 
+@pytest.mark.pipeline
 @pytest.mark.slow
 def test_real_densepose_random_weights_through_the_cascade_pipeline():
     from transforms.s5_annotate import Annotate

@@ -52,6 +52,7 @@ def annotator():
     lite.close()
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", ["astronaut", "grace_hopper"])
 def test_one_person_with_keypoints_in_the_right_places(annotator, name):
     image = PHOTOS[name]()
@@ -79,6 +80,7 @@ def test_one_person_with_keypoints_in_the_right_places(annotator, name):
     assert 0.0 < dets.scores[0] <= 1.0
 
 
+@pytest.mark.model
 def test_keypoints_guessed_outside_the_frame_score_zero(annotator):
     """The astronaut's portrait ends at her waist: BlazePose still places knees and ankles below
     the frame. Those guesses must not count as seen keypoints."""
@@ -91,17 +93,20 @@ def test_keypoints_guessed_outside_the_frame_score_zero(annotator):
     assert (kp[~outside, 2] > 0).any()
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", ["coffee", "chelsea", "rocket"])
 def test_no_person_on_photos_without_people(annotator, name):
     dets = annotator.detect(PHOTOS[name]())
     assert len(dets) == 0 and dets.keypoints is None
 
 
+@pytest.mark.model
 def test_greyscale_array_is_refused(annotator):
     with pytest.raises(ValueError, match="RGB uint8"):
         annotator.detect(skimage.data.camera())
 
 
+@pytest.mark.pipeline
 def test_annotate_lite_in_a_beam_pipeline():
     """Annotate(annotator='lite') end to end: people found, empty dets for the cat, a bad array rejected."""
     photos = [_decoded(1, skimage.data.astronaut()), _decoded(2, skimage.data.chelsea()),

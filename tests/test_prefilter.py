@@ -100,6 +100,7 @@ def test_keep_first_of_each_photo_streams_unique_ids_and_orders_repeated_ones():
     assert [(kept.source, len(duplicates)) for kept, duplicates in twice] == [("a.txt:1", 1)]
 
 
+@pytest.mark.pipeline
 def test_prefilter_pipeline_with_many_batches_and_repeats_across_them():
     # More candidates than one batch per bucket, and ids repeated across batches and bundles.
     count = ID_BUCKETS * BATCH_SIZE // 16 + 7
@@ -114,6 +115,7 @@ def test_prefilter_pipeline_with_many_batches_and_repeats_across_them():
                               for i in range(1, count + 1, 97)]), label="rejects")
 
 
+@pytest.mark.pipeline
 def test_prefilter_refuses_windowed_input():
     pipeline = make_pipeline(PipelineOptions([]))
     windowed = (pipeline | beam.Create([make_record(1)])
@@ -122,6 +124,7 @@ def test_prefilter_refuses_windowed_input():
         _ = windowed | Prefilter()
 
 
+@pytest.mark.pipeline
 def test_prefilter_pipeline(tmp_path):
     opt_out = tmp_path / "opt_out.txt"
     opt_out.write_text("# takedowns\nuser:11@N02\nphoto:30\n55555@N05  # bare NSID\n")
@@ -159,6 +162,7 @@ def test_prefilter_pipeline(tmp_path):
             ]), label="rejects")
 
 
+@pytest.mark.pipeline
 def test_missing_or_bad_opt_out_file_fails_when_the_pipeline_is_built(tmp_path):
     pipeline = make_pipeline(PipelineOptions([]))
     records = pipeline | beam.Create([make_record(1)])
@@ -188,6 +192,7 @@ def _assert_same(want: list, got: list, reasons: set) -> None:
         assert reasons <= {item[2] for item in want}, {item[2] for item in want}
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("batched", [False, True])
 def test_read_and_prefilter_equals_read_then_prefilter(tmp_path, batched):
     records = list(random_records(400, seed=21))

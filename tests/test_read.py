@@ -207,6 +207,7 @@ def test_parse_numbered_lines_counts_blank_lines_and_decodes_non_utf8():
 
 # ---- ReadYfcc on real files -----------------------------------------------------------------
 
+@pytest.mark.pipeline
 def test_read_plain_gz_bz2_and_globs(tmp_path):
     bad = record_line(99).replace("\t1377635391\t", "\tsoon\t")
     write_lines(tmp_path / "part-0.txt", [record_line(1, title="plain"), "", record_line(2)])
@@ -234,6 +235,7 @@ def test_read_plain_gz_bz2_and_globs(tmp_path):
             label="line_counts")
 
 
+@pytest.mark.pipeline
 def test_read_missing_file_fails_when_the_pipeline_is_built(tmp_path):
     pipeline = make_pipeline(PipelineOptions([]))
     with pytest.raises(FileNotFoundError, match="nothing-here"):

@@ -43,6 +43,7 @@ def _shard_bytes(output):
             for path in sorted(glob.glob(f"{output}/*/*/out-*.*"))}
 
 
+@pytest.mark.pipeline
 def test_lite_rebuild_keeps_the_people_and_accounts_for_every_line(built):
     output, stats = built
     funnel = stats["funnel"]
@@ -62,6 +63,7 @@ def test_lite_rebuild_keeps_the_people_and_accounts_for_every_line(built):
     assert "image" not in " ".join(rejects.columns)  # rejects keep no image data
 
 
+@pytest.mark.pipeline
 def test_lite_rebuild_shards_load_like_deepprivacy2(built):
     output, _ = built
     urls = sorted(glob.glob(f"{output}/*/*/out-*.tar"))
@@ -85,6 +87,7 @@ def test_lite_rebuild_shards_load_like_deepprivacy2(built):
         "10000001@N01", "10000002@N02", "10000003@N03"}
 
 
+@pytest.mark.pipeline
 def test_astronaut_crop_centres_the_person(built):
     output, _ = built
     [shard] = glob.glob(f"{output}/cc-by-2/train/out-000000.tar")
@@ -96,6 +99,7 @@ def test_astronaut_crop_centres_the_person(built):
     assert (~background).mean() > 0.2  # the astronaut fills a good part of her crop
 
 
+@pytest.mark.pipeline
 def test_rebuild_is_byte_identical_on_rerun_and_honours_the_opt_out_file(sample, built, tmp_path):
     output, _ = built
     again = str(tmp_path / "again")
@@ -115,6 +119,7 @@ def test_rebuild_is_byte_identical_on_rerun_and_honours_the_opt_out_file(sample,
     assert not glob.glob(f"{again}/cc-by-sa-2/*/out-*.tar")
 
 
+@pytest.mark.pipeline
 def test_licence_subset_flag(sample, tmp_path):
     stats = _rebuild(sample, str(tmp_path / "by"), "--licenses=cc-by-2")
     assert set(stats["written"]) == {"cc-by-2"}
@@ -122,6 +127,7 @@ def test_licence_subset_flag(sample, tmp_path):
     assert accounting_errors(stats["funnel"]) == []
 
 
+@pytest.mark.pipeline
 def test_errors_after_decode_are_rejects_and_the_funnel_still_balances(sample, tmp_path, monkeypatch):
     """An unexpected exception in select (one photo) and in crop (another) ends as 'select.error'
     and 'crop.error' rejects; the job completes and every line is still accounted for."""
@@ -150,6 +156,7 @@ def test_errors_after_decode_are_rejects_and_the_funnel_still_balances(sample, t
     assert all(detail.startswith("ValueError: injected") for detail in errors.detail)
 
 
+@pytest.mark.pipeline
 def test_manifest_records_the_whole_run_configuration(sample, built):
     output, _ = built
     yfcc, mirror = sample
@@ -173,6 +180,7 @@ def test_run_config_reads_the_flags_that_vars_does_not_show():
     assert config["licenses"] is None and config["split_by"] == "user_nsid"
 
 
+@pytest.mark.pipeline
 def test_fdh_annotator_without_detectron2_fails_before_running(sample, tmp_path):
     pytest.importorskip("torchvision")
     try:
@@ -187,6 +195,7 @@ def test_fdh_annotator_without_detectron2_fails_before_running(sample, tmp_path)
     assert not os.path.exists(tmp_path / "x" / "manifest.json")
 
 
+@pytest.mark.pipeline
 @pytest.mark.slow
 def test_fdh_annotator_plumbing_with_random_weights(sample, tmp_path):
     """Random-weight torchvision models: proves the plumbing of the fdh path end to end, not the
@@ -200,6 +209,7 @@ def test_fdh_annotator_plumbing_with_random_weights(sample, tmp_path):
     assert accounting_errors(funnel) == []
 
 
+@pytest.mark.pipeline
 def test_gpu_resource_hint_sits_on_the_model_steps_only(sample, tmp_path):
     """Dataflow right fitting: only the annotate step asks for a GPU (the whole cascade, so that
     photos cross to GPU workers once). Built, not run, for a remote runner: no CUDA needed."""

@@ -1,6 +1,7 @@
 """SelectPersons + CropPersons in a real Beam pipeline: samples, rejects and counters."""
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -30,6 +31,7 @@ def scenes():
     return [one, two, three, four, five]
 
 
+@pytest.mark.pipeline
 def test_select_and_crop_pipeline(tmp_path):
     table = synthetic_part_table()
     with make_pipeline(PipelineOptions([])) as p:
@@ -52,6 +54,7 @@ def test_select_and_crop_pipeline(tmp_path):
     assert counters["crop.samples"] == 3
 
 
+@pytest.mark.pipeline
 def test_crop_rejects_too_small_and_bad_person():
     from transforms.records import Person
     from transforms.s6_select import SelectedPhoto
@@ -73,6 +76,7 @@ def test_crop_rejects_too_small_and_bad_person():
                     label="rejects")
 
 
+@pytest.mark.pipeline
 def test_tiny_person_is_dropped_by_select_before_the_rule():
     """A person whose crop box is under 32x32 px never reaches the rule or the crop (as in DP2),
     so the photo counts as 'no_person' and the funnel invariant stays exact."""
