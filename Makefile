@@ -8,7 +8,7 @@ DEMO_OUT ?= demo_out
 
 BENCH_VENV ?= .venv-bench
 
-.PHONY: all venv test test-fast demo bench clean
+.PHONY: all venv test test-fast lint-imports demo bench clean
 
 all: test
 
@@ -24,8 +24,12 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q tests
 
+# The fast tier: pure-core tests only (no Beam pipeline, job or emulator; < 60 s on 2 cores).
 test-fast: venv
-	$(PY) -m pytest -q -x -m "not slow" tests
+	$(PY) -m pytest -q -x -m unit tests
+
+lint-imports: venv
+	$(VENV)/bin/lint-imports
 
 demo: venv
 	$(PY) -m beam_jobs.demo --output=$(DEMO_OUT)

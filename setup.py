@@ -30,6 +30,7 @@ EXTRAS = {
         "scikit-image>=0.21",
         "matplotlib>=3.7",
         "gcp-storage-emulator>=2024.0",
+        "import-linter>=2.1",
     ],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})

@@ -7,8 +7,10 @@ Stages (each a PTransform of `transforms/`, in data-flow order):
 read -> prefilter -> reshuffle -> fetch -> decode -> annotate (GPU) -> select -> crop -> split ->
 write shards -> manifest, metadata.json, stats.json. Every dropped element is a `Rejected` record
 written under OUT/rejects/ and counted in stats.json, so that
-lines read = rejects before annotation + photos annotated, and
-photos annotated = photos with no kept person + photos with >= 1 kept person.
+lines read = rejects before annotation + photos decoded,
+photos decoded = photos annotated + annotate rejects, and
+photos annotated = photos select rejected whole + photos with >= 1 kept person
+(`transforms.funnel.accounting_errors`).
 Any Beam/Dataflow flag passes through (--runner, --project, --region, --sdk_container_image, ...).
 """
 from __future__ import annotations
@@ -21,8 +23,7 @@ from typing import Optional, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.common import (JobOptions, is_local, make_pipeline, read_counters, split_job_flags,
-                              split_list)
+from beam_jobs.common import JobOptions, is_local, make_pipeline, split_job_flags, split_list
 from transforms.funnel import accounting_errors, funnel_rows, step_key
 from transforms.opt_out import OPT_OUT_FILENAME
 from transforms.records import FDH_LICENSES
@@ -36,6 +37,7 @@ from transforms.s7_crop import CropPersons
 from transforms.s8_write import (STATS_FILE, AssignSplit, WriteRunOutputs, WriteShards,
                                  load_json)
 from transforms.s8_write.run_outputs import resolve_crawl_time
+from transforms.stage import StageOutput
 
 DEFAULT_IMAGE_SOURCE = "mirror:https://multimedia-commons.s3-us-west-2.amazonaws.com"
 
@@ -119,15 +121,34 @@ def _sum_line_counts(line_counts):
             | "KeyLines" >> beam.Map(lambda n: (step_key("lines_read"), n)))
 
 
+def run_config(options: RebuildOptions) -> dict:
+    """Every flag of the job and its value, for manifest.json's "config" (except --output, so
+    that a rebuild into another directory gives the same bytes).
+
+    `vars(options)` holds none of them: PipelineOptions keeps its values in private fields."""
+    parser = argparse.ArgumentParser()
+    RebuildOptions._add_argparse_args(parser)
+    return {name: getattr(options, name) for name in sorted(vars(parser.parse_args([])))
+            if name != "output"}
+
+
+def _write_shards(samples: beam.PCollection, write_shards: WriteShards) -> StageOutput:
+    """`WriteShards` as a stage: StageOutput(main=shard entries, rejects)."""
+    written = samples | "WriteShards" >> write_shards
+    if isinstance(written, StageOutput):
+        return written
+    return StageOutput(main=written, rejects=write_shards.rejects)  # until WriteShards returns one
+
+
 def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
     """Compose the rebuild job on `pipeline`."""
     output = options.output.rstrip("/")
+    no_embeddings = options.no_embeddings or options.annotator == "lite"
     annotate = Annotate(annotator=options.annotator, model_dir=options.model_dir,
                         device=options.device, max_batch_size=options.max_batch_size,
-                        no_embeddings=options.no_embeddings or options.annotator == "lite",
-                        gpu_type=options.gpu_type, random_weights=options.random_weights,
-                        require_detectron2_here=is_local(options))
-    no_embeddings = options.no_embeddings or options.annotator == "lite"
+                        no_embeddings=no_embeddings, gpu_type=options.gpu_type,
+                        random_weights=options.random_weights,
+                        require_detectron2_here=is_local(options), check_here=is_local(options))
     part_table = None
     if options.annotator == "fdh" and not no_embeddings:
         part_table = options.model_dir
@@ -136,45 +157,41 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
     prefiltered = pipeline | "ReadAndPrefilter" >> ReadAndPrefilter(
         split_list(options.yfcc), licenses=split_list(options.licenses) or FDH_LICENSES,
         opt_out_paths=_opt_out_paths(options))
-    fetched = (prefiltered["main"]
+    fetched = (prefiltered.main
                | "Reshuffle" >> beam.Reshuffle()
                | "FetchImages" >> FetchImages(
                    options.image_source, threads=options.fetch_threads,
                    requests_per_second=options.requests_per_second or None,
                    flickr_requests_per_second=options.flickr_requests_per_second or None,
                    flickr_concurrency=options.flickr_concurrency))
-    decoded = fetched["main"] | "DecodeImages" >> DecodeImages()
-    annotated = decoded["main"] | "Annotate" >> annotate
-    selected = annotated["main"] | "SelectPersons" >> SelectPersons(part_table=part_table)
-    cropped = selected["main"] | "CropPersons" >> CropPersons()
-    split = cropped["main"] | "AssignSplit" >> AssignSplit(
+    decoded = fetched.main | "DecodeImages" >> DecodeImages()
+    annotated = decoded.main | "Annotate" >> annotate
+    selected = annotated.main | "SelectPersons" >> SelectPersons(part_table=part_table)
+    cropped = selected.main | "CropPersons" >> CropPersons()
+    split = cropped.main | "AssignSplit" >> AssignSplit(
         val_fraction=options.val_fraction, by=options.split_by)
     write_shards = WriteShards(output, no_embeddings=no_embeddings, crawl_time=options.crawl_time)
-    shards = split | "WriteShards" >> write_shards
+    written = _write_shards(split.main, write_shards)
 
-    rejects = ((prefiltered["rejects"], fetched["rejects"], decoded["rejects"],
-                annotated["rejects"], selected["rejects"], cropped["rejects"], write_shards.rejects)
-               | "AllRejects" >> beam.Flatten())
+    stages = (prefiltered, fetched, decoded, annotated, selected, cropped, split, written)
+    rejects = tuple(stage.rejects for stage in stages) | "AllRejects" >> beam.Flatten()
     _ = rejects | "WriteRejects" >> WriteRejects(output)
-    funnel = ((_sum_line_counts(prefiltered["line_counts"]),
-               _count(prefiltered["main"], "candidates"),
-               _count(decoded["main"], "decoded"),
-               _count(annotated["main"], "annotated"),
-               _count(selected["main"], "photos_with_person"),
-               _count(cropped["main"], "samples"),
+    funnel = ((_sum_line_counts(prefiltered.line_counts),
+               _count(prefiltered.main, "candidates"),
+               _count(decoded.main, "decoded"),
+               _count(annotated.main, "annotated"),
+               _count(selected.main, "photos_with_person"),
+               _count(cropped.main, "samples"),
                rejects | "RejectCounts" >> CountRejects() | "RejectItems" >> beam.FlatMap(
                    lambda counts: sorted(counts.items())))
               | "FunnelItems" >> beam.Flatten()
               | "FunnelDict" >> beam.combiners.ToDict())
-    config = {key: value for key, value in vars(options).items()
-              if key in ("yfcc", "image_source", "annotator", "no_embeddings", "licenses",
-                         "val_fraction", "split_by", "opt_out", "model_dir", "random_weights")}
-    config.update(write_shards.config)
-    _ = {"shards": shards, "counts": funnel} | "WriteRunOutputs" >> WriteRunOutputs(
+    config = {**run_config(options), "no_embeddings": no_embeddings, **write_shards.config}
+    _ = {"shards": written.main, "counts": funnel} | "WriteRunOutputs" >> WriteRunOutputs(
         output, config=config, crawl_time=options.crawl_time)
 
 
-def summarize(output: str, counters: Optional[dict] = None) -> str:
+def summarize(output: str) -> str:
     """A short human summary: kept per licence x split, rejects per reason, where the output is."""
     stats = load_json(output, STATS_FILE)
     lines = [f"FDH rebuild finished: {output}"]
@@ -205,9 +222,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     build(pipeline, rebuild_options)
     result = pipeline.run()
     result.wait_until_finish()
-    counters = read_counters(result)
     if is_local(options) or FileSystems.exists(f"{rebuild_options.output.rstrip('/')}/{STATS_FILE}"):
-        print(summarize(rebuild_options.output, counters))
+        print(summarize(rebuild_options.output))
         return load_json(rebuild_options.output, STATS_FILE)
     return {}
 

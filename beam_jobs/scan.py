@@ -156,7 +156,7 @@ def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
     """Add the scan steps to `pipeline`."""
     read = pipeline | "ReadAndPrefilter" >> ReadAndPrefilter(
         list(yfcc), licenses, opt_out, drop_tags, batch_size=WRITE_BATCH_SIZE)
-    candidate_batches, reject_batches = read["main"], read["rejects"]
+    candidate_batches, reject_batches = read.main, read.rejects
 
     candidate_counts = candidate_batches | "WriteCandidates" >> _WriteAndCount(
         records_to_table, YFCC_RECORD_SCHEMA, f"{output}/{CANDIDATES_DIR}/candidates",
@@ -166,7 +166,7 @@ def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
         _rejects_to_table, REJECTS_SCHEMA, f"{output}/rejects/rejects", num_shards,
         lambda rejected: (REJECT, reject_counts_key(rejected)))
     counts_path = f"{output}/{COUNTS_FILENAME}"
-    _ = (count_pairs(read["line_counts"], candidate_counts, reject_counts)
+    _ = (count_pairs(read.line_counts, candidate_counts, reject_counts)
          | "Gather" >> beam.combiners.ToList()
          | "Fold" >> beam.Map(build_counts)
          | "WriteCounts" >> beam.Map(lambda counts: write_json(counts_path, counts)))

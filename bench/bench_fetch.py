@@ -154,7 +154,7 @@ def run_ours_beam(base_url: str, hashes: list[str], threads: int) -> dict:
     pipeline = make_pipeline(PipelineOptions([]))
     fetched = pipeline | beam.Create(records) | FetchImages(f"mirror:{base_url}", threads=threads,
                                                              per_host_concurrency=threads)
-    fetched["main"] | DecodeImages()
+    fetched.main | DecodeImages()
     result = pipeline.run()
     result.wait_until_finish()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0

@@ -164,6 +164,7 @@ def _photo(photo_id: int, height: int, width: int) -> DecodedImage:
                         sha256=hashlib.sha256(image.tobytes()).hexdigest(), original_size=(width, height))
 
 
+@pytest.mark.pipeline
 @pytest.mark.slow
 def test_full_cascade_with_fake_cse_in_a_pipeline():
     settings = FakeCseSettings(
@@ -184,9 +185,9 @@ def test_full_cascade_with_fake_cse_in_a_pipeline():
                 bool((cse.masks[0] == left).all()),
                 bool((cse.vertices[0] == np.where(left, LEFT_VERTEX, 0)).all()))
 
-    assert_that(outputs["main"] | beam.Map(summary), equal_to([(1, 1, True, True), (2, 1, True, True)]),
+    assert_that(outputs.main | beam.Map(summary), equal_to([(1, 1, True, True), (2, 1, True, True)]),
                 label="main")
-    assert_that(outputs["rejects"] | beam.Map(lambda r: (r.record_id, r.reason, "out of memory" in r.detail)),
+    assert_that(outputs.rejects | beam.Map(lambda r: (r.record_id, r.reason, "out of memory" in r.detail)),
                 equal_to([("3", "model_error", True)]), label="rejects")
     result = pipeline.run()
     result.wait_until_finish()
@@ -309,6 +310,7 @@ class RealCseSettings(FdhSettings):
                                    **options)
 
 
+@pytest.mark.pipeline
 @pytest.mark.slow
 def test_real_densepose_random_weights_through_the_cascade_pipeline():
     from transforms.s5_annotate import Annotate
@@ -332,6 +334,6 @@ def test_real_densepose_random_weights_through_the_cascade_pipeline():
         _check_cse_detections(annotated.cse_dets, 256, 256)
         return annotated.photo.record.photo_id, len(annotated.cse_dets) > 0
 
-    assert_that(outputs["main"] | beam.Map(check), equal_to([(5, True)]), label="main")
-    assert_that(outputs["rejects"], equal_to([]), label="rejects")
+    assert_that(outputs.main | beam.Map(check), equal_to([(5, True)]), label="main")
+    assert_that(outputs.rejects, equal_to([]), label="rejects")
     pipeline.run().wait_until_finish()

@@ -44,6 +44,7 @@ def keypoint_handler():
     return handler, handler.load_model()
 
 
+@pytest.mark.model
 def test_handler_batches_variable_sizes_and_isolates_a_bad_image(keypoint_handler):
     handler, model = keypoint_handler
     images = [_photo(1, 60, 90).image, _photo(2, 120, 70).image,
@@ -100,6 +101,7 @@ def test_attach_keypoints_routes_skips_and_rejects():
     assert rejected.value.detail == "boom" and rejected.value.photo_id == 7
 
 
+@pytest.mark.pipeline
 @pytest.mark.slow
 def test_annotate_fdh_pipeline_random_weights():
     """Keypoint R-CNN -> cascade -> Mask R-CNN through RunInference; a bad image is rejected."""
@@ -119,10 +121,10 @@ def test_annotate_fdh_pipeline_random_weights():
         return annotated.photo.record.photo_id, annotated.annotator, annotated.cse_dets, dense
 
     # Thresholds 0 and a score threshold of 0 make every photo with any detection go dense.
-    assert_that(outputs["main"] | beam.Map(check),
+    assert_that(outputs.main | beam.Map(check),
                 equal_to([(1, "fdh", None, True), (2, "fdh", None, True), (3, "fdh", None, True)]),
                 label="main")
-    assert_that(outputs["rejects"] | beam.Map(lambda r: (r.record_id, r.reason)),
+    assert_that(outputs.rejects | beam.Map(lambda r: (r.record_id, r.reason)),
                 equal_to([("4", "model_error")]), label="rejects")
     result = pipeline.run()
     result.wait_until_finish()
@@ -132,6 +134,7 @@ def test_annotate_fdh_pipeline_random_weights():
     assert counters.get("annotate.cascade_skipped", 0) == 0
 
 
+@pytest.mark.model
 def test_weights_load_verified_with_weights_only(monkeypatch, tmp_path, keypoint_handler):
     handler, model = keypoint_handler
     weights = tmp_path / "keypointrcnn_resnet50_fpn_coco-fc266e95.pth"
@@ -150,6 +153,7 @@ def test_weights_load_verified_with_weights_only(monkeypatch, tmp_path, keypoint
         loader.load_model()
 
 
+@pytest.mark.pipeline
 def test_missing_weights_fail_at_construction(tmp_path):
     with pytest.raises(assets.AssetMissingError) as error:
         with make_pipeline(PipelineOptions([])) as pipeline:
@@ -159,6 +163,7 @@ def test_missing_weights_fail_at_construction(tmp_path):
     assert "beam_jobs.assets fetch" in str(error.value)
 
 
+@pytest.mark.pipeline
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")
 def test_gpu_without_cuda_fails_loudly():
     with pytest.raises(RuntimeError, match="CUDA is not available"):

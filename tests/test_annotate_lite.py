@@ -52,6 +52,7 @@ def annotator():
     lite.close()
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", ["astronaut", "grace_hopper"])
 def test_one_person_with_keypoints_in_the_right_places(annotator, name):
     image = PHOTOS[name]()
@@ -79,6 +80,7 @@ def test_one_person_with_keypoints_in_the_right_places(annotator, name):
     assert 0.0 < dets.scores[0] <= 1.0
 
 
+@pytest.mark.model
 def test_keypoints_guessed_outside_the_frame_score_zero(annotator):
     """The astronaut's portrait ends at her waist: BlazePose still places knees and ankles below
     the frame. Those guesses must not count as seen keypoints."""
@@ -91,30 +93,33 @@ def test_keypoints_guessed_outside_the_frame_score_zero(annotator):
     assert (kp[~outside, 2] > 0).any()
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", ["coffee", "chelsea", "rocket"])
 def test_no_person_on_photos_without_people(annotator, name):
     dets = annotator.detect(PHOTOS[name]())
     assert len(dets) == 0 and dets.keypoints is None
 
 
+@pytest.mark.model
 def test_greyscale_array_is_refused(annotator):
     with pytest.raises(ValueError, match="RGB uint8"):
         annotator.detect(skimage.data.camera())
 
 
+@pytest.mark.pipeline
 def test_annotate_lite_in_a_beam_pipeline():
     """Annotate(annotator='lite') end to end: people found, empty dets for the cat, a bad array rejected."""
     photos = [_decoded(1, skimage.data.astronaut()), _decoded(2, skimage.data.chelsea()),
               _decoded(3, skimage.data.camera())]  # 3: a 2-D array, not RGB: a model_error reject
     pipeline = make_pipeline(PipelineOptions([]))
     outputs = (pipeline | beam.Create(photos) | Annotate(annotator="lite"))
-    summary = outputs["main"] | beam.Map(
+    summary = outputs.main | beam.Map(
         lambda a: (a.photo.record.photo_id, a.annotator, len(a.keypoint_dets),
                    a.keypoint_dets.masks is not None and len(a.keypoint_dets) > 0,
                    a.mask_dets, a.cse_dets))
     assert_that(summary, equal_to([(1, "lite", 1, True, None, None), (2, "lite", 0, False, None, None)]),
                 label="main")
-    rejects = outputs["rejects"] | beam.Map(lambda r: (r.record_id, r.stage, r.reason))
+    rejects = outputs.rejects | beam.Map(lambda r: (r.record_id, r.stage, r.reason))
     assert_that(rejects, equal_to([("3", "annotate", "model_error")]), label="rejects")
     result = pipeline.run()
     result.wait_until_finish()

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from tests.select_scenes import PART_VERTEX, make_photo, paint_figure
 from transforms.records import CROP_HEIGHT, CROP_WIDTH, Person
-from transforms.s7_crop import (DILATION_RADIUS, crop_box_for_person, crop_image, crop_keypoints,
-                                crop_masks, crop_nearest, embeddings_to_vertices, expand_axis,
-                                expand_for_background, is_too_small, make_sample)
+from transforms.crop_geometry import crop_box_for_person, expand_axis, expand_for_background, is_too_small
+from transforms.cse_vertices import embeddings_to_vertices
+from transforms.s7_crop import DILATION_RADIUS, crop_image, crop_keypoints, crop_masks, crop_nearest, make_sample
 
 
 def test_dilation_radius_is_four():

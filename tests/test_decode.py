@@ -161,7 +161,7 @@ def test_decode_images_transform():
                FetchedImage(bad, b"", "http://x/2.jpg", "mirror")]
     with make_pipeline(PipelineOptions([])) as pipeline:
         outputs = pipeline | beam.Create(fetched) | DecodeImages(min_side=32)
-        assert_that(outputs["main"] | beam.Map(lambda d: (d.record.photo_id, d.image.shape, d.url)),
+        assert_that(outputs.main | beam.Map(lambda d: (d.record.photo_id, d.image.shape, d.url)),
                     equal_to([(1, (333, 500, 3), "http://x/1.jpg")]), label="Main")
-        assert_that(outputs["rejects"] | beam.Map(lambda r: (r.photo_id, r.stage, r.reason)),
+        assert_that(outputs.rejects | beam.Map(lambda r: (r.photo_id, r.stage, r.reason)),
                     equal_to([(2, "decode", "empty")]), label="Rejects")

@@ -391,9 +391,9 @@ def test_fetch_decode_pipeline_accounts_for_every_record(http_server):
     with make_pipeline(PipelineOptions([])) as pipeline:
         fetched = (pipeline | beam.Create(records)
                    | "Fetch" >> FetchImages(f"mirror:{http_server.base_url},flickr", FAST))
-        decoded = fetched["main"] | "Decode" >> DecodeImages()
-        rejects = (fetched["rejects"], decoded["rejects"]) | beam.Flatten()
-        assert_that(decoded["main"] | beam.Map(lambda d: (d.record.photo_id, d.image.shape[2], len(d.sha256))),
+        decoded = fetched.main | "Decode" >> DecodeImages()
+        rejects = (fetched.rejects, decoded.rejects) | beam.Flatten()
+        assert_that(decoded.main | beam.Map(lambda d: (d.record.photo_id, d.image.shape[2], len(d.sha256))),
                     equal_to([(r.photo_id, 3, 64) for r in good]), label="Decoded")
         assert_that(rejects | beam.Map(lambda r: (r.record_id, r.stage, r.reason)),
                     equal_to(expected_rejects), label="Rejects")

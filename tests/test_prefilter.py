@@ -100,6 +100,7 @@ def test_keep_first_of_each_photo_streams_unique_ids_and_orders_repeated_ones():
     assert [(kept.source, len(duplicates)) for kept, duplicates in twice] == [("a.txt:1", 1)]
 
 
+@pytest.mark.pipeline
 def test_prefilter_pipeline_with_many_batches_and_repeats_across_them():
     # More candidates than one batch per bucket, and ids repeated across batches and bundles.
     count = ID_BUCKETS * BATCH_SIZE // 16 + 7
@@ -107,13 +108,14 @@ def test_prefilter_pipeline_with_many_batches_and_repeats_across_them():
     records += [make_record(i, source=f"b.txt:{i}") for i in range(1, count + 1, 97)]
     with make_pipeline(PipelineOptions([])) as pipeline:
         out = pipeline | beam.Create(records) | Prefilter()
-        assert_that(out["main"] | "Key" >> beam.Map(lambda r: (r.photo_id, r.source)),
+        assert_that(out.main | "Key" >> beam.Map(lambda r: (r.photo_id, r.source)),
                     equal_to([(i, f"a.txt:{i}") for i in range(1, count + 1)]), label="kept")
-        assert_that(out["rejects"] | "RKey" >> beam.Map(lambda r: (r.photo_id, r.detail)),
+        assert_that(out.rejects | "RKey" >> beam.Map(lambda r: (r.photo_id, r.detail)),
                     equal_to([(i, f"b.txt:{i} repeats a.txt:{i}")
                               for i in range(1, count + 1, 97)]), label="rejects")
 
 
+@pytest.mark.pipeline
 def test_prefilter_refuses_windowed_input():
     pipeline = make_pipeline(PipelineOptions([]))
     windowed = (pipeline | beam.Create([make_record(1)])
@@ -122,6 +124,7 @@ def test_prefilter_refuses_windowed_input():
         _ = windowed | Prefilter()
 
 
+@pytest.mark.pipeline
 def test_prefilter_pipeline(tmp_path):
     opt_out = tmp_path / "opt_out.txt"
     opt_out.write_text("# takedowns\nuser:11@N02\nphoto:30\n55555@N05  # bare NSID\n")
@@ -142,9 +145,9 @@ def test_prefilter_pipeline(tmp_path):
     ]
     with make_pipeline(PipelineOptions([])) as pipeline:
         out = pipeline | beam.Create(records) | Prefilter(opt_out_paths=[str(opt_out)])
-        assert_that(out["main"] | "Key" >> beam.Map(lambda r: (r.photo_id, r.title)),
+        assert_that(out.main | "Key" >> beam.Map(lambda r: (r.photo_id, r.title)),
                     equal_to([(10, "A title"), (40, "first"), (41, "A title")]), label="kept")
-        assert_that(out["rejects"] | "RKey" >> beam.Map(
+        assert_that(out.rejects | "RKey" >> beam.Map(
             lambda r: (r.record_id, r.stage, r.reason, r.detail, r.photo_id)),
             equal_to([
                 ("11", "prefilter", "video", "", 11),
@@ -159,6 +162,7 @@ def test_prefilter_pipeline(tmp_path):
             ]), label="rejects")
 
 
+@pytest.mark.pipeline
 def test_missing_or_bad_opt_out_file_fails_when_the_pipeline_is_built(tmp_path):
     pipeline = make_pipeline(PipelineOptions([]))
     records = pipeline | beam.Create([make_record(1)])
@@ -172,7 +176,7 @@ def test_missing_or_bad_opt_out_file_fails_when_the_pipeline_is_built(tmp_path):
 
 def _summaries(outputs, label: str, batched: bool = False):
     """(kept (photo id, source) pairs, rejects as tuples) of a read + prefilter."""
-    main, rejects = outputs["main"], outputs["rejects"]
+    main, rejects = outputs.main, outputs.rejects
     if batched:  # lists of records, lists of rejects
         main = main | f"{label}Unbatch" >> beam.FlatMap(lambda batch: batch)
         rejects = rejects | f"{label}UnbatchRejects" >> beam.FlatMap(lambda batch: batch)
@@ -188,6 +192,7 @@ def _assert_same(want: list, got: list, reasons: set) -> None:
         assert reasons <= {item[2] for item in want}, {item[2] for item in want}
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("batched", [False, True])
 def test_read_and_prefilter_equals_read_then_prefilter(tmp_path, batched):
     records = list(random_records(400, seed=21))
@@ -205,9 +210,9 @@ def test_read_and_prefilter_equals_read_then_prefilter(tmp_path, batched):
                     "photo_opt_out", "duplicate_photo_id"}
     with make_pipeline(PipelineOptions([])) as pipeline:
         read = pipeline | "Read" >> ReadYfcc(pattern)
-        two_steps = dict(read["main"] | Prefilter(opt_out_paths=[str(opt_out)]))
-        two_steps["rejects"] = ((read["rejects"], two_steps["rejects"])
-                                | "Merge" >> beam.Flatten())
+        prefiltered = read.main | Prefilter(opt_out_paths=[str(opt_out)])
+        two_steps = prefiltered._replace(
+            rejects=(read.rejects, prefiltered.rejects) | "Merge" >> beam.Flatten())
         fused = pipeline | "Fused" >> ReadAndPrefilter(
             pattern, opt_out_paths=[str(opt_out)], batch_size=50 if batched else None)
         expected = _summaries(two_steps, "Two")
@@ -216,5 +221,5 @@ def test_read_and_prefilter_equals_read_then_prefilter(tmp_path, batched):
                                          ("rejects", expected[1], actual[1], every_reason)):
             _ = (want | f"{name}Expected" >> beam.combiners.ToList()
                  | f"{name}Compare" >> beam.Map(_assert_same, beam.pvalue.AsList(got), reasons))
-        assert_that(fused["line_counts"] | beam.Map(lambda kv: kv[1]), equal_to([252, 150]),
+        assert_that(fused.line_counts | beam.Map(lambda kv: kv[1]), equal_to([252, 150]),
                     label="line_counts")

@@ -207,6 +207,7 @@ def test_parse_numbered_lines_counts_blank_lines_and_decodes_non_utf8():
 
 # ---- ReadYfcc on real files -----------------------------------------------------------------
 
+@pytest.mark.pipeline
 def test_read_plain_gz_bz2_and_globs(tmp_path):
     bad = record_line(99).replace("\t1377635391\t", "\tsoon\t")
     write_lines(tmp_path / "part-0.txt", [record_line(1, title="plain"), "", record_line(2)])
@@ -218,22 +219,23 @@ def test_read_plain_gz_bz2_and_globs(tmp_path):
     with make_pipeline(PipelineOptions([])) as pipeline:
         # The first glob also matches part-0.txt: it must be read once.
         out = pipeline | ReadYfcc([str(tmp_path / "part-*"), str(tmp_path / "part-0.txt")])
-        assert_that(out["main"] | "Key" >> beam.Map(
+        assert_that(out.main | "Key" >> beam.Map(
             lambda r: (r.photo_id, r.source.rsplit("/", 1)[-1], r.line_idx, r.title)),
             equal_to([(1, "part-0.txt:1", None, "plain"), (2, "part-0.txt:3", None, "A title"),
                       (3, "part-1.txt.gz:1", 3, "g z"), (4, "part-2.bz2:1", 4, "A title"),
                       (5, "part-2.bz2:2", None, "A title")]), label="records")
-        assert_that(out["rejects"] | "RKey" >> beam.Map(
+        assert_that(out.rejects | "RKey" >> beam.Map(
             lambda r: (r.stage, r.reason, r.record_id.rsplit("/", 1)[-1])),
             equal_to([("read", "blank_line", "part-0.txt:2"),
                       ("read", "bad_number", "part-1.txt.gz:2"),
                       ("read", "bad_field_count", "part-1.txt.gz:3")]), label="rejects")
-        assert_that(out["line_counts"] | "CKey" >> beam.Map(
+        assert_that(out.line_counts | "CKey" >> beam.Map(
             lambda kv: (kv[0].rsplit("/", 1)[-1], kv[1])),
             equal_to([("part-0.txt", 3), ("part-1.txt.gz", 3), ("part-2.bz2", 2)]),
             label="line_counts")
 
 
+@pytest.mark.pipeline
 def test_read_missing_file_fails_when_the_pipeline_is_built(tmp_path):
     pipeline = make_pipeline(PipelineOptions([]))
     with pytest.raises(FileNotFoundError, match="nothing-here"):

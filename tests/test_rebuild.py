@@ -14,6 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from beam_jobs import demo, rebuild
+from transforms import s6_select, s7_crop
 from transforms.funnel import accounting_errors
 from transforms.records import CROP_HEIGHT, CROP_WIDTH
 
@@ -42,6 +43,7 @@ def _shard_bytes(output):
             for path in sorted(glob.glob(f"{output}/*/*/out-*.*"))}
 
 
+@pytest.mark.pipeline
 def test_lite_rebuild_keeps_the_people_and_accounts_for_every_line(built):
     output, stats = built
     funnel = stats["funnel"]
@@ -61,6 +63,7 @@ def test_lite_rebuild_keeps_the_people_and_accounts_for_every_line(built):
     assert "image" not in " ".join(rejects.columns)  # rejects keep no image data
 
 
+@pytest.mark.pipeline
 def test_lite_rebuild_shards_load_like_deepprivacy2(built):
     output, _ = built
     urls = sorted(glob.glob(f"{output}/*/*/out-*.tar"))
@@ -84,6 +87,7 @@ def test_lite_rebuild_shards_load_like_deepprivacy2(built):
         "10000001@N01", "10000002@N02", "10000003@N03"}
 
 
+@pytest.mark.pipeline
 def test_astronaut_crop_centres_the_person(built):
     output, _ = built
     [shard] = glob.glob(f"{output}/cc-by-2/train/out-000000.tar")
@@ -95,6 +99,7 @@ def test_astronaut_crop_centres_the_person(built):
     assert (~background).mean() > 0.2  # the astronaut fills a good part of her crop
 
 
+@pytest.mark.pipeline
 def test_rebuild_is_byte_identical_on_rerun_and_honours_the_opt_out_file(sample, built, tmp_path):
     output, _ = built
     again = str(tmp_path / "again")
@@ -114,6 +119,7 @@ def test_rebuild_is_byte_identical_on_rerun_and_honours_the_opt_out_file(sample,
     assert not glob.glob(f"{again}/cc-by-sa-2/*/out-*.tar")
 
 
+@pytest.mark.pipeline
 def test_licence_subset_flag(sample, tmp_path):
     stats = _rebuild(sample, str(tmp_path / "by"), "--licenses=cc-by-2")
     assert set(stats["written"]) == {"cc-by-2"}
@@ -121,6 +127,60 @@ def test_licence_subset_flag(sample, tmp_path):
     assert accounting_errors(stats["funnel"]) == []
 
 
+@pytest.mark.pipeline
+def test_errors_after_decode_are_rejects_and_the_funnel_still_balances(sample, tmp_path, monkeypatch):
+    """An unexpected exception in select (one photo) and in crop (another) ends as 'select.error'
+    and 'crop.error' rejects; the job completes and every line is still accounted for."""
+    real_select, real_crop = s6_select.select_persons, s7_crop.make_sample
+
+    def select_failing_on_hopper(annotated, *args, **kwargs):
+        if annotated.photo.record.photo_id == 9000002:
+            raise ValueError("injected select failure")
+        return real_select(annotated, *args, **kwargs)
+
+    def crop_failing_on_cameraman(photo, *args, **kwargs):
+        if photo.record.photo_id == 9000003:
+            raise ValueError("injected crop failure")
+        return real_crop(photo, *args, **kwargs)
+
+    monkeypatch.setattr(s6_select, "select_persons", select_failing_on_hopper)
+    monkeypatch.setattr(s7_crop, "make_sample", crop_failing_on_cameraman)
+    stats = _rebuild(sample, str(tmp_path / "errors"))
+    funnel = stats["funnel"]
+    assert funnel["select.error"] == 1 and funnel["crop.error"] == 1
+    assert accounting_errors(funnel) == []
+    assert stats["totals"]["samples"] == 1  # the astronaut
+    rejects = pd.read_parquet(tmp_path / "errors" / "rejects")
+    errors = rejects[rejects.reason == "error"]
+    assert sorted(zip(errors.stage, errors.record_id)) == [("crop", "9000003"), ("select", "9000002")]
+    assert all(detail.startswith("ValueError: injected") for detail in errors.detail)
+
+
+@pytest.mark.pipeline
+def test_manifest_records_the_whole_run_configuration(sample, built):
+    output, _ = built
+    yfcc, mirror = sample
+    with open(f"{output}/manifest.json") as handle:
+        config = json.load(handle)["config"]
+    assert config["yfcc"] == yfcc and config["image_source"] == f"mirror:{mirror}"
+    assert config["annotator"] == "lite" and config["no_embeddings"] is True
+    for flag in ("licenses", "model_dir", "val_fraction", "split_by", "opt_out", "random_weights",
+                 "device", "fetch_threads", "crawl_time"):
+        assert flag in config, flag
+    assert "output" not in config  # a rebuild elsewhere gives the same manifest
+
+
+def test_run_config_reads_the_flags_that_vars_does_not_show():
+    options = rebuild.RebuildOptions(["--yfcc=a.txt", "--output=out", "--annotator=lite",
+                                      "--val_fraction=0.5", "--opt_out=o.txt"])
+    assert "yfcc" not in vars(options)  # PipelineOptions keeps its values in private fields
+    config = rebuild.run_config(options)
+    assert (config["yfcc"], config["annotator"], config["val_fraction"], config["opt_out"]) == (
+        "a.txt", "lite", 0.5, "o.txt")
+    assert config["licenses"] is None and config["split_by"] == "user_nsid"
+
+
+@pytest.mark.pipeline
 def test_fdh_annotator_without_detectron2_fails_before_running(sample, tmp_path):
     pytest.importorskip("torchvision")
     try:
@@ -135,6 +195,7 @@ def test_fdh_annotator_without_detectron2_fails_before_running(sample, tmp_path)
     assert not os.path.exists(tmp_path / "x" / "manifest.json")
 
 
+@pytest.mark.pipeline
 @pytest.mark.slow
 def test_fdh_annotator_plumbing_with_random_weights(sample, tmp_path):
     """Random-weight torchvision models: proves the plumbing of the fdh path end to end, not the
@@ -148,6 +209,7 @@ def test_fdh_annotator_plumbing_with_random_weights(sample, tmp_path):
     assert accounting_errors(funnel) == []
 
 
+@pytest.mark.pipeline
 def test_gpu_resource_hint_sits_on_the_model_steps_only(sample, tmp_path):
     """Dataflow right fitting: only the annotate step asks for a GPU (the whole cascade, so that
     photos cross to GPU workers once). Built, not run, for a remote runner: no CUDA needed."""

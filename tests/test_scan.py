@@ -54,6 +54,7 @@ EXPECTED_REJECTS = {
 }
 
 
+@pytest.mark.pipeline
 def test_scan_end_to_end(tmp_path, capsys):
     yfcc, opt_out = _write_inputs(tmp_path)
     output = tmp_path / "out"
@@ -82,6 +83,7 @@ def test_scan_end_to_end(tmp_path, capsys):
     assert "lines read" in capsys.readouterr().out
 
 
+@pytest.mark.pipeline
 def test_scan_agrees_with_the_pure_rules_on_random_input(tmp_path):
     records = list(random_records(1500, seed=11))
     lines = [format_line(record, 23 if record.photo_id % 2 else 25) for record in records]
@@ -109,6 +111,7 @@ def test_scan_agrees_with_the_pure_rules_on_random_input(tmp_path):
     assert len(pd.read_parquet(tmp_path / "out" / "rejects")) == again["rejects"]
 
 
+@pytest.mark.pipeline
 def test_scan_flag_errors_are_raised_before_running(tmp_path):
     with pytest.raises(ValueError, match="--yfcc"):
         scan.run([f"--output={tmp_path}"])
@@ -129,6 +132,7 @@ def test_scan_help_explains_each_flag(capsys):
 
 # ---- gs:// through a GCS emulator on loopback (tests/gcs_emulator.py) -----------------------------
 
+@pytest.mark.pipeline
 def test_scan_reads_and_writes_gcs_through_an_emulator(tmp_path, gcs_emulator):
     yfcc, opt_out = _write_inputs(tmp_path)
     for name in ("a.txt", "b.txt.bz2"):

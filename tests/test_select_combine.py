@@ -2,9 +2,10 @@
 import numpy as np
 
 from tests.select_scenes import fdh_scene, figure_keypoints, make_photo
+from transforms.crop_geometry import mask_box
 from transforms.records import AnnotatedPhoto, Detections
 from transforms.s6_select.combine import (annotation_problem, assign_keypoints, combine_fdh,
-                                          greedy_pairs, mask_box, mask_iou_matrix)
+                                          greedy_pairs, mask_iou_matrix)
 
 
 def rect_mask(hw, x0, y0, x1, y1):

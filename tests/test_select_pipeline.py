@@ -1,6 +1,7 @@
 """SelectPersons + CropPersons in a real Beam pipeline: samples, rejects and counters."""
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -30,19 +31,20 @@ def scenes():
     return [one, two, three, four, five]
 
 
+@pytest.mark.pipeline
 def test_select_and_crop_pipeline(tmp_path):
     table = synthetic_part_table()
     with make_pipeline(PipelineOptions([])) as p:
         photos = p | beam.Create(scenes())
         selected = photos | SelectPersons(part_table=table, keypoint_score_threshold=0.5)
-        cropped = selected["main"] | CropPersons(keypoint_score_threshold=0.5)
-        assert_that(cropped["main"] | "Keys" >> beam.Map(lambda s: (s.key, s.image.shape, s.annotator)),
+        cropped = selected.main | CropPersons(keypoint_score_threshold=0.5)
+        assert_that(cropped.main | "Keys" >> beam.Map(lambda s: (s.key, s.image.shape, s.annotator)),
                     equal_to([("1_0", (288, 160, 3), "fdh"), ("4_0", (288, 160, 3), "lite"),
                               ("5_0", (288, 160, 3), "lite")]), label="samples")
-        assert_that(selected["rejects"] | "Why" >> beam.Map(lambda r: (r.record_id, r.reason)),
+        assert_that(selected.rejects | "Why" >> beam.Map(lambda r: (r.record_id, r.reason)),
                     equal_to([("1_1", "head_rule"), ("2", "no_person"), ("3", "bad_annotation")]),
                     label="select_rejects")
-        assert_that(cropped["rejects"] | "CropWhy" >> beam.Map(lambda r: r.reason), equal_to([]),
+        assert_that(cropped.rejects | "CropWhy" >> beam.Map(lambda r: r.reason), equal_to([]),
                     label="crop_rejects")
     counters = read_counters(p.result)
     assert counters["select.photos_with_person"] == 3
@@ -52,6 +54,7 @@ def test_select_and_crop_pipeline(tmp_path):
     assert counters["crop.samples"] == 3
 
 
+@pytest.mark.pipeline
 def test_crop_rejects_too_small_and_bad_person():
     from transforms.records import Person
     from transforms.s6_select import SelectedPhoto
@@ -67,12 +70,13 @@ def test_crop_rejects_too_small_and_bad_person():
     ]
     with make_pipeline(PipelineOptions([])) as p:
         out = (p | beam.Create([SelectedPhoto(photo, "lite", persons)])) | CropPersons()
-        assert_that(out["main"], equal_to([]), label="none")
-        assert_that(out["rejects"] | beam.Map(lambda r: (r.stage, r.reason, r.record_id)),
+        assert_that(out.main, equal_to([]), label="none")
+        assert_that(out.rejects | beam.Map(lambda r: (r.stage, r.reason, r.record_id)),
                     equal_to([("crop", "too_small", "9_0"), ("crop", "bad_person", "9_1")]),
                     label="rejects")
 
 
+@pytest.mark.pipeline
 def test_tiny_person_is_dropped_by_select_before_the_rule():
     """A person whose crop box is under 32x32 px never reaches the rule or the crop (as in DP2),
     so the photo counts as 'no_person' and the funnel invariant stays exact."""
@@ -93,5 +97,5 @@ def test_tiny_person_is_dropped_by_select_before_the_rule():
     assert [(d.reason, d.person_index) for d in selection.dropped] == [("too_small", 0)]
     with make_pipeline(PipelineOptions([])) as p:
         out = (p | beam.Create([annotated])) | SelectPersons()
-        assert_that(out["rejects"] | beam.Map(lambda r: (r.reason, r.record_id)),
+        assert_that(out.rejects | beam.Map(lambda r: (r.reason, r.record_id)),
                     equal_to([("too_small", "11_0"), ("no_person", "11")]))

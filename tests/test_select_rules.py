@@ -146,7 +146,7 @@ def test_fdh_without_embeddings_uses_mask_persons_and_the_mask_form():
 
 
 def test_default_score_threshold_depends_on_the_annotator():
-    from transforms.s6_select.rules import score_threshold_for
+    from transforms.records import score_threshold_for
 
     assert score_threshold_for("fdh", None) == 0.0
     assert score_threshold_for("lite", None) == 0.5

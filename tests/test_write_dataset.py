@@ -39,7 +39,7 @@ def _samples(photos=12, persons=2, bad=True):
 def _run_beam(out, samples):
     with make_pipeline(PipelineOptions([])) as pipeline:
         write = WriteShards(str(out), max_samples=4, crawl_time=CRAWL_TIME)
-        written = (pipeline | beam.Create(samples) | AssignSplit(val_fraction=0.3) | write)
+        written = (pipeline | beam.Create(samples) | AssignSplit(val_fraction=0.3)).main | write
         counts = written.rejects | CountRejects()
         {"shards": written.main, "counts": counts} | WriteRunOutputs(
             str(out), config=write.config, versions={"model": "test"}, crawl_time=CRAWL_TIME)

@@ -39,7 +39,7 @@ def test_assign_split_in_beam_keeps_the_persons_of_a_photo_together():
                for i in range(12) for j in range(3)]
     expected = [(s.key, split_of(s.record, 0.4, by="photo_id")) for s in samples]
     with make_pipeline(PipelineOptions([])) as pipeline:
-        got = (pipeline | beam.Create(samples) | AssignSplit(val_fraction=0.4, by="photo_id")
+        got = ((pipeline | beam.Create(samples) | AssignSplit(val_fraction=0.4, by="photo_id")).main
                | beam.Map(lambda s: (s.key, s.split)))
         assert_that(got, equal_to(expected))
     assert len({split for _, split in expected}) == 2

@@ -27,14 +27,15 @@ STAGE_AFTER_STEP = {
     "fetch": "candidates", "decode": "candidates",
     "annotate": "decoded",
     "select": "annotated",
-    "crop": "photos_with_person", "write": "samples",
+    "crop": "photos_with_person", "split": "samples", "write": "samples",
     "takedown": "samples",
 }
 STAGE_ORDER = tuple(STAGE_AFTER_STEP)
 # Stages whose rejects happen before a photo reaches annotation.
 PRE_ANNOTATION_STAGES = ("read", "prefilter", "fetch", "decode")
-# select rejects that drop a whole photo (the others drop one person of a photo).
-WHOLE_PHOTO_SELECT_REASONS = ("no_person", "bad_annotation")
+# select rejects that drop a whole photo (the others drop one person of a photo); 'error' is
+# the dead-letter reject of an unexpected exception on a photo (transforms.stage).
+WHOLE_PHOTO_SELECT_REASONS = ("no_person", "bad_annotation", "error")
 TAKEDOWN_KEY = "takedown.samples_removed"
 
 

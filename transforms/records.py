@@ -31,6 +31,19 @@ COCO_KEYPOINTS = (
 )
 HEAD_KEYPOINTS = (0, 1, 2, 3, 4)
 
+# Default keypoint score threshold per annotator, when none is configured: torchvision keypoint
+# R-CNN scores are heatmap logits (> 0: more likely visible than not); the lite annotator's are
+# BlazePose visibilities in [0, 1], 0.5 as in its own settings.
+DEFAULT_SCORE_THRESHOLDS = {"fdh": 0.0, "lite": 0.5}
+
+
+def score_threshold_for(annotator: str, configured: Optional[float]) -> float:
+    """The configured keypoint score threshold, else the annotator's default (0.0 if unknown)."""
+    if configured is not None:
+        return float(configured)
+    return DEFAULT_SCORE_THRESHOLDS.get(annotator, 0.0)
+
+
 # Crop size of an FDH sample, height x width.
 CROP_HEIGHT = 288
 CROP_WIDTH = 160
@@ -148,6 +161,15 @@ class Detections:
     def empty() -> "Detections":
         """No detections (a photo with nobody in it)."""
         return Detections(boxes=np.zeros((0, 4), np.float32), scores=np.zeros((0,), np.float32))
+
+    @staticmethod
+    def empty_for_image(height: int, width: int, vertices: bool = False) -> "Detections":
+        """No detections, with (0, H, W) masks (and vertices) so consumers need no None checks."""
+        empty = Detections.empty()
+        empty.masks = np.zeros((0, height, width), bool)
+        if vertices:
+            empty.vertices = np.zeros((0, height, width), np.int16)
+        return empty
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, BinaryIO, Iterable, Iterator, Union
+from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple, Sequence, Union
 
 import apache_beam as beam
 from apache_beam import coders
@@ -24,6 +24,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, Rejected, YfccRecord
 from transforms.rejects import reject
+from transforms.stage import StageDoFn
 from transforms.yfcc_format import LineError, build_record, parse_line
 
 STAGE = "read"
@@ -119,89 +120,125 @@ def _first(values: Iterable):
     return next(iter(values))
 
 
-class ReadYfccFileFn(beam.DoFn):
-    """Stream one matched file; emit records, rejects and the file's line count.
+def split_patterns(patterns: Union[str, Sequence[str]]) -> list[str]:
+    """The file patterns of a comma-separated string or a sequence; ValueError when none."""
+    if isinstance(patterns, str):
+        patterns = [part for part in patterns.split(",") if part]
+    patterns = [str(pattern) for pattern in patterns]
+    if not patterns:
+        raise ValueError("ReadYfcc needs at least one file or glob")
+    return patterns
 
-    Subclasses may consume the records in the same step (see `on_record`), which saves a step
-    per record: transforms.s2_prefilter.ReadAndPrefilter applies its rules here.
-    """
 
-    def __init__(self, compression_type: str):
-        self._compression_type = compression_type
+def check_patterns_match(patterns: Sequence[str]) -> None:
+    """Raise FileNotFoundError for the first pattern that matches no file."""
+    for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
+        if not result.metadata_list:
+            raise FileNotFoundError(f"no YFCC metadata file matches {pattern!r}")
+
+
+def open_matched_files(pbegin: beam.pvalue.PBegin, patterns: Sequence[str],
+                       compression_type: str) -> beam.PCollection:
+    """The files the patterns match, each once, as `fileio.ReadableFile`s (applied in the
+    caller's composite, so that the steps keep their labels)."""
+    return (
+        pbegin
+        | "Patterns" >> beam.Create(list(patterns))
+        | "Match" >> fileio.MatchAll()
+        # Two patterns may match one file: read it once. The grouping also spreads the
+        # files over workers before the long per-file read.
+        | "KeyByPath" >> beam.Map(lambda metadata: (metadata.path, metadata))
+        | "UniqueFiles" >> beam.CombinePerKey(_first)
+        | "Metadata" >> beam.Values()
+        | "Open" >> fileio.ReadMatches(compression=compression_type))
+
+
+class ReadCounters:
+    """The read stage's counters: files, lines and records read."""
+
+    def __init__(self):
         self._lines = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.lines")
         self._records = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.records")
         self._files = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.files")
 
-    def on_record(self, record: YfccRecord) -> Iterable:
-        """The outputs for one parsed record: the record itself."""
-        yield record
-
-    def process(self, readable_file: fileio.ReadableFile):
-        path = readable_file.metadata.path
-        lines = records = 0
-        on_record = self.on_record
-        with readable_file.open(mime_type="application/octet-stream",
-                                compression_type=self._compression_type) as stream:
-            for item in parse_numbered_lines(iter_lines(stream), path):
-                lines += 1
-                if type(item) is Rejected:
-                    # reject() builds the Rejected and bumps its counter.
-                    yield reject(STAGE, item.reason, item.record_id, item.detail)
-                else:
-                    records += 1
-                    yield from on_record(item)
+    def count_file(self, lines: int, records: int) -> None:
         self._files.inc()
         self._lines.inc(lines)
         self._records.inc(records)
-        yield beam.pvalue.TaggedOutput(LINE_COUNTS_TAG, (path, lines))
+
+
+def read_file(readable_file: fileio.ReadableFile, compression_type: str,
+              counters: ReadCounters) -> Iterator[Union[YfccRecord, beam.pvalue.TaggedOutput]]:
+    """Stream one matched file: its records, its rejects (TaggedOutput), then its line count
+    (TaggedOutput LINE_COUNTS_TAG). Shared by `ReadYfcc` and the fused read + prefilter step."""
+    path = readable_file.metadata.path
+    lines = records = 0
+    with readable_file.open(mime_type="application/octet-stream",
+                            compression_type=compression_type) as stream:
+        for item in parse_numbered_lines(iter_lines(stream), path):
+            lines += 1
+            if type(item) is Rejected:
+                # reject() builds the Rejected and bumps its counter.
+                yield reject(STAGE, item.reason, item.record_id, item.detail)
+            else:
+                records += 1
+                yield item
+    counters.count_file(lines, records)
+    yield beam.pvalue.TaggedOutput(LINE_COUNTS_TAG, (path, lines))
+
+
+def file_path(readable_file: Any) -> str:
+    """The path of a `fileio.ReadableFile` (the record id of an error reading it)."""
+    metadata = getattr(readable_file, "metadata", None)
+    return str(getattr(metadata, "path", "unknown"))
+
+
+class ReadYfccFileFn(StageDoFn):
+    """Stream one matched file; emit records, rejects and the file's line count."""
+
+    stage = STAGE
+
+    def __init__(self, compression_type: str):
+        self._compression_type = compression_type
+        self._counters = ReadCounters()
+
+    def element_id(self, readable_file: Any) -> str:
+        return file_path(readable_file)
+
+    def process_element(self, readable_file: fileio.ReadableFile):
+        return read_file(readable_file, self._compression_type, self._counters)
+
+
+class ReadOutput(NamedTuple):
+    """What reading YFCC files yields: records (`main`), `rejects`, and one (path, lines) per
+    file in `line_counts` (the "lines read" total of the accounting invariant)."""
+
+    main: beam.PCollection
+    rejects: beam.PCollection
+    line_counts: beam.PCollection
 
 
 class ReadYfcc(beam.PTransform):
     """Read YFCC100M metadata files (23- or 25-column lines, plain / .gz / .bz2, globs).
 
-    Returns {"main": YfccRecord, "rejects": Rejected, "line_counts": (path, lines)}.
+    Returns `ReadOutput(main=YfccRecord, rejects=Rejected, line_counts=(path, lines))`.
     With `validate` (default) every pattern must match at least one file when the pipeline is
     built, so a typo fails early instead of producing an empty run.
     """
 
-    def __init__(self, patterns: Union[str, list[str], tuple[str, ...]],
+    def __init__(self, patterns: Union[str, Sequence[str]],
                  compression_type: str = CompressionTypes.AUTO, validate: bool = True):
         super().__init__()
-        if isinstance(patterns, str):
-            patterns = [part for part in patterns.split(",") if part]
-        self._patterns = [str(pattern) for pattern in patterns]
-        if not self._patterns:
-            raise ValueError("ReadYfcc needs at least one file or glob")
+        self._patterns = split_patterns(patterns)
         self._compression_type = compression_type
         self._validate = validate
 
-    def _check_patterns_match(self) -> None:
-        for pattern, result in zip(self._patterns, FileSystems.match(self._patterns)):
-            if not result.metadata_list:
-                raise FileNotFoundError(f"no YFCC metadata file matches {pattern!r}")
-
-    # Overridden, with read_fn, by a subclass that consumes the records in the read step.
-    main_output_type: Any = YfccRecord
-
-    def read_fn(self) -> ReadYfccFileFn:
-        """The DoFn that reads one file."""
-        return ReadYfccFileFn(self._compression_type)
-
-    def expand(self, pbegin):
+    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
         if self._validate:
-            self._check_patterns_match()
+            check_patterns_match(self._patterns)
         outputs = (
-            pbegin
-            | "Patterns" >> beam.Create(self._patterns)
-            | "Match" >> fileio.MatchAll()
-            # Two patterns may match one file: read it once. The grouping also spreads the
-            # files over workers before the long per-file read.
-            | "KeyByPath" >> beam.Map(lambda metadata: (metadata.path, metadata))
-            | "UniqueFiles" >> beam.CombinePerKey(_first)
-            | "Metadata" >> beam.Values()
-            | "Open" >> fileio.ReadMatches(compression=self._compression_type)
-            | "ReadLines" >> beam.ParDo(self.read_fn())
-            .with_output_types(self.main_output_type).with_outputs(
-                REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
-        return {"main": outputs.main, "rejects": outputs[REJECTS_TAG],
-                "line_counts": outputs[LINE_COUNTS_TAG]}
+            open_matched_files(pbegin, self._patterns, self._compression_type)
+            | "ReadLines" >> beam.ParDo(ReadYfccFileFn(self._compression_type))
+            .with_output_types(YfccRecord).with_outputs(REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
+        return ReadOutput(main=outputs.main, rejects=outputs[REJECTS_TAG],
+                          line_counts=outputs[LINE_COUNTS_TAG])

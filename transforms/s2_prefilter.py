@@ -26,8 +26,11 @@ from transforms.opt_out import OptOut, read_opt_out
 from transforms.records import (FDH_LICENSES, LICENSES, METRICS_NAMESPACE, REJECTS_TAG, Rejected,
                                 YfccRecord)
 from transforms.rejects import reject
-from transforms.s1_read import (RECORD_FIELDS, ReadYfcc, ReadYfccFileFn, record_from_fields,
-                               record_to_fields)
+from transforms.s1_read import STAGE as READ_STAGE
+from transforms.s1_read import (LINE_COUNTS_TAG, RECORD_FIELDS, ReadCounters, ReadOutput, check_patterns_match,
+                                file_path, open_matched_files, read_file, record_from_fields, record_to_fields,
+                                split_patterns)
+from transforms.stage import StageDoFn, StageOutput, stage_output
 
 STAGE = "prefilter"
 DEFAULT_DROP_TAGS = ("no_cv",)
@@ -198,49 +201,81 @@ class _RulesStep:
             yield GlobalWindows.windowed_value(bucket_batch)
 
 
-class _ApplyRulesFn(_RulesStep, beam.DoFn):
+class _ApplyRulesFn(_RulesStep, StageDoFn):
     """Apply the rules to each record. Emits the rejects, and the candidates as
     (bucket, [record fields]) batches for the duplicate check."""
 
-    def process(self, record: YfccRecord):
+    stage = STAGE
+
+    def process_element(self, record: YfccRecord):
         return self.on_record(record)
 
 
-class _ReadAndApplyRulesFn(_RulesStep, ReadYfccFileFn):
+def batch_rejects(outputs: Iterable[Any], size: int = REJECTS_BATCH_SIZE) -> Iterator[Any]:
+    """The outputs, with the `Rejected`s (REJECTS_TAG) gathered in lists of up to `size`."""
+    rejects: list[Rejected] = []
+    for output in outputs:
+        if isinstance(output, beam.pvalue.TaggedOutput) and output.tag == REJECTS_TAG:
+            rejects.append(output.value)
+            if len(rejects) == size:
+                yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
+                rejects = []
+        else:
+            yield output
+    if rejects:
+        yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
+
+
+class _ReadAndApplyRulesFn(_RulesStep, StageDoFn):
     """Read one file and apply the rules to its records in the same step (one step per line
     less than ReadYfcc | Prefilter); emits what both would, the candidates in batches and the
-    rejects in lists of up to REJECTS_BATCH_SIZE."""
+    rejects in lists of up to REJECTS_BATCH_SIZE. An error is a 'read.error' of the file."""
+
+    stage = READ_STAGE
 
     def __init__(self, compression_type: str, config: _RulesConfig):
-        ReadYfccFileFn.__init__(self, compression_type)
         _RulesStep.__init__(self, config)
+        self._compression_type = compression_type
+        self._counters = ReadCounters()
 
-    def process(self, readable_file):
-        rejects: list[Rejected] = []
-        for output in super().process(readable_file):
-            if isinstance(output, beam.pvalue.TaggedOutput) and output.tag == REJECTS_TAG:
-                rejects.append(output.value)
-                if len(rejects) == REJECTS_BATCH_SIZE:
-                    yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
-                    rejects = []
+    def element_id(self, readable_file: Any) -> str:
+        return file_path(readable_file)
+
+    def process_element(self, readable_file):
+        on_record = self.on_record
+        for output in read_file(readable_file, self._compression_type, self._counters):
+            if type(output) is YfccRecord:
+                yield from on_record(output)
             else:
                 yield output
-        if rejects:
-            yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
+
+    def process(self, readable_file):
+        return batch_rejects(super().process(readable_file))
 
 
-class _KeepFirstOfPhotoFn(beam.DoFn):
+class _KeepFirstOfPhotoFn(StageDoFn):
     """Keep one record per photo id of a bucket (lowest source); reject the others.
 
     Emits each kept record and reject, or with `batch_size` lists of up to that many kept
     records and one list of the bucket's rejects.
     """
 
+    stage = STAGE
+
     def __init__(self, batch_size: Optional[int] = None):
         self._batch_size = batch_size
         self._kept = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.candidates")
 
+    def element_id(self, bucket_batches: Any) -> str:
+        return f"bucket {bucket_batches[0]}"
+
     def process(self, bucket_batches):
+        for output in super().process(bucket_batches):
+            if self._batch_size is not None and isinstance(getattr(output, "value", None), Rejected):
+                output = beam.pvalue.TaggedOutput(REJECTS_TAG, [output.value])  # an error reject
+            yield output
+
+    def process_element(self, bucket_batches):
         _, batches = bucket_batches
         records = _ReiterableRecords(batches)
         kept_records: list[YfccRecord] = []
@@ -288,28 +323,28 @@ class _ReiterableRecords:
 
 
 class _DropDuplicates(beam.PTransform):
-    """(bucket, [record fields]) batches -> {"main": YfccRecord per photo id, "rejects"};
-    with `batch_size`, "main" holds lists of up to that many records instead."""
+    """(bucket, [record fields]) batches -> StageOutput(main=YfccRecord per photo id, rejects);
+    with `batch_size`, main holds lists of up to that many records instead."""
 
     def __init__(self, batch_size: Optional[int] = None):
         super().__init__()
         self._batch_size = batch_size
 
-    def expand(self, batches):
+    def expand(self, batches: beam.PCollection) -> StageOutput:
         output_type = YfccRecord if self._batch_size is None else list[YfccRecord]
-        unique = (
+        return stage_output(
             batches
             | "GroupByIdBucket" >> beam.GroupByKey()
             | "KeepFirst" >> beam.ParDo(_KeepFirstOfPhotoFn(self._batch_size))
             .with_output_types(output_type).with_outputs(REJECTS_TAG, main="main"))
-        return {"main": unique.main, "rejects": unique[REJECTS_TAG]}
 
 
 class Prefilter(beam.PTransform):
     """Keep the usable photos of a PCollection of `YfccRecord`s (in the global window).
 
-    Returns {"main": YfccRecord (unique photo ids), "rejects": Rejected}. The rules run first,
-    so only candidates are shuffled, in batches by bucket of photo ids, for the duplicate check.
+    Returns StageOutput(main=YfccRecord (unique photo ids), rejects=Rejected). The rules run
+    first, so only candidates are shuffled, in batches by bucket of photo ids, for the
+    duplicate check.
     """
 
     def __init__(self, licenses: Iterable[str] = FDH_LICENSES,
@@ -318,48 +353,50 @@ class Prefilter(beam.PTransform):
         super().__init__()
         self._config = _RulesConfig(licenses, opt_out_paths, drop_tags)
 
-    def expand(self, records):
+    def expand(self, records: beam.PCollection) -> StageOutput:
         if not isinstance(records.windowing.windowfn, GlobalWindows):
             raise ValueError("Prefilter needs its input in the global window (a batch job)")
         self._config.create()  # reads the opt-out lists now: a missing or bad file fails early
         checked = records | "ApplyRules" >> beam.ParDo(
             _ApplyRulesFn(self._config)).with_outputs(REJECTS_TAG, main="main")
         unique = checked.main | "DropDuplicates" >> _DropDuplicates()
-        rejects = ((checked[REJECTS_TAG], unique["rejects"]) | "MergeRejects" >> beam.Flatten())
-        return {"main": unique["main"], "rejects": rejects}
+        rejects = ((checked[REJECTS_TAG], unique.rejects) | "MergeRejects" >> beam.Flatten())
+        return StageOutput(main=unique.main, rejects=rejects)
 
 
-class ReadAndPrefilter(ReadYfcc):
+class ReadAndPrefilter(beam.PTransform):
     """`ReadYfcc(patterns) | Prefilter(...)` fused: the rules run in the read step.
 
-    Same outputs as the two in a row: {"main": YfccRecord (unique photo ids), "rejects":
-    Rejected of both stages, "line_counts": (path, lines)}; faster, as a record is not emitted
-    between reading and the rules. With `batch_size`, "main" holds lists of up to that many
-    records and "rejects" lists of rejects (in any grouping), for consumers that work in
+    Same outputs as the two in a row: ReadOutput(main=YfccRecord (unique photo ids),
+    rejects=Rejected of both stages, line_counts=(path, lines)); faster, as a record is not
+    emitted between reading and the rules. With `batch_size`, main holds lists of up to that
+    many records and rejects lists of rejects (in any grouping), for consumers that work in
     batches such as a Parquet writer.
     """
-
-    main_output_type = Any  # (bucket, [record fields]) batches
 
     def __init__(self, patterns: Union[str, Sequence[str]],
                  licenses: Iterable[str] = FDH_LICENSES, opt_out_paths: Iterable[str] = (),
                  drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
                  compression_type: str = CompressionTypes.AUTO, validate: bool = True,
                  batch_size: Optional[int] = None):
-        super().__init__(patterns, compression_type, validate)
+        super().__init__()
+        self._patterns = split_patterns(patterns)
+        self._compression_type = compression_type
+        self._validate = validate
         self._config = _RulesConfig(licenses, opt_out_paths, drop_tags)
         self._batch_size = batch_size
 
-    def read_fn(self) -> _ReadAndApplyRulesFn:
-        return _ReadAndApplyRulesFn(self._compression_type, self._config)
-
-    def expand(self, pbegin):
+    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
+        if self._validate:
+            check_patterns_match(self._patterns)
         self._config.create()  # reads the opt-out lists now: a missing or bad file fails early
-        read = super().expand(pbegin)
-        unique = read["main"] | "DropDuplicates" >> _DropDuplicates(self._batch_size)
+        read = (
+            open_matched_files(pbegin, self._patterns, self._compression_type)
+            | "ReadLines" >> beam.ParDo(_ReadAndApplyRulesFn(self._compression_type, self._config))
+            .with_output_types(Any).with_outputs(REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
+        unique = read.main | "DropDuplicates" >> _DropDuplicates(self._batch_size)
+        read_rejects = read[REJECTS_TAG]
         if self._batch_size is None:
-            rejects = ((read["rejects"] | "UnbatchRejects" >> beam.FlatMap(lambda batch: batch),
-                        unique["rejects"]) | "MergeRejects" >> beam.Flatten())
-        else:
-            rejects = (read["rejects"], unique["rejects"]) | "MergeRejects" >> beam.Flatten()
-        return {"main": unique["main"], "rejects": rejects, "line_counts": read["line_counts"]}
+            read_rejects = read_rejects | "UnbatchRejects" >> beam.FlatMap(lambda batch: batch)
+        rejects = (read_rejects, unique.rejects) | "MergeRejects" >> beam.Flatten()
+        return ReadOutput(main=unique.main, rejects=rejects, line_counts=read[LINE_COUNTS_TAG])

@@ -50,6 +50,7 @@ from urllib3.util.retry import Retry
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, FetchedImage, YfccRecord
 from transforms.rejects import reject
 from transforms.s4_decode import quick_check
+from transforms.stage import StageOutput, WindowedStageDoFn, stage_output
 
 STAGE = "fetch"
 
@@ -680,8 +681,10 @@ class ImageFetcher:
 # Beam wrapper
 
 
-class _FetchDoFn(beam.DoFn):
+class _FetchDoFn(WindowedStageDoFn):
     """Keeps up to 2 x threads fetches in flight per DoFn instance; emits results as they finish."""
+
+    stage = STAGE
 
     def __init__(self, sources: Sequence[ImageSource], config: FetchConfig):
         self._sources = tuple(sources)
@@ -698,8 +701,7 @@ class _FetchDoFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._pending: dict[concurrent.futures.Future, tuple] = {}
 
-    def process(self, record: YfccRecord, timestamp=beam.DoFn.TimestampParam,
-                window=beam.DoFn.WindowParam) -> Iterator:
+    def process_element(self, record: YfccRecord, timestamp=None, window=None) -> Iterator:
         future = self._executor.submit(self._fetcher.fetch, record)
         self._pending[future] = (timestamp, window)
         if len(self._pending) >= self._max_in_flight:
@@ -737,7 +739,7 @@ class _FetchDoFn(beam.DoFn):
 
 
 class FetchImages(beam.PTransform):
-    """YfccRecord -> {"main": FetchedImage, "rejects": Rejected}, from the first source that serves it.
+    """YfccRecord -> StageOutput(main=FetchedImage, rejects=Rejected), from the first source that serves it.
 
     `image_source` is a spec such as 'mirror:gs://bucket/yfcc,flickr' (see module docstring);
     it is parsed here, so a bad spec fails at pipeline construction.
@@ -754,8 +756,7 @@ class FetchImages(beam.PTransform):
         if self._config.threads < 1 or self._config.per_host_concurrency < 1:
             raise ValueError("threads and per_host_concurrency must be >= 1")
 
-    def expand(self, records):
-        outputs = records | "FetchBytes" >> beam.ParDo(
-            _FetchDoFn(self._sources, self._config)).with_outputs(REJECTS_TAG, main="main")
-        return {"main": outputs.main, "rejects": outputs[REJECTS_TAG]}
+    def expand(self, records: beam.PCollection) -> StageOutput:
+        return stage_output(records | "FetchBytes" >> beam.ParDo(
+            _FetchDoFn(self._sources, self._config)).with_outputs(REJECTS_TAG, main="main"))
 

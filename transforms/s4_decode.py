@@ -34,6 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, DecodedImage, FetchedImage
 from transforms.rejects import reject
+from transforms.stage import StageDoFn, StageOutput, stage_output
 
 STAGE = "decode"
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: far above Flickr's ~500 px / 1024 px JPEGs
@@ -182,13 +183,15 @@ def _blankness(image: Image.Image) -> tuple[float, int]:
     return float(grey.std()), int(np.unique(grey).size)
 
 
-class _DecodeDoFn(beam.DoFn):
+class _DecodeDoFn(StageDoFn):
+    stage = STAGE
+
     def __init__(self, max_pixels: int, min_side: int, blank_std: float, blank_levels: int):
         self._kwargs = dict(max_pixels=max_pixels, min_side=min_side, blank_std=blank_std,
                             blank_levels=blank_levels)
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "decode.ok")
 
-    def process(self, fetched: FetchedImage) -> Iterator:
+    def process_element(self, fetched: FetchedImage) -> Iterator:
         record = fetched.record
         try:
             array, info = decode_image(fetched.data, **self._kwargs)
@@ -202,7 +205,7 @@ class _DecodeDoFn(beam.DoFn):
 
 
 class DecodeImages(beam.PTransform):
-    """FetchedImage -> {"main": DecodedImage, "rejects": Rejected} (see module docstring)."""
+    """FetchedImage -> StageOutput(main=DecodedImage, rejects=Rejected) (see module docstring)."""
 
     def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
                  blank_std: float = DEFAULT_BLANK_STD, blank_levels: int = DEFAULT_BLANK_LEVELS):
@@ -211,7 +214,6 @@ class DecodeImages(beam.PTransform):
             raise ValueError("max_pixels and min_side must be >= 1")
         self._params = (max_pixels, min_side, blank_std, blank_levels)
 
-    def expand(self, fetched):
-        outputs = fetched | "DecodeBytes" >> beam.ParDo(_DecodeDoFn(*self._params)).with_outputs(
-            REJECTS_TAG, main="main")
-        return {"main": outputs.main, "rejects": outputs[REJECTS_TAG]}
+    def expand(self, fetched: beam.PCollection) -> StageOutput:
+        return stage_output(fetched | "DecodeBytes" >> beam.ParDo(_DecodeDoFn(*self._params)).with_outputs(
+            REJECTS_TAG, main="main"))

@@ -20,201 +20,25 @@ dilation undone inside the zero-padded area. ``e_mask`` = where the CSE has an e
 ``vertices`` = CSE vertex ids there, 0 elsewhere. Keypoints go to crop coordinates normalised to
 [0, 1] (x/W, y/H) with visibility 1 when the score passes the threshold and the point is inside.
 
-`embeddings_to_vertices` (nearest `embed_map` row per CSE embedding) is used by the annotate stage.
+Steps 1-5 (the box) live in `transforms.crop_geometry`, shared with the select stage.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
 from transforms.records import (CROP_HEIGHT, CROP_WIDTH, METRICS_NAMESPACE, REJECTS_TAG, DecodedImage,
-                                FdhSample, Person, sample_key)
+                                FdhSample, Person, sample_key, score_threshold_for)
+from transforms.crop_geometry import MIN_BOX_AREA, Box, box_area, crop_box_for_person, is_too_small
 from transforms.rejects import reject
-
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive), integer pixels
+from transforms.stage import StageDoFn, StageOutput, stage_output
 
 STAGE = "crop"
-TARGET_ASPECT = CROP_HEIGHT / CROP_WIDTH  # 1.8
-AXIS_MIN_EXPANSION = 0.1
-MAX_PERSON_FRACTION = 0.7  # DP2's percentage_background = 0.3
-MIN_BOX_AREA = 32 * 32
 DILATION_RADIUS = int(math.sqrt(CROP_HEIGHT * CROP_WIDTH) * 0.02)  # 4
-DEFAULT_CHUNK_ROWS = 1024  # embeddings per distance block: 1024 x 27554 float32 = 113 MB
-
-
-# --------------------------------------------------------------------------------------------
-# CSE embeddings -> mesh vertex ids
-# --------------------------------------------------------------------------------------------
-
-def _is_torch(array: Any) -> bool:
-    return type(array).__module__.split(".")[0] == "torch"
-
-
-def embeddings_to_vertices(embeddings: Any, embed_map: Any, mask: Any = None,
-                           chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Any:
-    """Index of the nearest `embed_map` row (squared L2) for each CSE embedding.
-
-    `embeddings` is either a per-pixel map (C, h, w) -> returns (h, w), or rows (n, C) -> (n,).
-    `embed_map` is (V, C) (V = 27,554 for smpl_27554, C = 16). `mask` (h, w) or (n,) bool keeps
-    only those positions; the others get vertex 0 (as DensePose/DP2 do outside the CSE mask).
-    Works on NumPy arrays (returns int64 NumPy) and on torch tensors (returns int64 tensor on the
-    embeddings' device: pass CUDA tensors to run on the GPU). Distances are computed in blocks of
-    `chunk_rows` embeddings so memory stays at chunk_rows * V floats.
-    """
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    torch_mode = _is_torch(embeddings)
-    if embeddings.ndim == 3:
-        channels, height, width = embeddings.shape
-        out_shape: tuple[int, ...] = (height, width)
-        rows = embeddings.reshape(channels, -1).T  # (h*w, C) view
-    elif embeddings.ndim == 2:
-        channels = embeddings.shape[1]
-        out_shape = (embeddings.shape[0],)
-        rows = embeddings
-    else:
-        raise ValueError(f"embeddings must be (C, h, w) or (n, C), got shape {tuple(embeddings.shape)}")
-    if embed_map.ndim != 2 or embed_map.shape[1] != channels:
-        raise ValueError(f"embed_map must be (V, {channels}), got {tuple(embed_map.shape)}")
-    if mask is not None and tuple(mask.shape) != out_shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {out_shape}")
-    if torch_mode:
-        return _nearest_rows_torch(rows, embed_map, mask, out_shape, chunk_rows)
-    return _nearest_rows_numpy(np.asarray(rows), np.asarray(embed_map), mask, out_shape, chunk_rows)
-
-
-def _nearest_rows_numpy(rows: np.ndarray, embed_map: np.ndarray, mask: Optional[np.ndarray],
-                        out_shape: tuple[int, ...], chunk_rows: int) -> np.ndarray:
-    out = np.zeros(int(np.prod(out_shape)), np.int64)
-    selected = np.flatnonzero(np.asarray(mask).reshape(-1)) if mask is not None else None
-    if selected is not None:
-        rows = rows[selected]
-    rows = rows.astype(np.float32, copy=False)
-    table = embed_map.astype(np.float32, copy=False)
-    table_t = np.ascontiguousarray(table.T)
-    table_sq = np.einsum("vc,vc->v", table, table)
-    found = np.empty(rows.shape[0], np.int64)
-    for start in range(0, rows.shape[0], chunk_rows):
-        block = rows[start:start + chunk_rows]
-        # ||e - m||^2 = ||e||^2 - 2 e.m + ||m||^2; ||e||^2 does not change the argmin.
-        dist = block @ table_t
-        dist *= -2.0
-        dist += table_sq
-        found[start:start + block.shape[0]] = dist.argmin(axis=1)
-    if selected is None:
-        out[:] = found
-    else:
-        out[selected] = found
-    return out.reshape(out_shape)
-
-
-def _nearest_rows_torch(rows, embed_map, mask, out_shape, chunk_rows):
-    import torch
-
-    device = rows.device
-    out = torch.zeros(int(np.prod(out_shape)), dtype=torch.int64, device=device)
-    selected = None
-    if mask is not None:
-        selected = torch.as_tensor(mask, device=device).reshape(-1).nonzero().squeeze(1)
-        rows = rows[selected]
-    rows = rows.float()
-    table = torch.as_tensor(embed_map, device=device).float()
-    table_t = table.T.contiguous()
-    table_sq = (table * table).sum(dim=1)
-    found = torch.empty(rows.shape[0], dtype=torch.int64, device=device)
-    with torch.no_grad():
-        for start in range(0, rows.shape[0], chunk_rows):
-            block = rows[start:start + chunk_rows]
-            dist = torch.addmm(table_sq, block, table_t, beta=1.0, alpha=-2.0)
-            found[start:start + block.shape[0]] = dist.argmin(dim=1)
-    if selected is None:
-        out[:] = found
-    else:
-        out[selected] = found
-    return out.reshape(out_shape)
-
-
-# --------------------------------------------------------------------------------------------
-# Crop box geometry (DP2 box_utils)
-# --------------------------------------------------------------------------------------------
-
-def expand_axis(start: int, end: int, target: int, limit: int) -> tuple[int, int]:
-    """Resize [start, end) to length `target` around its centre, then shift it inside [0, limit)
-    as far as possible; a span longer than `limit` stays centred, overflowing on both sides."""
-    grow = (target - (end - start)) // 2
-    start, end = start - grow, end + grow
-    if end - start != target:
-        end += 1
-    if start < 0 and end < limit:
-        shift = min(-start, limit - end)
-        start, end = start + shift, end + shift
-    if end > limit and start > 0:
-        shift = min(end - limit, start)
-        start, end = start - shift, end - shift
-    return start, end
-
-
-def grow_box(box: Box, image_hw: tuple[int, int], fraction: float = AXIS_MIN_EXPANSION) -> Box:
-    """Grow width and height by int(sqrt(h*w) * fraction), each capped at the image size."""
-    x0, y0, x1, y1 = box
-    expansion = int(math.sqrt((y1 - y0) * (x1 - x0)) * fraction)
-    height, width = image_hw
-    x0, x1 = expand_axis(x0, x1, min(x1 - x0 + expansion, width), width)
-    y0, y1 = expand_axis(y0, y1, min(y1 - y0 + expansion, height), height)
-    return x0, y0, x1, y1
-
-
-def expand_to_aspect(box: Box, image_hw: tuple[int, int], aspect: float = TARGET_ASPECT) -> Box:
-    """Grow the short axis so that h / w = aspect (within integer truncation); may leave the image."""
-    x0, y0, x1, y1 = box
-    height, width = y1 - y0, x1 - x0
-    ratio = height / width
-    if ratio == aspect:
-        return box
-    if ratio < aspect:
-        y0, y1 = expand_axis(y0, y1, int(width * aspect), image_hw[0])
-    else:
-        x0, x1 = expand_axis(x0, x1, int(height / aspect), image_hw[1])
-    return x0, y0, x1, y1
-
-
-def expand_for_background(box: Box, image_hw: tuple[int, int], mask_pixels: int,
-                          max_person_fraction: float = MAX_PERSON_FRACTION) -> Box:
-    """If the person covers >= max_person_fraction of the box, scale both sides up (ceil) so that it
-    covers max_person_fraction of the new box."""
-    x0, y0, x1, y1 = box
-    height, width = y1 - y0, x1 - x0
-    person_fraction = mask_pixels / (height * width)
-    if (1 - person_fraction) > (1 - max_person_fraction):
-        return box
-    scale = math.sqrt((mask_pixels / max_person_fraction) / (height * width))
-    x0, x1 = expand_axis(x0, x1, int(math.ceil(scale * width)), image_hw[1])
-    y0, y1 = expand_axis(y0, y1, int(math.ceil(scale * height)), image_hw[0])
-    return x0, y0, x1, y1
-
-
-def crop_box_for_person(person_box: Sequence[float], image_hw: tuple[int, int],
-                        mask_pixels: int) -> Box:
-    """The FDH crop box of a person: grow by 10 %, expand to 1.8, then to <= 70 % person."""
-    x0, y0, x1, y1 = (int(v) for v in person_box)  # truncation, as DP2's .long()
-    if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"empty person box {tuple(person_box)}")
-    box = grow_box((x0, y0, x1, y1), image_hw)
-    box = expand_to_aspect(box, image_hw)
-    return expand_for_background(box, image_hw, int(mask_pixels))
-
-
-def box_area(box: Box) -> int:
-    return (box[2] - box[0]) * (box[3] - box[1])
-
-
-def is_too_small(box: Box, min_area: int = MIN_BOX_AREA) -> bool:
-    """DP2 drops expanded boxes under 32*32 pixels of area."""
-    return box_area(box) < min_area
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,17 +215,17 @@ def person_problem(photo: DecodedImage, person: Person) -> Optional[str]:
     return None
 
 
-class _CropPersonsFn(beam.DoFn):
+class _CropPersonsFn(StageDoFn):
     """(photo, annotator, persons) -> one FdhSample per person, or a 'crop' reject."""
+
+    stage = STAGE
 
     def __init__(self, keypoint_score_threshold: Optional[float], min_box_area: int):
         self._threshold = keypoint_score_threshold
         self._min_box_area = min_box_area
         self._samples = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.samples")
 
-    def process(self, selected) -> Iterable:
-        from transforms.s6_select.rules import score_threshold_for
-
+    def process_element(self, selected) -> Iterable:
         photo = selected.photo
         record = photo.record
         image_hw = tuple(photo.image.shape[:2])
@@ -426,8 +250,9 @@ class CropPersons(beam.PTransform):
     """Crop the persons that SelectPersons kept into 288x160 FdhSamples.
 
     Input: `SelectedPhoto(photo, annotator, persons)` elements (transforms.s6_select).
-    Returns {"main": PCollection[FdhSample], "rejects": PCollection[Rejected]}; rejects are
-    per person (record_id = sample key): 'too_small' (crop box under 32*32 px), 'bad_person'.
+    Returns StageOutput(main=PCollection[FdhSample], rejects=PCollection[Rejected]); rejects are
+    per person (record_id = sample key): 'too_small' (crop box under 32*32 px), 'bad_person';
+    per photo 'error' (an unexpected exception, transforms.stage).
     Keypoint visibility: score >= `keypoint_score_threshold` (None = the annotator's default, as
     SelectPersons) and inside the crop.
     """
@@ -438,8 +263,7 @@ class CropPersons(beam.PTransform):
         self._keypoint_score_threshold = keypoint_score_threshold
         self._min_box_area = min_box_area
 
-    def expand(self, selected):
-        results = selected | "Crop" >> beam.ParDo(
+    def expand(self, selected: beam.PCollection) -> StageOutput:
+        return stage_output(selected | "Crop" >> beam.ParDo(
             _CropPersonsFn(self._keypoint_score_threshold, self._min_box_area)).with_outputs(
-                REJECTS_TAG, main="main")
-        return {"main": results.main, "rejects": results[REJECTS_TAG]}
+                REJECTS_TAG, main="main"))

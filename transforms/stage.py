@@ -10,7 +10,7 @@ bad element never fails a 100M-line job. Configuration errors are raised at laun
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple, Optional
 
 import apache_beam as beam
 
@@ -39,11 +39,14 @@ def record_of(element: Any) -> Any:
     return None
 
 
-def error_reject(stage: str, element: Any, error: BaseException) -> beam.pvalue.TaggedOutput:
-    """The `{stage}.error` reject for an element whose processing raised `error`."""
+def error_reject(stage: str, element: Any, error: BaseException,
+                 record_id: Optional[str] = None) -> beam.pvalue.TaggedOutput:
+    """The `{stage}.error` reject for an element whose processing raised `error`; its record id
+    is `record_id` if given, else the photo id (or source) of the record the element carries."""
     record = record_of(element)
     photo_id = getattr(record, "photo_id", None)
-    record_id = str(photo_id) if photo_id is not None else (getattr(record, "source", "") or "unknown")
+    if record_id is None:
+        record_id = str(photo_id) if photo_id is not None else (getattr(record, "source", "") or "unknown")
     logging.warning("%s: unexpected %s on %s: %s", stage, type(error).__name__, record_id, error)
     return reject(stage, ERROR_REASON, record_id, f"{type(error).__name__}: {error}",
                   photo_id=photo_id, user_nsid=getattr(record, "user_nsid", None))
@@ -61,11 +64,30 @@ class StageDoFn(beam.DoFn):
     def process_element(self, element: Any) -> Iterable[Any]:
         raise NotImplementedError
 
+    def element_id(self, element: Any) -> Optional[str]:
+        """The record id of an error reject for `element`; None: that of the record it carries."""
+        return None
+
     def process(self, element: Any) -> Iterator[Any]:
         try:
             yield from self.process_element(element)
         except Exception as error:  # the dead-letter policy: see the module docstring
-            yield error_reject(self.stage, element, error)
+            yield error_reject(self.stage, element, error, self.element_id(element))
+
+
+class WindowedStageDoFn(StageDoFn):
+    """A `StageDoFn` whose `process_element(element, timestamp, window)` also gets the element's
+    timestamp and window (for DoFns that emit outputs later, e.g. in `finish_bundle`)."""
+
+    def process_element(self, element: Any, timestamp: Any = None, window: Any = None) -> Iterable[Any]:
+        raise NotImplementedError
+
+    def process(self, element: Any, timestamp: Any = beam.DoFn.TimestampParam,
+                window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        try:
+            yield from self.process_element(element, timestamp, window)
+        except Exception as error:  # the dead-letter policy: see the module docstring
+            yield error_reject(self.stage, element, error, self.element_id(element))
 
 
 def error_rejects_for_batch(stage: str, batch: Iterable[Any],

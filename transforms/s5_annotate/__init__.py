@@ -9,9 +9,10 @@ batched, variable image sizes):
 
 `Annotate(annotator="lite")` runs mediapipe BlazePose on the CPU (<= 1 person per photo), offline.
 
-Output: {"main": PCollection[AnnotatedPhoto], "rejects": PCollection[Rejected]}. A photo a model
-fails on becomes Rejected(stage='annotate', reason='model_error'); the job never crashes for one
-image. Configuration errors (GPU asked for but absent, detectron2 missing, weights missing) raise
+Output: StageOutput(main=PCollection[AnnotatedPhoto], rejects=PCollection[Rejected]). A photo a
+model fails on becomes Rejected(stage='annotate', reason='model_error'), any other unexpected
+error on one photo 'annotate.error' (transforms.stage); the job never crashes for one image.
+Configuration errors (GPU asked for but absent, detectron2 missing, weights missing) raise
 at pipeline construction, before any worker starts.
 """
 from __future__ import annotations
@@ -22,15 +23,19 @@ from typing import Optional
 import apache_beam as beam
 
 from transforms.records import REJECTS_TAG
-from transforms.s5_annotate.cascade import DEFAULT_MIN_PERSON_HEIGHT, DEFAULT_PERSON_SCORE
+from transforms.s5_annotate.cascade import (DEFAULT_MIN_PERSON_HEIGHT, DEFAULT_PERSON_SCORE, FdhSettings,
+                                            expand_fdh)
+from transforms.s5_annotate.cse import require_detectron2
+from transforms.s5_annotate.handlers import check_device, check_weights_present
 from transforms.s5_annotate.lite import LiteAnnotateFn, thresholds_from_dict
+from transforms.stage import StageOutput, stage_output
 
 ANNOTATORS = ("fdh", "lite")
 DEVICES = ("CPU", "GPU")
 
 
 class Annotate(beam.PTransform):
-    """DecodedImage -> {"main": AnnotatedPhoto, "rejects": Rejected}.
+    """DecodedImage -> StageOutput(main=AnnotatedPhoto, rejects=Rejected).
 
     Args:
       annotator: 'fdh' (torchvision keypoint + mask R-CNN, DensePose CSE) or 'lite' (mediapipe).
@@ -56,6 +61,8 @@ class Annotate(beam.PTransform):
       require_detectron2_here: check at construction that detectron2 + DensePose import here.
         Set False only when launching a remote job from a machine without detectron2 whose
         worker container (docker/) has it.
+      check_here: check at construction that the device and the weights are present here (the
+        job passes whether it runs in this process: `beam_jobs.common.is_local(options)`).
     """
 
     def __init__(self, annotator: str = "fdh", model_dir: Optional[str] = None, device: str = "CPU",
@@ -64,7 +71,8 @@ class Annotate(beam.PTransform):
                  person_score: float = DEFAULT_PERSON_SCORE, gpu_type: Optional[str] = None,
                  random_weights: bool = False, model_options: Optional[dict] = None,
                  lite_thresholds: Optional[dict] = None, large_model: Optional[bool] = None,
-                 model_copies: Optional[int] = None, require_detectron2_here: bool = True):
+                 model_copies: Optional[int] = None, require_detectron2_here: bool = True,
+                 check_here: bool = True):
         super().__init__()
         if annotator not in ANNOTATORS:
             raise ValueError(f"--annotator must be one of {ANNOTATORS}, got {annotator!r}")
@@ -87,26 +95,20 @@ class Annotate(beam.PTransform):
         self._lite_thresholds = thresholds_from_dict(lite_thresholds)
         self._large_model = (device == "GPU") if large_model is None else large_model
         self._model_copies = model_copies
+        self._check_here = check_here
         if annotator == "fdh" and not no_embeddings and require_detectron2_here:
-            from transforms.s5_annotate.cse import require_detectron2
-
             require_detectron2()
 
-    def expand(self, photos):
+    def expand(self, photos: beam.PCollection) -> StageOutput:
         if self._annotator == "lite":
             if self._device == "GPU":
                 logging.warning("the lite annotator (mediapipe) runs on the CPU; --device=GPU ignored")
-            results = photos | "LiteAnnotate" >> beam.ParDo(
-                LiteAnnotateFn(self._lite_thresholds)).with_outputs(REJECTS_TAG, main="main")
-            return {"main": results.main, "rejects": results[REJECTS_TAG]}
-        from transforms.s5_annotate.cascade import expand_fdh
-
+            return stage_output(photos | "LiteAnnotate" >> beam.ParDo(
+                LiteAnnotateFn(self._lite_thresholds)).with_outputs(REJECTS_TAG, main="main"))
         self._check_local_configuration(photos.pipeline)
         return expand_fdh(photos, self._fdh_settings())
 
-    def _fdh_settings(self):
-        from transforms.s5_annotate.cascade import FdhSettings
-
+    def _fdh_settings(self) -> FdhSettings:
         return FdhSettings(
             model_dir=self._model_dir, device=self._device, max_batch_size=self._max_batch_size,
             no_embeddings=self._no_embeddings, min_person_height=self._min_person_height,
@@ -116,10 +118,7 @@ class Annotate(beam.PTransform):
 
     def _check_local_configuration(self, pipeline: beam.Pipeline) -> None:
         """Fail at construction, not on a worker: GPU missing, weights missing (local runs)."""
-        from beam_jobs.common import is_local
-        from transforms.s5_annotate.handlers import check_device, check_weights_present
-
-        if pipeline.options is None or not is_local(pipeline.options):
+        if pipeline.options is None or not self._check_here:
             return
         check_device(self._device)
         if not self._random_weights:

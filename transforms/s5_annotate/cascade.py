@@ -31,10 +31,15 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, AnnotatedPhoto, DecodedImage, Detections
 from transforms.rejects import reject
+from transforms.stage import StageDoFn, StageOutput
+from transforms.s5_annotate.cse import CSE_MODEL_ASSET, PHI_ASSET, DensePoseCseHandler
+from transforms.s5_annotate.handlers import (DEFAULT_MASK_MODEL, KEYPOINT_MODEL, MODELS, ModelError,
+                                             TorchvisionDetectionHandler)
 
 DEFAULT_MIN_PERSON_HEIGHT = 32
 DEFAULT_PERSON_SCORE = 0.5
 ANNOTATOR_NAME = "fdh"
+STAGE = "annotate"
 DENSE_TAG = "dense"
 
 
@@ -44,17 +49,6 @@ def needs_dense_models(keypoint_dets: Detections, person_score: float, min_perso
         return False
     heights = keypoint_dets.boxes[:, 3] - keypoint_dets.boxes[:, 1]
     return bool(((keypoint_dets.scores >= person_score) & (heights >= min_person_height)).any())
-
-
-def empty_detections(height: int, width: int, vertices: bool = False) -> Detections:
-    """No detections, with (0, H, W) masks (and vertices) so consumers need no None checks."""
-    import numpy as np
-
-    empty = Detections.empty()
-    empty.masks = np.zeros((0, height, width), bool)
-    if vertices:
-        empty.vertices = np.zeros((0, height, width), np.int16)
-    return empty
 
 
 @dataclass(frozen=True)
@@ -74,23 +68,15 @@ class FdhSettings:
 
     @property
     def mask_model(self) -> str:
-        from transforms.s5_annotate.handlers import DEFAULT_MASK_MODEL
-
         return self.model_options.get("mask_model", DEFAULT_MASK_MODEL)
 
     def asset_names(self) -> list[str]:
-        from transforms.s5_annotate.handlers import KEYPOINT_MODEL, MODELS
-
         names = [MODELS[KEYPOINT_MODEL][0], MODELS[self.mask_model][0]]
         if not self.no_embeddings:
-            from transforms.s5_annotate.cse import CSE_MODEL_ASSET, PHI_ASSET
-
             names += [CSE_MODEL_ASSET, PHI_ASSET]
         return names
 
     def torchvision_handler(self, model_name: str):
-        from transforms.s5_annotate.handlers import TorchvisionDetectionHandler
-
         options = {k: v for k, v in self.model_options.items()
                    if k not in ("mask_model", "densepose_config_dir", "densepose_overrides")}
         return TorchvisionDetectionHandler(
@@ -99,8 +85,6 @@ class FdhSettings:
             large_model=self.large_model, model_copies=self.model_copies, **options)
 
     def cse_handler(self):
-        from transforms.s5_annotate.cse import DensePoseCseHandler
-
         return DensePoseCseHandler(
             model_dir=self.model_dir, device=self.device, max_batch_size=self.max_batch_size,
             large_model=self.large_model, model_copies=self.model_copies,
@@ -110,25 +94,27 @@ class FdhSettings:
 
 
 def _reject_model_error(photo: DecodedImage, error) -> beam.pvalue.TaggedOutput:
-    return reject("annotate", "model_error", str(photo.record.photo_id), error.detail,
+    return reject(STAGE, "model_error", str(photo.record.photo_id), error.detail,
                   photo.record.photo_id, photo.record.user_nsid)
 
 
-class StartAnnotationFn(beam.DoFn):
+class StartAnnotationFn(StageDoFn):
     """DecodedImage -> (AnnotatedPhoto being built, its RGB array) for a keyed RunInference."""
 
-    def process(self, photo: DecodedImage) -> Iterator:
+    stage = STAGE
+
+    def process_element(self, photo: DecodedImage) -> Iterator:
         yield AnnotatedPhoto(photo=photo, annotator=ANNOTATOR_NAME,
                              keypoint_dets=Detections.empty()), photo.image
 
 
-class _AttachFn(beam.DoFn):
+class _AttachFn(StageDoFn):
     """Base of the steps after each RunInference: a model error becomes a reject, a result is
     handed to `attach(annotated, result)`, which yields the photo on (DENSE_TAG) or finished."""
 
-    def process(self, element) -> Iterator:
-        from transforms.s5_annotate.handlers import ModelError
+    stage = STAGE
 
+    def process_element(self, element) -> Iterator:
         annotated, result = element
         if isinstance(result, ModelError):
             yield _reject_model_error(annotated.photo, result)
@@ -159,8 +145,8 @@ class AttachKeypointsFn(_AttachFn):
         self._skipped.inc()
         height, width = image.shape[:2]
         yield dataclasses.replace(
-            annotated, mask_dets=empty_detections(height, width),
-            cse_dets=None if self._no_embeddings else empty_detections(height, width, vertices=True))
+            annotated, mask_dets=Detections.empty_for_image(height, width),
+            cse_dets=None if self._no_embeddings else Detections.empty_for_image(height, width, vertices=True))
 
 
 class AttachMasksFn(_AttachFn):
@@ -178,7 +164,7 @@ class AttachMasksFn(_AttachFn):
         elif len(result) == 0:
             self._skipped.inc()
             height, width = image.shape[:2]
-            yield dataclasses.replace(annotated, cse_dets=empty_detections(height, width, vertices=True))
+            yield dataclasses.replace(annotated, cse_dets=Detections.empty_for_image(height, width, vertices=True))
         else:
             yield beam.pvalue.TaggedOutput(DENSE_TAG, (annotated, image))
 
@@ -190,29 +176,28 @@ class AttachCseFn(_AttachFn):
         yield dataclasses.replace(annotated, cse_dets=result)
 
 
-def _run_model(pcoll, label: str, handler, settings: FdhSettings):
+def _run_model(pcoll, label: str, handler):
     return pcoll | label >> RunInference(KeyedModelHandler(handler))
 
 
-def expand_fdh(photos, settings: FdhSettings) -> dict:
-    """Compose the cascade on a PCollection[DecodedImage]; {"main": ..., "rejects": ...}."""
-    from transforms.s5_annotate.handlers import KEYPOINT_MODEL
-
-    started = photos | "StartAnnotation" >> beam.ParDo(StartAnnotationFn())
-    keypoints = _run_model(started, "KeypointRCNN", settings.torchvision_handler(KEYPOINT_MODEL), settings)
+def expand_fdh(photos: beam.PCollection, settings: FdhSettings) -> StageOutput:
+    """Compose the cascade on a PCollection[DecodedImage]."""
+    started = photos | "StartAnnotation" >> beam.ParDo(StartAnnotationFn()).with_outputs(
+        REJECTS_TAG, main="main")
+    keypoints = _run_model(started.main, "KeypointRCNN", settings.torchvision_handler(KEYPOINT_MODEL))
     after_keypoints = keypoints | "AttachKeypoints" >> beam.ParDo(AttachKeypointsFn(
         settings.person_score, settings.min_person_height, settings.no_embeddings)).with_outputs(
         DENSE_TAG, REJECTS_TAG, main="done")
     masks = _run_model(after_keypoints[DENSE_TAG], "MaskRCNN",
-                       settings.torchvision_handler(settings.mask_model), settings)
+                       settings.torchvision_handler(settings.mask_model))
     after_masks = masks | "AttachMasks" >> beam.ParDo(AttachMasksFn(settings.no_embeddings)).with_outputs(
         DENSE_TAG, REJECTS_TAG, main="done")
     done = [after_keypoints.done, after_masks.done]
-    rejects = [after_keypoints[REJECTS_TAG], after_masks[REJECTS_TAG]]
+    rejects = [started[REJECTS_TAG], after_keypoints[REJECTS_TAG], after_masks[REJECTS_TAG]]
     if not settings.no_embeddings:
-        cse = _run_model(after_masks[DENSE_TAG], "DensePoseCSE", settings.cse_handler(), settings)
+        cse = _run_model(after_masks[DENSE_TAG], "DensePoseCSE", settings.cse_handler())
         after_cse = cse | "AttachCse" >> beam.ParDo(AttachCseFn()).with_outputs(REJECTS_TAG, main="done")
         done.append(after_cse.done)
         rejects.append(after_cse[REJECTS_TAG])
-    return {"main": done | "FlattenAnnotated" >> beam.Flatten(),
-            "rejects": rejects | "FlattenRejects" >> beam.Flatten()}
+    return StageOutput(main=done | "FlattenAnnotated" >> beam.Flatten(),
+                       rejects=rejects | "FlattenRejects" >> beam.Flatten())

@@ -6,7 +6,7 @@ Per detected box the predictor returns a coarse segmentation S (2, 112, 112: bac
 logits) and an embedding E (16, 112, 112). `cse_instances_to_detections` resamples both to the
 box (bilinear, like detectron2's own resampling), pastes them into the image frame, takes the
 person pixels as the mask and, inside it, the nearest `embed_map` row as the vertex id
-(`transforms.s7_crop.embeddings_to_vertices`, squared L2).
+(`transforms.cse_vertices.embeddings_to_vertices`, squared L2).
 
 `embed_map` = row-normalised phi_smpl_27554_256 [27554, 256] @ the checkpoint's [256, 16]
 `roi_heads.embedder.embedder_smpl_27554.embeddings`: the model's own embedder computes it once the
@@ -27,6 +27,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms import assets
+from transforms.cse_vertices import embeddings_to_vertices
 from transforms.records import Detections
 from transforms.s5_annotate.handlers import infer_with_fallback, torch_device
 
@@ -79,14 +80,11 @@ def cse_instances_to_detections(instances: Any, image_hw: tuple[int, int], embed
     import torch
     import torch.nn.functional as F
 
-    from transforms.s5_annotate.cascade import empty_detections
-    from transforms.s7_crop import embeddings_to_vertices
-
     height, width = image_hw
     boxes = _as_tensor(instances.pred_boxes.tensor).float()
     scores = _as_tensor(instances.scores).float()
     if len(boxes) == 0:
-        return empty_detections(height, width, vertices=True)
+        return Detections.empty_for_image(height, width, vertices=True)
     segm = _as_tensor(instances.pred_densepose.coarse_segm).float()
     embedding = _as_tensor(instances.pred_densepose.embedding).float()
     embed_map = _as_tensor(embed_map).float().to(embedding.device)

@@ -16,12 +16,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from transforms.crop_geometry import mask_box
 from transforms.records import METRICS_NAMESPACE, AnnotatedPhoto, DecodedImage, Detections
 from transforms.rejects import reject
+from transforms.stage import StageDoFn
 
 # BlazePose-33 landmark index of each COCO-17 keypoint, in COCO order (nose, eyes, ears,
 # shoulders, elbows, wrists, hips, knees, ankles; left before right, the person's left as in COCO).
@@ -46,13 +47,6 @@ class LiteThresholds:
     keypoint_visibility: float = 0.5
     min_visible_keypoints: int = 4
     min_mask_fraction: float = 0.002
-
-
-def _box_from_mask(mask: np.ndarray) -> np.ndarray:
-    """(4,) float32 x0, y0, x1, y1 (x1, y1 exclusive) of the True pixels of a (H, W) mask."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
 
 
 class LiteAnnotator:
@@ -94,15 +88,17 @@ class LiteAnnotator:
             return Detections.empty()
         score = float(keypoints[:, 2].mean())
         return Detections(
-            boxes=_box_from_mask(mask)[None], scores=np.array([score], np.float32),
+            boxes=np.array([mask_box(mask)], np.float32), scores=np.array([score], np.float32),
             masks=mask[None], keypoints=keypoints[None])
 
     def annotate(self, photo: DecodedImage) -> AnnotatedPhoto:
         return AnnotatedPhoto(photo=photo, annotator=ANNOTATOR_NAME, keypoint_dets=self.detect(photo.image))
 
 
-class LiteAnnotateFn(beam.DoFn):
+class LiteAnnotateFn(StageDoFn):
     """Beam wrapper of `LiteAnnotator`: the mediapipe graph is built once per DoFn in setup()."""
+
+    stage = "annotate"
 
     def __init__(self, thresholds: LiteThresholds = LiteThresholds()):
         self._thresholds = thresholds
@@ -118,7 +114,7 @@ class LiteAnnotateFn(beam.DoFn):
             self._annotator.close()
             self._annotator = None
 
-    def process(self, photo: DecodedImage) -> Iterator:
+    def process_element(self, photo: DecodedImage) -> Iterator:
         try:
             annotated = self._annotator.annotate(photo)
         except Exception as error:  # one bad image must not fail the job

@@ -5,15 +5,16 @@ Pure core: `select_persons(annotated, part_table, rule)` -> `Selection` (kept pe
 crop box in `person.extra['crop_box']`, and what was dropped and why). See combine.py for how
 detections become persons, rules.py for the rule, parts.py for the part table.
 
-Beam: `SelectPersons(...)` maps AnnotatedPhoto -> {"main": SelectedPhoto(photo, annotator,
-kept persons) — one element per photo with >= 1 kept person —, "rejects": Rejected}. Rejects, all
-stage 'select':
+Beam: `SelectPersons(...)` maps AnnotatedPhoto -> StageOutput(main=SelectedPhoto(photo,
+annotator, kept persons) — one element per photo with >= 1 kept person —, rejects=Rejected).
+Rejects, all stage 'select':
   * per dropped person, record_id = sample_key(photo_id, person.index): 'no_keypoints',
     'too_few_keypoint_matches', 'head_rule', 'empty_mask' (no-CSE forms);
   * per unpaired detection, record_id = photo id: 'no_cse_match' (a Mask R-CNN person with no CSE
     detection), 'no_mask_match' (a CSE detection with no Mask R-CNN person);
   * per photo, record_id = photo id: 'no_person' (no person kept: none detected or all dropped),
-    'bad_annotation' (arrays that do not fit together, unknown annotator).
+    'bad_annotation' (arrays that do not fit together, unknown annotator), 'error' (an
+    unexpected exception: transforms.stage).
 Counters (namespace fdh): select.photos_with_person + select.photos_without_person = photos in;
 select.persons_kept; select.keypoint_dets_unassigned; and one per reject reason.
 """
@@ -26,13 +27,15 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, AnnotatedPhoto, Person, sample_key
+from transforms.crop_geometry import MIN_BOX_AREA, box_area, crop_box_for_person, is_too_small
+from transforms.records import (METRICS_NAMESPACE, REJECTS_TAG, AnnotatedPhoto, Person, sample_key,
+                                score_threshold_for)
 from transforms.rejects import reject
 from transforms.s6_select.combine import (IOU_COMBINE_THRESHOLD, MIN_KEYPOINT_BOX_IOU, Dropped,
                                           SelectedPhoto, annotation_problem, combine_detections)
 from transforms.s6_select.parts import load_part_table, validate_table
-from transforms.s6_select.rules import FdhRule, apply_rule, keypoint_status, score_threshold_for
-from transforms.s7_crop import MIN_BOX_AREA, box_area, crop_box_for_person, is_too_small
+from transforms.s6_select.rules import FdhRule, apply_rule, keypoint_status
+from transforms.stage import StageDoFn, StageOutput, stage_output
 
 STAGE = "select"
 
@@ -94,7 +97,11 @@ def select_persons(annotated: AnnotatedPhoto, part_table: Optional[np.ndarray], 
     return selection
 
 
-class _SelectPersonsFn(beam.DoFn):
+class _SelectPersonsFn(StageDoFn):
+    """AnnotatedPhoto -> SelectedPhoto (>= 1 kept person) and the rejects of what was dropped."""
+
+    stage = STAGE
+
     def __init__(self, part_table: Union[str, np.ndarray, None], rule: FdhRule, iou_threshold: float,
                  min_keypoint_box_iou: float):
         self._part_table_source = part_table
@@ -114,7 +121,7 @@ class _SelectPersonsFn(beam.DoFn):
         elif source is not None:
             self._part_table = validate_table(source)
 
-    def process(self, annotated: AnnotatedPhoto) -> Iterable:
+    def process_element(self, annotated: AnnotatedPhoto) -> Iterable:
         record = annotated.photo.record
         photo_key = str(record.photo_id)
         problem = annotation_problem(annotated)
@@ -175,8 +182,7 @@ class SelectPersons(beam.PTransform):
         self._iou_threshold = iou_threshold
         self._min_keypoint_box_iou = min_keypoint_box_iou
 
-    def expand(self, photos):
-        results = photos | "Select" >> beam.ParDo(_SelectPersonsFn(
+    def expand(self, photos: beam.PCollection) -> StageOutput:
+        return stage_output(photos | "Select" >> beam.ParDo(_SelectPersonsFn(
             self._part_table, self._rule, self._iou_threshold, self._min_keypoint_box_iou)
-        ).with_outputs(REJECTS_TAG, main="main")
-        return {"main": results.main, "rejects": results[REJECTS_TAG]}
+        ).with_outputs(REJECTS_TAG, main="main"))

@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from transforms.crop_geometry import mask_box
 from transforms.records import AnnotatedPhoto, DecodedImage, Detections, Person
 
 IOU_COMBINE_THRESHOLD = 0.4
@@ -53,15 +54,6 @@ class Combined:
     persons: list[Person] = field(default_factory=list)
     dropped: list[Dropped] = field(default_factory=list)
     unassigned_keypoint_dets: int = 0
-
-
-def mask_box(mask: np.ndarray) -> Optional[tuple[int, int, int, int]]:
-    """Tight box (x0, y0, x1, y1), x1/y1 exclusive, of a bool mask; None when empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def union_box(a, b) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from transforms.records import COCO_KEYPOINTS, HEAD_KEYPOINTS
+from transforms.records import COCO_KEYPOINTS, HEAD_KEYPOINTS, score_threshold_for  # noqa: F401 (re-export)
 from transforms.s6_select.parts import part_mask
 
 HEAD_OR_NECK = ("head", "neck")
@@ -52,19 +52,6 @@ ALLOWED_BITS = np.array([part_mask(*ALLOWED_PARTS[name]) for name in COCO_KEYPOI
 
 # Status of each keypoint in a `RuleResult`.
 IGNORED, MATCH, MISMATCH = 0, 1, 2
-
-# Default keypoint score threshold per annotator, when none is configured: torchvision keypoint
-# R-CNN scores are heatmap logits (> 0: more likely visible than not); the lite annotator's are
-# BlazePose visibilities in [0, 1], 0.5 as in its own settings.
-DEFAULT_SCORE_THRESHOLDS = {"fdh": 0.0, "lite": 0.5}
-
-
-def score_threshold_for(annotator: str, configured: Optional[float]) -> float:
-    """The configured keypoint score threshold, else the annotator's default (0.0 if unknown)."""
-    if configured is not None:
-        return float(configured)
-    return DEFAULT_SCORE_THRESHOLDS.get(annotator, 0.0)
-
 
 REASON_TOO_FEW_MATCHES = "too_few_keypoint_matches"
 REASON_HEAD_RULE = "head_rule"

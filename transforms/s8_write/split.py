@@ -11,7 +11,8 @@ import hashlib
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.records import METRICS_NAMESPACE, FdhSample, YfccRecord
+from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, FdhSample, YfccRecord
+from transforms.stage import StageDoFn, StageOutput, stage_output
 
 SPLIT_BY = ("user_nsid", "photo_id")
 DEFAULT_VAL_FRACTION = 0.017
@@ -42,7 +43,9 @@ def assign_split(sample: FdhSample, val_fraction: float = DEFAULT_VAL_FRACTION,
     return dataclasses.replace(sample, split=split_of(sample.record, val_fraction, by, seed))
 
 
-class _AssignSplitFn(beam.DoFn):
+class _AssignSplitFn(StageDoFn):
+    stage = "split"
+
     def __init__(self, val_fraction: float, by: str, seed: str):
         self._val_fraction, self._by, self._seed = val_fraction, by, seed
 
@@ -50,7 +53,7 @@ class _AssignSplitFn(beam.DoFn):
         self._counters = {name: Metrics.counter(METRICS_NAMESPACE, f"split.{name}")
                           for name in ("train", "val")}
 
-    def process(self, sample: FdhSample):
+    def process_element(self, sample: FdhSample):
         sample = assign_split(sample, self._val_fraction, self._by, self._seed)
         self._counters[sample.split].inc()
         yield sample
@@ -68,5 +71,6 @@ class AssignSplit(beam.PTransform):
             raise ValueError(f"val_fraction must be in [0, 1], not {val_fraction}")
         self._val_fraction, self._by, self._seed = val_fraction, by, seed
 
-    def expand(self, samples):
-        return samples | "Split" >> beam.ParDo(_AssignSplitFn(self._val_fraction, self._by, self._seed))
+    def expand(self, samples: beam.PCollection) -> StageOutput:
+        return stage_output(samples | "Split" >> beam.ParDo(_AssignSplitFn(
+            self._val_fraction, self._by, self._seed)).with_outputs(REJECTS_TAG, main="main"))
