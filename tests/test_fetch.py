@@ -19,7 +19,8 @@ from PIL import Image
 from tests.http_fixture import OVERSIZE_BYTES, mirror_path, sample_jpegs
 from transforms.s3_fetch import (DisallowedUrl, FetchConfig, FetchImages, HostPolicy, ImageFetcher,
                                  ImageSource, TokenBucket, check_url, parse_image_sources)
-from transforms.s4_decode import DecodeError, DecodeImages, decode_image, quick_check
+from transforms.image_checks import quick_check
+from transforms.s4_decode import DecodeError, DecodeImages, decode_image
 
 PUBLIC_IP = "93.184.216.34"
 # Small timeouts and near-zero backoff: faults resolve in well under a second each.
