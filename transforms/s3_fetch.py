@@ -472,8 +472,11 @@ class DeadlineWatchdog:
 
 
 def _shut_down(connection: HTTPConnection) -> None:
-    """Make any read blocked on `connection` return now (plain socket shutdown, also under TLS)."""
-    sock = getattr(connection, "sock", None)
+    """Make any read blocked on `connection` return now (plain socket shutdown, also under TLS).
+
+    http.client drops `connection.sock` when a response is read until close (no Content-Length):
+    the socket kept at connect time is used then."""
+    sock = getattr(connection, "sock", None) or getattr(connection, "watched_sock", None)
     if sock is not None:
         try:
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
@@ -489,6 +492,11 @@ class _WatchedRequests:
     """Mixin for urllib3 connections: each request is watched until the thread's deadline."""
 
     watchdog: DeadlineWatchdog
+    watched_sock = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.watched_sock = self.sock
 
     def request(self, *args, **kwargs):
         deadline = getattr(_request_deadline, "value", None)
