@@ -10,7 +10,7 @@ Guards against decode amplification (issue 10, finding 5) and corrupt data (find
   30x room and bounds one RGBA decode to 100 MB;
 * JPEGs above DRAFT_PIXELS decode at a reduced DCT scale (Image.draft), never at full size;
 * at most LARGE_DECODE_SLOTS decodes above LARGE_DECODE_PIXELS run at once per worker process;
-* alpha compositing works in strips of STRIP_ROWS rows: no float copy of a whole large image;
+* alpha compositing works in strips of ~STRIP_PIXELS pixels: no float copy of a whole image;
 * JPEG entropy data is checked by libjpeg-turbo in strict mode (simplejpeg, greyscale at 1/8
   scale): 'Corrupt JPEG data' warnings, which Pillow ignores, become 'corrupt' rejects.
 """
@@ -33,7 +33,7 @@ THUMB_SIDE = 64
 DRAFT_PIXELS = 4_000_000  # JPEGs above this decode at the largest DCT scale (1/2..1/8) under it
 LARGE_DECODE_PIXELS = 4_000_000  # decodes above this take one of LARGE_DECODE_SLOTS per process
 LARGE_DECODE_SLOTS = 2
-STRIP_ROWS = 256
+STRIP_PIXELS = 256 * 1024  # float temporaries of one compositing strip: ~10 MB
 
 DECODE_REASONS = ("empty", "html", "not_an_image", "corrupt", "truncated", "decompression_bomb",
                   "too_small", "near_blank")
@@ -155,7 +155,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode in _SIXTEEN_BIT_MODES or mode == "F":
         scale = 257.0 if mode != "F" else 1.0
-        grey = _by_strips(np.asarray(image), lambda rows: np.clip(
+        grey = _by_strips(image, lambda rows: np.clip(
             np.rint(rows.astype(np.float32) / scale), 0, 255).astype(np.uint8))
         return Image.fromarray(grey, "L").convert("RGB")
     if mode in ("P", "L", "1") and "transparency" in image.info:
@@ -163,7 +163,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     elif mode == "P":
         return image.convert("RGB")
     if image.mode in _ALPHA_MODES:
-        return Image.fromarray(_by_strips(np.asarray(image.convert("RGBA")), _on_white), "RGB")
+        return Image.fromarray(_by_strips(image.convert("RGBA"), _on_white), "RGB")
     return image.convert("RGB")
 
 
@@ -175,13 +175,17 @@ def _on_white(rgba: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def _by_strips(array: np.ndarray, convert) -> np.ndarray:
-    """`convert` applied to STRIP_ROWS rows at a time: float temporaries stay one strip big."""
-    first = convert(array[:STRIP_ROWS])
-    out = np.empty((array.shape[0],) + first.shape[1:], first.dtype)
-    out[:len(first)] = first
-    for top in range(STRIP_ROWS, array.shape[0], STRIP_ROWS):
-        out[top:top + STRIP_ROWS] = convert(array[top:top + STRIP_ROWS])
+def _by_strips(image: Image.Image, convert) -> np.ndarray:
+    """`convert` applied to the pixels of ~STRIP_PIXELS at a time (whole rows): the numpy copies
+    and float temporaries stay one strip big; only the uint8 result is whole."""
+    width, height = image.size
+    strip_rows = max(1, STRIP_PIXELS // width)
+    out = None
+    for top in range(0, height, strip_rows):
+        rows = convert(np.asarray(image.crop((0, top, width, min(height, top + strip_rows)))))
+        if out is None:
+            out = np.empty((height,) + rows.shape[1:], rows.dtype)
+        out[top:top + len(rows)] = rows
     return out
 
 
