@@ -449,7 +449,8 @@ class DeadlineWatchdog:
                 self._thread = threading.Thread(target=self._run, name="fdh-fetch-deadline",
                                                 daemon=True)
                 self._thread.start()
-            self._wake.notify()
+            if self._heap[0][2] is entry:  # the earliest deadline now: wake the thread to re-wait
+                self._wake.notify()
         return entry
 
     @staticmethod
