@@ -9,6 +9,7 @@ BASE = [
     "Pillow>=10",
     "scipy>=1.10",
     "urllib3>=2",
+    "simplejpeg>=1.7",  # strict libjpeg-turbo check of JPEG entropy data (decode guard)
     "tqdm>=4.60",
 ]
 

@@ -28,7 +28,8 @@ from dataset.shards import read_tar_shard
 from transforms.records import CROP_HEIGHT, CROP_WIDTH, LICENSES, YfccRecord
 from transforms.yfcc_format import format_line, photo_hash
 
-MIRROR_IMAGE_DIR = "data/images"
+from transforms import mirror_layout
+from transforms.mirror_layout import MIRROR_IMAGE_DIR  # noqa: F401  (re-exported)
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -100,7 +101,7 @@ def sample_record(photo: SamplePhoto, line_idx: int) -> YfccRecord:
 
 def mirror_path(mirror_root: str, hash_hex: str) -> str:
     """Where the mirror layout stores an image: data/images/{h[:3]}/{h[3:6]}/{h}.jpg."""
-    return os.path.join(mirror_root, MIRROR_IMAGE_DIR, hash_hex[:3], hash_hex[3:6], f"{hash_hex}.jpg")
+    return mirror_layout.mirror_path(mirror_root, hash_hex)
 
 
 def build_sample(input_dir: str, photos: Sequence[SamplePhoto] = SAMPLE_PHOTOS) -> tuple[str, str]:

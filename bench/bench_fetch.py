@@ -14,6 +14,11 @@ img2dataset the whole run's CPU includes its fixed start-up (imports, spawning i
 steady-state cost is measured inside the worker (process CPU during `Downloader.__call__`, through a
 sitecustomize hook on its PYTHONPATH) and the ratio is given against both. Also prints decode-alone
 CPU ms per image. Usage: .venv/bin/python bench/bench_fetch.py [--images 300] [--threads 64]
+
+`--guards` prints only what the issue-10 guards cost on the hot path (no img2dataset needed):
+decode_image and quick_check CPU ms per image with and without the strict JPEG entropy check
+(ratio), and the per-request cost of the deadline watchdog, the X-Robots-Tag check and the
+mirror-hash check against ours' fetch + decode CPU per image.
 """
 from __future__ import annotations
 
@@ -36,7 +41,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transforms.s3_fetch import FetchConfig, FetchImages, ImageFetcher, parse_image_sources  # noqa: E402
+from transforms.image_checks import check_jpeg_entropy, quick_check  # noqa: E402
+from transforms.s3_fetch import (DEFAULT_X_ROBOTS_TAG_DIRECTIVES, DeadlineWatchdog,  # noqa: E402
+                                 FetchConfig, FetchImages, ImageFetcher, mirror_hash,
+                                 parse_image_sources, robots_refusal)
 from transforms.s4_decode import DecodeError, DecodeImages, decode_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +233,46 @@ def decode_alone(root: Path, hashes: list[str]) -> float:
     return (time.process_time() - cpu0) / len(payloads) * 1000
 
 
+def _cpu_ms_per_call(function, items: list, repeat: int = 3) -> float:
+    """Best-of-`repeat` CPU ms per call of `function` over `items`."""
+    best = float("inf")
+    for _ in range(repeat):
+        cpu0 = time.process_time()
+        for item in items:
+            function(item)
+        best = min(best, (time.process_time() - cpu0) / len(items) * 1000)
+    return best
+
+
+def guard_costs(root: Path, hashes: list[str], fetch_ms: float) -> None:
+    """Print what each issue-10 guard costs per image (see the module docstring)."""
+    from tests.factories import make_record
+
+    payloads = [(root / "data" / "images" / h[:3] / h[3:6] / f"{h}.jpg").read_bytes() for h in hashes]
+    decode_ms = _cpu_ms_per_call(decode_image, payloads)
+    quick_ms = _cpu_ms_per_call(quick_check, payloads)
+    entropy_ms = _cpu_ms_per_call(check_jpeg_entropy, payloads)
+    print(f"decode_image: {decode_ms:.2f} ms CPU/img with the JPEG entropy check, "
+          f"{decode_ms - entropy_ms:.2f} without: ratio {decode_ms / (decode_ms - entropy_ms):.2f}x")
+    print(f"quick_check:  {quick_ms:.2f} ms CPU/img with it, {quick_ms - entropy_ms:.2f} without: "
+          f"ratio {quick_ms / (quick_ms - entropy_ms):.2f}x (entropy check {entropy_ms:.2f} ms)")
+    watchdog = DeadlineWatchdog()
+    deadline = time.monotonic() + 3600
+
+    def arm_and_cancel(_):
+        DeadlineWatchdog.cancel(watchdog.arm(None, deadline))
+
+    headers = [["noarchive, nofollow"], [], ["otherbot: noai"]] * 100
+    records = [make_record(i, photo_hash=h) for i, h in enumerate(hashes)]
+    costs = {"deadline watchdog (arm + cancel)": _cpu_ms_per_call(arm_and_cancel, list(range(3000))),
+             "X-Robots-Tag check": _cpu_ms_per_call(
+                 lambda v: robots_refusal(v, DEFAULT_X_ROBOTS_TAG_DIRECTIVES), headers),
+             "mirror hash check": _cpu_ms_per_call(mirror_hash, records)}
+    for name, ms in costs.items():
+        print(f"{name:<34} {1000 * ms:6.2f} us/request = {100 * ms / fetch_ms:5.2f} % of "
+              f"fetch + decode ({fetch_ms:.2f} ms CPU/img)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300)
@@ -233,7 +281,22 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="alternate runs of each; the run with the median CPU is reported")
     parser.add_argument("--no-beam", action="store_true", help="skip the Beam pipeline run")
+    parser.add_argument("--guards", action="store_true", help="only the issue-10 guard costs")
     args = parser.parse_args()
+    if args.guards:
+        with tempfile.TemporaryDirectory(prefix="bench_guards_") as tmp:
+            workdir = Path(tmp)
+            hashes = make_images(workdir / "mirror", args.images)
+            server, port, _ = start_server(workdir / "mirror", workdir, "python")
+            try:
+                ours = [run_ours(f"http://127.0.0.1:{port}", hashes, args.threads)
+                        for _ in range(args.repeat)]
+            finally:
+                server.terminate()
+                server.wait(timeout=10)
+            fetch_ms = 1000 * min(run["cpu"] for run in ours) / args.images
+            guard_costs(workdir / "mirror", hashes, fetch_ms)
+        return
     if not BENCH_PYTHON.exists():
         raise SystemExit(f"{BENCH_PYTHON} missing: python3 -m venv .venv-bench && "
                          ".venv-bench/bin/pip install img2dataset==1.47.0")

@@ -19,6 +19,12 @@ layout and these faults (paths in `FAULTS`):
     /fault/oversize-stream    OVERSIZE_BYTES without Content-Length (connection-close delimited)
     /fault/html               an HTML page (text/html)
     /fault/html-as-jpeg       an HTML body served as image/jpeg
+    /fault/drip-body          the image's headers, then its body at 1 byte/s (DRIP_SECONDS at most)
+    /fault/drip-body-close    the same without Content-Length (connection-close delimited)
+    /fault/drip-headers       the status line, then the headers at 1 byte/s
+    /fault/robots-noai        the image with X-Robots-Tag: noai
+    /fault/robots-ours        the image with X-Robots-Tag: fdh-beam: noimageai
+    /fault/robots-other       the image with X-Robots-Tag: otherbot: noai, and unavailable_after
 
 Every request is logged (`log`: path, start, end) and the server tracks the largest number of
 requests it handled at once (`max_in_flight`); `delay_seconds` slows every image answer so that
@@ -38,11 +44,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from transforms.mirror_layout import mirror_relative_path
+
 OVERSIZE_BYTES = 3 * 1024 * 1024
+DRIP_SECONDS = 12  # a drip endpoint gives up after this long (the server thread must end)
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea")
 FAULTS = ("flaky-500", "429", "429-long", "always-503", "slow", "truncated", "reset", "placeholder",
           "redirect-metadata", "redirect-localhost", "redirect-ok", "oversize", "oversize-stream",
-          "html", "html-as-jpeg")
+          "html", "html-as-jpeg", "drip-body", "drip-body-close", "drip-headers", "robots-noai",
+          "robots-ours", "robots-other")
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,7 +84,7 @@ def placeholder_gif() -> bytes:
 
 def mirror_path(photo_hash: str) -> str:
     """Multimedia Commons object path of a YFCC hash."""
-    return f"/data/images/{photo_hash[:3]}/{photo_hash[3:6]}/{photo_hash}.jpg"
+    return "/" + mirror_relative_path(photo_hash)
 
 
 @dataclass
@@ -244,6 +254,15 @@ class _Handler(BaseHTTPRequestHandler):
             "html": lambda: self._send(200, b"<!DOCTYPE html><html><body>Not here</body></html>",
                                        "text/html; charset=utf-8"),
             "html-as-jpeg": lambda: self._send(200, b"  <html><body>error</body></html>", "image/jpeg"),
+            "drip-body": lambda: self._drip_body(with_length=True),
+            "drip-body-close": lambda: self._drip_body(with_length=False),
+            "drip-headers": self._drip_headers,
+            "robots-noai": lambda: self._send(200, self._image(), headers={"X-Robots-Tag": "noai"}),
+            "robots-ours": lambda: self._send(200, self._image(),
+                                              headers={"X-Robots-Tag": "fdh-beam: noimageai"}),
+            "robots-other": lambda: self._send(200, self._image(), headers={
+                "X-Robots-Tag": "otherbot: noai, noindex",
+                "x-robots-tag": "unavailable_after: 25 Jun 2030 15:00:00 PST"}),
         }
         if fault not in routes:
             return self._send(404, b"no such fault", "text/plain")
@@ -262,6 +281,31 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body[: len(body) // 2])
         self.wfile.flush()
         self.close_connection = True
+        return 200
+
+    def _drip(self, data: bytes) -> None:
+        """Send `data` one byte per second (stop after DRIP_SECONDS or when the client is gone)."""
+        for byte in data[:DRIP_SECONDS]:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(1.0)
+        self.close_connection = True
+
+    def _drip_body(self, with_length: bool) -> int:
+        body = self._image()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        if with_length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.flush()
+        self._drip(body)
+        return 200
+
+    def _drip_headers(self) -> int:
+        self.state._answered(self._entry, 200)
+        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        self._drip(b"Content-Type: image/jpeg\r\nX-Padding: " + b"a" * 64 + b"\r\n\r\n")
         return 200
 
     def _reset(self) -> int:

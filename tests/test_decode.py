@@ -2,8 +2,15 @@
 JPEG/PNG/GIF, skimage photos), plus the DecodeImages Beam wrapper."""
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
+import random
+import struct
+import threading
+import time
+import tracemalloc
+import zlib
 
 import apache_beam as beam
 import numpy as np
@@ -17,6 +24,8 @@ from beam_jobs.common import make_pipeline
 from tests.factories import make_record
 from tests.http_fixture import placeholder_gif, sample_jpegs
 from transforms.records import FetchedImage
+from transforms import image_checks
+from transforms.image_checks import STRIP_PIXELS, quick_check, to_rgb
 from transforms.s4_decode import DecodeError, DecodeImages, decode_image
 
 
@@ -165,3 +174,115 @@ def test_decode_images_transform():
                     equal_to([(1, (333, 500, 3), "http://x/1.jpg")]), label="Main")
         assert_that(outputs.rejects | beam.Map(lambda r: (r.photo_id, r.stage, r.reason)),
                     equal_to([(2, "decode", "empty")]), label="Rejects")
+
+
+# --- issue 10: decode amplification (finding 5) and corrupt entropy data (finding 14) ----------
+
+
+def flat_rgba_png(width: int, height: int) -> bytes:
+    """A flat grey RGBA PNG written row by row (a 6300x6300 one is ~170 KB, ~160 MB decoded)."""
+    row = b"\x00" + b"\x80\x80\x80\xff" * width
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def traced_peak(function, *args) -> tuple[object, int]:
+    """(result or raised exception, peak bytes traced by tracemalloc while it ran)."""
+    tracemalloc.start()
+    try:
+        try:
+            result = function(*args)
+        except Exception as error:  # the test looks at it
+            result = error
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_flat_6300px_rgba_png_is_refused_from_its_header_in_decode_and_quick_check():
+    payload = flat_rgba_png(6300, 6300)
+    assert len(payload) < 400_000
+    for check in (decode_image, quick_check):
+        result, peak = traced_peak(check, payload)
+        assert isinstance(result, DecodeError) and result.reason == "decompression_bomb", check
+        assert peak < 5_000_000, (check, peak)  # base: 2.2 GiB and 7 s of CPU
+        assert "6300x6300" in result.detail
+
+
+def test_large_rgba_is_composited_without_a_float_copy_of_the_whole_image():
+    payload = flat_rgba_png(3000, 3000)  # 9 MP, under the cap: decoded, then near-blank
+    result, peak = traced_peak(decode_image, payload)
+    assert isinstance(result, DecodeError) and result.reason == "near_blank"
+    # The RGB uint8 result (27 MB) + one strip; a float32 RGBA copy alone is 144 MB.
+    assert peak < 50_000_000, peak
+
+
+def test_strip_compositing_equals_whole_image_compositing():
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (STRIP_PIXELS // 300 * 2 + 37, 300, 4), dtype=np.uint8)
+    got = np.asarray(to_rgb(Image.fromarray(rgba, "RGBA")))
+    whole = rgba.astype(np.float32)
+    alpha = whole[:, :, 3:4] / 255.0
+    expected = np.clip(np.rint(whole[:, :, :3] * alpha + 255.0 * (1.0 - alpha)), 0, 255).astype(np.uint8)
+    assert np.array_equal(got, expected)
+
+
+def test_oversized_jpeg_decodes_at_a_reduced_dct_scale():
+    payload = encode(photo("astronaut", 512).resize((4600, 1000)), quality=80)
+    array, info = decode_image(payload)
+    assert info.original_size == (4600, 1000)
+    assert array.shape == (500, 2300, 3)  # 1/2 scale: <= 4 MP decoded
+
+
+def test_concurrent_large_decodes_are_bounded_per_process(monkeypatch):
+    real_load = image_checks._load
+    state = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def counting_load(image):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        try:
+            time.sleep(0.05)
+            return real_load(image)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(image_checks, "_load", counting_load)
+    big = encode(photo("astronaut", 512).resize((2100, 2000)), "PNG")  # 4.2 MP > LARGE_DECODE_PIXELS
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        shapes = list(pool.map(lambda payload: decode_image(payload)[0].shape, [big] * 6))
+    assert shapes == [(2000, 2100, 3)] * 6
+    assert state["max"] == image_checks.LARGE_DECODE_SLOTS
+
+
+def _zeroed_tail(payload: bytes) -> bytes:
+    """The second half zeroed, the end-of-image marker kept (Pillow alone decodes it)."""
+    half = len(payload) // 2
+    return payload[:half] + bytes(len(payload) - half - 2) + b"\xff\xd9"
+
+
+def _random_middle(payload: bytes, seed: int, count: int = 100) -> bytes:
+    rng = random.Random(seed)
+    damaged = bytearray(payload)
+    start = len(payload) // 2
+    damaged[start:start + count] = bytes(rng.randrange(256) for _ in range(count))
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize("damage", ["zeroed_tail", "random_3", "random_4", "random_5", "random_9"])
+def test_corrupt_jpeg_entropy_data_is_a_decode_reject(damage):
+    payload = sample_jpegs()["astronaut"]
+    damaged = (_zeroed_tail(payload) if damage == "zeroed_tail"
+               else _random_middle(payload, int(damage.split("_")[1])))
+    assert reason_of(damaged) == "corrupt"
+    assert quick_check(damaged).reason == "corrupt"
+    assert "Corrupt JPEG data" in quick_check(damaged).detail

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import os
+import time
 
 import apache_beam as beam
 import numpy as np
@@ -18,8 +20,12 @@ from PIL import Image
 
 from tests.http_fixture import OVERSIZE_BYTES, mirror_path, sample_jpegs
 from transforms.s3_fetch import (DisallowedUrl, FetchConfig, FetchImages, HostPolicy, ImageFetcher,
-                                 ImageSource, TokenBucket, check_url, parse_image_sources)
-from transforms.s4_decode import DecodeError, DecodeImages, decode_image, quick_check
+                                 ImageSource, TokenBucket, check_url, parse_image_sources,
+                                 robots_refusal)
+from transforms.mirror_layout import BadMirrorHash, mirror_path as layout_path, mirror_relative_path
+from transforms.yfcc_format import photo_hash
+from transforms.image_checks import quick_check
+from transforms.s4_decode import DecodeError, DecodeImages, decode_image
 
 PUBLIC_IP = "93.184.216.34"
 # Small timeouts and near-zero backoff: faults resolve in well under a second each.
@@ -408,3 +414,118 @@ def test_fetch_images_rejects_bad_spec_at_construction():
         FetchImages("s3:bucket")
     with pytest.raises(ValueError):
         FetchImages([ImageSource("flickr")], threads=0)
+
+
+# --- issue 10: mirror hash and paths (finding 4) ----------------------------------------------
+
+
+def test_traversal_hash_never_reads_outside_a_local_mirror(tmp_path):
+    prefix = tmp_path / "m1" / "m2" / "m3" / "m4"
+    prefix.mkdir(parents=True)
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(sample_jpegs()["coffee"])
+    evil = "../../../../secret"
+    # The layout as written before the guard would have led straight to the secret:
+    unguarded = prefix / "data" / "images" / evil[:3] / evil[3:6] / f"{evil}.jpg"
+    assert os.path.normpath(unguarded) == str(secret)
+    fetcher = ImageFetcher(parse_image_sources(f"mirror:{prefix}"), FAST)
+    outcome = fetcher.fetch(make_record(11, photo_hash=evil, download_url=""))
+    assert outcome.image is None and outcome.reason == "bad_hash"
+    assert evil in outcome.detail and outcome.bytes_read == 0
+
+
+@pytest.mark.parametrize("bad", ["../../../../secret", "A12BEEA83CA8CEC88404EA025958A5B",
+                                 "/etc/passwd", "a12bee/../../x", "a12beea83ca8cec88404ea025958a5b0ff"])
+def test_malformed_hash_is_recomputed_from_the_download_url(tmp_path, bad):
+    record = make_record(12, photo_hash=bad)
+    good = photo_hash(record.download_url)
+    target = tmp_path / "data" / "images" / good[:3] / good[3:6] / f"{good}.jpg"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(sample_jpegs()["chelsea"])
+    outcome = ImageFetcher(parse_image_sources(f"mirror:{tmp_path}"), FAST).fetch(record)
+    assert outcome.image is not None and outcome.image.url == str(target)
+
+
+@pytest.mark.parametrize("good", ["a12beea83ca8cec88404ea025958a5b", "0" * 16, "f" * 32])
+def test_mirror_layout_accepts_yfcc_hashes_and_refuses_others(good):
+    assert mirror_relative_path(good) == f"data/images/{good[:3]}/{good[3:6]}/{good}.jpg"
+    assert layout_path("gs://b/yfcc/", good, "png") == f"gs://b/yfcc/data/images/{good[:3]}/{good[3:6]}/{good}.png"
+    for bad in ("", "0" * 15, "0" * 33, good.upper() + "A", "../" + good, good[:-1] + "/"):
+        with pytest.raises(BadMirrorHash):
+            mirror_relative_path(bad)
+
+
+# --- issue 10: every reject names what was tried (finding 10) ---------------------------------
+
+
+def test_not_found_detail_names_every_path_and_url_tried(tmp_path, http_server):
+    missing = tmp_path / "no-such-mirror"
+    sources = parse_image_sources(f"mirror:{missing},mirror:{http_server.base_url},flickr")
+    record = make_record(13, download_url=http_server.url("/gone/13.jpg"))
+    outcome = ImageFetcher(sources, FAST).fetch(record)
+    assert outcome.reason == "not_found"
+    for extension in ("jpg", "png", "gif"):
+        assert layout_path(str(missing), record.photo_hash, extension) in outcome.detail
+        assert layout_path(http_server.base_url, record.photo_hash, extension) in outcome.detail
+    assert http_server.url("/gone/13.jpg") in outcome.detail
+
+
+def test_http_failure_detail_names_the_url(http_server):
+    outcome = loopback_fetcher(http_server, retries=0).fetch(fault_record(http_server, "always-503"))
+    assert outcome.reason == "retries_exhausted"
+    assert http_server.url("/fault/always-503") in outcome.detail
+
+
+# --- issue 10: the total deadline is wall clock, headers and body (finding 6) ------------------
+
+
+@pytest.mark.parametrize("fault", ["drip-body", "drip-body-close", "drip-headers"])
+def test_dripping_server_ends_at_the_total_deadline(http_server, fault):
+    fetcher = loopback_fetcher(http_server, read_timeout=5.0, total_timeout=2.0, retries=1)
+    start = time.monotonic()
+    outcome = fetcher.fetch(fault_record(http_server, fault))
+    elapsed = time.monotonic() - start
+    assert outcome.image is None and outcome.reason == "timeout", outcome.detail
+    assert 1.5 < elapsed < 4.0, elapsed
+
+
+def test_deadline_watchdog_leaves_fast_answers_alone(http_server):
+    fetcher = loopback_fetcher(http_server, total_timeout=1.0)
+    record = make_record(14)
+    http_server.add_mirror_image(record.photo_hash, sample_jpegs()["coffee"])
+    for _ in range(3):
+        assert fetcher.fetch(record).image is not None
+    time.sleep(1.2)  # past every armed deadline: the kept-alive connection still works
+    assert fetcher.fetch(record).image is not None
+
+
+# --- issue 10: consent signals (X-Robots-Tag) -------------------------------------------------
+
+
+@pytest.mark.parametrize("fault,refused", [("robots-noai", True), ("robots-ours", True),
+                                           ("robots-other", False)])
+def test_x_robots_tag_directives_are_honoured(http_server, fault, refused):
+    outcome = loopback_fetcher(http_server).fetch(fault_record(http_server, fault))
+    if refused:
+        assert outcome.image is None and outcome.reason == "x_robots_tag"
+        assert http_server.url(f"/fault/{fault}") in outcome.detail
+    else:
+        assert outcome.image is not None
+
+
+def test_x_robots_tag_directive_list_is_configurable(http_server):
+    lenient = loopback_fetcher(http_server, x_robots_tag_directives=())
+    assert lenient.fetch(fault_record(http_server, "robots-noai")).image is not None
+    strict = loopback_fetcher(http_server, x_robots_tag_directives=("noindex",))
+    assert strict.fetch(fault_record(http_server, "robots-other")).image is not None
+    assert strict.fetch(fault_record(http_server, "robots-noai")).image is not None
+    transform = FetchImages("flickr", x_robots_tag_directives=("noai",))
+    assert transform._config.x_robots_tag_directives == ("noai",)
+
+
+@pytest.mark.parametrize("values,expected", [
+    (["noai"], "noai"), (["NoImageAI"], "noimageai"), (["noarchive, noindex"], "noindex"),
+    (["googlebot: noai"], None), (["*: noai"], "noai"), (["fdh-beam: noimageai, nofollow"], "noimageai"),
+    (["unavailable_after: 25 Jun 2030 15:00:00 PST"], None), (["nofollow", "noai"], "noai"), ([], None)])
+def test_robots_refusal_parses_header_values(values, expected):
+    assert robots_refusal(values, ("noai", "noimageai", "noindex")) == expected

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import apache_beam as beam
 import pytest
+from hypothesis import given, settings, strategies as st
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_jobs.common import make_pipeline
 from tests.factories import make_record
-from transforms.opt_out import OptOut
+from transforms.opt_out import OptOut, format_opt_out, parse_opt_out, validate_opt_out
 from transforms.records import FDH_LICENSES, LICENSES
 from tests.yfcc_lines import random_records, record_line, write_lines
 from transforms.s1_read import ReadYfcc
@@ -223,3 +224,57 @@ def test_read_and_prefilter_equals_read_then_prefilter(tmp_path, batched):
                  | f"{name}Compare" >> beam.Map(_assert_same, beam.pvalue.AsList(got), reasons))
         assert_that(fused.line_counts | beam.Map(lambda kv: kv[1]), equal_to([252, 150]),
                     label="line_counts")
+
+
+# --- issue 10, finding 3: every NSID and photo id round-trips through opt_out.txt --------------
+
+NASTY_NSIDS = ["a b#c%20@N01", "\t@N02", "日本@N03", "#@N04", "x:y\u2028z@N05", "%41@N06",
+               " lead@N07", "user:photo:1@N08", "12345678@N00"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(st.text(min_size=1, max_size=30) | st.sampled_from(NASTY_NSIDS), max_size=8),
+       st.sets(st.integers(min_value=0, max_value=2**63 - 1), max_size=8))
+def test_opt_out_round_trips_every_nsid_and_photo_id(nsids, photo_ids):
+    text = format_opt_out(nsids, photo_ids)
+    assert text.isascii() and all("#" not in line and " " not in line for line in text.splitlines())
+    parsed = parse_opt_out(text + "# a comment\n\n", "round-trip.txt")
+    assert parsed == OptOut(frozenset(nsids), frozenset(photo_ids))
+    for nsid in nsids:
+        assert parsed.excludes(nsid, None) == "user_opt_out"
+    for photo_id in photo_ids:
+        assert parsed.excludes("someone-else@N00", photo_id) == "photo_opt_out"
+
+
+def test_existing_opt_out_files_read_the_same():
+    text = "# takedowns\nuser:11@N02\nphoto:30\n55555@N05  # bare NSID\n42\n"
+    assert parse_opt_out(text) == OptOut(frozenset({"11@N02", "55555@N05"}), frozenset({30, 42}))
+    assert format_opt_out(["11@N02"], [30]) == "user:11@N02\nphoto:30\n"
+
+
+@pytest.mark.parametrize("line", ["user:a b@N01", "photo:١٢", "photo:-3", "photo:3x", "nothing here",
+                                  "user:%FF@N01"])
+def test_a_bad_opt_out_line_is_an_error_naming_the_line(line):
+    with pytest.raises(ValueError, match=r"list\.txt:3: "):
+        validate_opt_out(f"user:ok@N01\n# fine\n{line}\nphoto:1\n", "list.txt")
+
+
+def test_unwritable_entries_fail_before_any_text_is_made():
+    with pytest.raises(ValueError, match="empty"):
+        format_opt_out([""], [])
+    with pytest.raises(ValueError, match="negative"):
+        format_opt_out([], [-1])
+
+
+def test_opted_out_nasty_nsids_are_honoured_by_the_prefilter_after_a_yfcc_round_trip(tmp_path):
+    """The NSIDs come from YFCC lines (their %-encoded column), the opt-out from format_opt_out."""
+    records = [parse_line(format_line(make_record(100 + i, user_nsid=nsid)), f"y.txt:{i}")
+               for i, nsid in enumerate(NASTY_NSIDS)]
+    assert [r.user_nsid for r in records] == NASTY_NSIDS
+    opt_out = tmp_path / "opt_out.txt"
+    opt_out.write_text(format_opt_out(NASTY_NSIDS[:-1], []))
+    with make_pipeline(PipelineOptions([])) as pipeline:
+        out = pipeline | beam.Create(records) | Prefilter(opt_out_paths=[str(opt_out)])
+        assert_that(out["main"] | beam.Map(lambda r: r.user_nsid), equal_to([NASTY_NSIDS[-1]]))
+        assert_that(out["rejects"] | beam.Map(lambda r: r.reason),
+                    equal_to(["user_opt_out"] * (len(NASTY_NSIDS) - 1)), label="rejects")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import io
 import pickle
@@ -242,3 +243,55 @@ def test_read_missing_file_fails_when_the_pipeline_is_built(tmp_path):
         _ = pipeline | ReadYfcc([str(tmp_path / "nothing-here*.bz2")])
     with pytest.raises(ValueError):
         ReadYfcc([])
+
+
+# ------------------------------------------------------------------------------------------
+# Finding 1: a truncated or corrupt compressed file is never read as a shorter good one
+
+
+def _damaged(data: bytes, how: str) -> bytes:
+    """`data` cut at 60 %, cut in half, without its last 8 bytes, or with a flipped CRC byte."""
+    if how == "cut_60":
+        return data[: len(data) * 6 // 10]
+    if how == "cut_half":
+        return data[: len(data) // 2]
+    if how == "no_trailer":
+        return data[:-8]
+    flipped = bytearray(data)
+    flipped[-8] ^= 0xFF  # gzip: first byte of the CRC-32; bz2: inside the stream CRC / padding
+    return bytes(flipped)
+
+
+@pytest.mark.parametrize("suffix,how", [(".gz", "cut_60"), (".gz", "cut_half"), (".gz", "no_trailer"),
+                                        (".gz", "bad_crc"), (".bz2", "cut_60"), (".bz2", "cut_half")])
+def test_truncated_or_corrupt_compressed_file_is_a_file_reject_that_breaks_accounting(
+        tmp_path, suffix, how):
+    path = write_lines(tmp_path / f"part{suffix}", [record_line(i, 25) for i in range(1, 1500)])
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(_damaged(data, how))
+    with beam.Pipeline() as pipeline:
+        out = pipeline | ReadYfcc(path)
+        file_rejects = (out["rejects"] | beam.Filter(lambda r: r.record_id == path)
+                        | beam.Map(lambda r: (r.stage, r.reason, path in r.detail)))
+        expected = "truncated_input" if how != "bad_crc" else "corrupt_input"
+        assert_that(file_rejects, equal_to([("read", expected, True)]), label="file_reject")
+        rejected = out["rejects"] | "CountR" >> beam.combiners.Count.Globally()
+        kept = out["main"] | "CountK" >> beam.combiners.Count.Globally()
+        lines = out["line_counts"] | beam.Map(lambda pair: pair[1])
+        # lines_read = kept + rejected no longer holds: the file reject is one more.
+        surplus = (lines | beam.Map(lambda n, k, r: k + r - n, beam.pvalue.AsSingleton(kept),
+                                    beam.pvalue.AsSingleton(rejected)))
+        assert_that(surplus, equal_to([1]), label="accounting_off_by_the_file")
+
+
+def test_intact_gz_and_multi_member_gz_read_every_line(tmp_path):
+    first = gzip.compress(("\n".join(record_line(i, 25) for i in range(1, 4)) + "\n").encode())
+    second = gzip.compress(("\n".join(record_line(i, 25) for i in range(4, 6)) + "\n").encode())
+    path = tmp_path / "multi.gz"
+    path.write_bytes(first + second)
+    with beam.Pipeline() as pipeline:
+        out = pipeline | ReadYfcc(str(path))
+        assert_that(out["main"] | beam.Map(lambda r: r.photo_id), equal_to([1, 2, 3, 4, 5]))
+        assert_that(out["rejects"], equal_to([]), label="no_rejects")

@@ -11,8 +11,12 @@ records or rejects); `transforms.yfcc_format.parse_line` parses one line.
 """
 from __future__ import annotations
 
+import bz2
+import contextlib
 import dataclasses
+import gzip
 import operator
+import zlib
 from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple, Sequence, Union
 
 import apache_beam as beam
@@ -32,6 +36,9 @@ STAGE = "read"
 # the accounting invariant lines_read = kept + rejected is checked against.
 LINE_COUNTS_TAG = "line_counts"
 READ_CHUNK_BYTES = 1 << 20
+# Per-file reject reasons: the file is recorded (record id = its path) on top of its lines, so
+# that the accounting lines_read = kept + rejected fails loudly as well.
+INPUT_REASONS = ("truncated_input", "corrupt_input")
 
 
 # A YfccRecord as the plain tuple of its fields (in dataclass order) and back: the compact form
@@ -115,6 +122,36 @@ def parse_numbered_lines(lines: Iterable[bytes], path: str
             yield parsed
 
 
+@contextlib.contextmanager
+def open_checked(readable_file: fileio.ReadableFile, compression_type: str) -> Iterator[BinaryIO]:
+    """Open a matched file for reading, decompressing .gz/.bz2 with Python's gzip/bz2 modules.
+
+    Beam's CompressedFile stops quietly at a truncated stream and never checks the gzip trailer
+    (CRC-32, length); gzip.GzipFile and bz2.BZ2File raise EOFError / BadGzipFile / OSError
+    instead, so a cut or corrupt file cannot pass as a shorter good one. Other compressions
+    (deflate, zstd, ...) still go through Beam.
+    """
+    kind = compression_type
+    if kind == CompressionTypes.AUTO:
+        kind = CompressionTypes.detect_compression_type(readable_file.metadata.path)
+    if kind not in (CompressionTypes.GZIP, CompressionTypes.BZIP2):
+        with readable_file.open(mime_type="application/octet-stream",
+                                compression_type=kind) as stream:
+            yield stream
+        return
+    with readable_file.open(mime_type="application/octet-stream",
+                            compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+        stream = (gzip.GzipFile(fileobj=raw, mode="rb") if kind == CompressionTypes.GZIP
+                  else bz2.BZ2File(raw, "rb"))
+        with stream:
+            yield stream
+
+
+def input_error_reason(error: BaseException) -> str:
+    """The per-file reject reason for an error raised while decompressing a file."""
+    return "truncated_input" if isinstance(error, EOFError) else "corrupt_input"
+
+
 def _first(values: Iterable):
     """Combine function that keeps one of equal values."""
     return next(iter(values))
@@ -173,16 +210,19 @@ def read_file(readable_file: fileio.ReadableFile, compression_type: str,
     (TaggedOutput LINE_COUNTS_TAG). Shared by `ReadYfcc` and the fused read + prefilter step."""
     path = readable_file.metadata.path
     lines = records = 0
-    with readable_file.open(mime_type="application/octet-stream",
-                            compression_type=compression_type) as stream:
-        for item in parse_numbered_lines(iter_lines(stream), path):
-            lines += 1
-            if type(item) is Rejected:
-                # reject() builds the Rejected and bumps its counter.
-                yield reject(STAGE, item.reason, item.record_id, item.detail)
-            else:
-                records += 1
-                yield item
+    try:
+        with open_checked(readable_file, compression_type) as stream:
+            for item in parse_numbered_lines(iter_lines(stream), path):
+                lines += 1
+                if type(item) is Rejected:
+                    # reject() builds the Rejected and bumps its counter.
+                    yield reject(STAGE, item.reason, item.record_id, item.detail)
+                else:
+                    records += 1
+                    yield item
+    except (EOFError, OSError, zlib.error) as error:  # truncated / bad CRC / not gzip
+        yield reject(STAGE, input_error_reason(error), path,
+                     f"{path}: {type(error).__name__}: {error} (after line {lines})"[:300])
     counters.count_file(lines, records)
     yield beam.pvalue.TaggedOutput(LINE_COUNTS_TAG, (path, lines))
 

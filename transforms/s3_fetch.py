@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import heapq
+import itertools
 import ipaddress
 import logging
 import re
@@ -45,12 +47,16 @@ from apache_beam.utils.windowed_value import WindowedValue
 from urllib3.exceptions import (ConnectTimeoutError, MaxRetryError, ProtocolError, ReadTimeoutError,
                                 SSLError)
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util.retry import Retry
 
+from transforms.image_checks import quick_check
+from transforms.mirror_layout import MIRROR_EXTENSIONS, BadMirrorHash, is_mirror_hash, mirror_path
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, FetchedImage, YfccRecord
 from transforms.rejects import reject
-from transforms.s4_decode import quick_check
 from transforms.stage import StageOutput, WindowedStageDoFn, stage_output
+from transforms.yfcc_format import photo_hash
 
 STAGE = "fetch"
 
@@ -76,12 +82,18 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 NOT_FOUND_STATUSES = frozenset({404, 410})
 PLACEHOLDER_MARKER = "photo_unavailable"
-# File extensions under which the mirror stores a photo, most common first.
-MIRROR_EXTENSIONS = ("jpg", "png", "gif")
+# X-Robots-Tag directives that withhold consent to use an image (img2dataset's default list).
+DEFAULT_X_ROBOTS_TAG_DIRECTIVES = ("noai", "noimageai", "noimageindex", "noindex")
+# The user agent token that X-Robots-Tag "<agent>: <directives>" values addressed to us use.
+ROBOTS_AGENT_TOKEN = "fdh-beam"
+# X-Robots-Tag directives whose own syntax has a ':' (not a user agent prefix).
+_ROBOTS_COLON_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview",
+                                      "max-video-preview"})
 
 # Every reason a fetch can fail with (the last one of a record becomes its reject reason).
 FETCH_REASONS = ("not_found", "http_error", "timeout", "too_large", "unavailable", "disallowed_url",
-                 "disallowed_redirect", "connection_error", "retries_exhausted", "html", "no_url")
+                 "disallowed_redirect", "connection_error", "retries_exhausted", "html", "no_url",
+                 "bad_hash", "bad_image", "x_robots_tag")
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,16 +126,15 @@ class ImageSource:
     def locations(self, record: YfccRecord) -> tuple[str, ...]:
         """Where `record`'s photo may be in this source, tried in order while each is not found.
 
-        The mirror stores a few photos as .png or .gif instead of .jpg (design section 3).
+        The mirror stores a few photos as .png or .gif instead of .jpg (design section 3). A
+        malformed hash (not 16-32 lowercase hex: '../..', a path) is recomputed from the download
+        URL; without one, BadMirrorHash is raised, so no path ever leaves the mirror's prefix.
         """
         if self.kind == "mirror":
-            h = record.photo_hash
-            if not h or len(h) < 6:
+            h = mirror_hash(record)
+            if h is None:
                 return ()
-            relatives = [f"data/images/{h[:3]}/{h[3:6]}/{h}.{ext}" for ext in MIRROR_EXTENSIONS]
-            if self.is_http:
-                return tuple(f"{self.prefix}/{relative}" for relative in relatives)
-            return tuple(FileSystems.join(self.prefix, *relative.split("/")) for relative in relatives)
+            return tuple(mirror_path(self.prefix, h, ext) for ext in MIRROR_EXTENSIONS)
         url = self._flickr_url(record)
         return (url,) if url else ()
 
@@ -134,6 +145,20 @@ class ImageSource:
             return FLICKR_STATIC_URL.format(server=record.server_id, photo_id=record.photo_id,
                                             secret=record.secret, suffix=self.suffix)
         return record.download_url or None
+
+
+def mirror_hash(record: YfccRecord) -> Optional[str]:
+    """The record's well-formed mirror hash: its hash column, or one recomputed from its download
+    URL when the column is malformed; None when it is empty; raises BadMirrorHash for a malformed
+    hash without a URL."""
+    h = record.photo_hash
+    if not h or is_mirror_hash(h):
+        return h or None
+    if record.download_url:
+        return photo_hash(record.download_url)
+    raise BadMirrorHash(f"mirror hash {h[:80]!r} is not 16-32 lowercase hex and the record "
+                        f"has no download URL to recompute it from")
+    return None
 
 
 def parse_image_sources(spec: str) -> tuple[ImageSource, ...]:
@@ -333,7 +358,7 @@ class FetchConfig:
     threads: int = 64  # fetches in flight per DoFn instance
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
-    total_timeout: float = 60.0  # per attempt, headers + body (stops slow drips)
+    total_timeout: float = 60.0  # wall clock per URL, all tries, headers + body (stops slow drips)
     max_bytes: int = 20 * 1024 * 1024
     retries: int = 3  # retries after the first try, for 429/5xx/connection errors/timeouts
     backoff_factor: float = 0.5  # sleep backoff_factor * 2**(n-1) (+ jitter) before retry n
@@ -348,9 +373,12 @@ class FetchConfig:
     flickr_concurrency: int = 4
     flickr_requests_per_second: Optional[float] = 4.0
     # Before settling for a source's bytes while later sources remain, check them the way decode
-    # will (transforms.s4_decode.quick_check, a draft-scale decode) and try the next on garbage.
+    # will (transforms.image_checks.quick_check, a draft-scale decode) and try the next on garbage.
     check_before_fallback: bool = True
     dns_cache_seconds: float = 60.0
+    # Responses whose X-Robots-Tag holds one of these (for all agents or for fdh-beam) are
+    # rejected as 'x_robots_tag'; () turns the check off.
+    x_robots_tag_directives: tuple[str, ...] = DEFAULT_X_ROBOTS_TAG_DIRECTIVES
     user_agent: str = "fdh-beam/0.1 (Flickr Diverse Humans rebuild; +https://github.com/hukkelas/FDH)"
 
 
@@ -398,6 +426,120 @@ class TokenBucket:
         return wait
 
 
+class DeadlineWatchdog:
+    """Shuts down a connection's socket when its request's wall-clock deadline passes.
+
+    Socket timeouts bound each recv, not the whole response: a server dripping one byte per
+    second never trips them. One daemon thread per worker keeps a heap of (deadline, connection);
+    shutting the socket down makes the blocked read return, so headers and body both end at the
+    deadline. Entries are cancelled when their request is done.
+    """
+
+    def __init__(self):
+        self._heap: list[tuple[float, int, list]] = []
+        self._counter = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+
+    def arm(self, connection: HTTPConnection, deadline: float) -> list:
+        """Watch `connection` until `deadline` (time.monotonic); returns the entry to cancel."""
+        entry = [connection]
+        with self._wake:
+            heapq.heappush(self._heap, (deadline, next(self._counter), entry))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fdh-fetch-deadline",
+                                                daemon=True)
+                self._thread.start()
+            if self._heap[0][2] is entry:  # the earliest deadline now: wake the thread to re-wait
+                self._wake.notify()
+        return entry
+
+    @staticmethod
+    def cancel(entry: list) -> None:
+        entry[0] = None
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._heap and self._heap[0][2][0] is None:
+                    heapq.heappop(self._heap)
+                now = time.monotonic()
+                if not self._heap or self._heap[0][0] > now:
+                    self._wake.wait(self._heap[0][0] - now if self._heap else None)
+                    continue
+                entry = heapq.heappop(self._heap)[2]
+            connection, entry[0] = entry[0], None
+            if connection is not None:
+                _shut_down(connection)
+
+
+def _shut_down(connection: HTTPConnection) -> None:
+    """Make any read blocked on `connection` return now (plain socket shutdown, also under TLS).
+
+    http.client drops `connection.sock` when a response is read until close (no Content-Length):
+    the socket kept at connect time is used then."""
+    sock = getattr(connection, "sock", None) or getattr(connection, "watched_sock", None)
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
+
+
+# The deadline of the request the current fetch thread is making, read by the connections below.
+_request_deadline = threading.local()
+
+
+class _WatchedRequests:
+    """Mixin for urllib3 connections: each request is watched until the thread's deadline."""
+
+    watchdog: DeadlineWatchdog
+    watched_sock = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.watched_sock = self.sock
+
+    def request(self, *args, **kwargs):
+        deadline = getattr(_request_deadline, "value", None)
+        if deadline is not None:
+            _request_deadline.entries.append(self.watchdog.arm(self, deadline))
+        return super().request(*args, **kwargs)
+
+
+def _watched_pool_classes(watchdog: DeadlineWatchdog) -> dict:
+    """PoolManager pool classes (http, https) whose connections are watched by `watchdog`."""
+    http_connection = type("_WatchedHTTPConnection", (_WatchedRequests, HTTPConnection),
+                           {"watchdog": watchdog})
+    https_connection = type("_WatchedHTTPSConnection", (_WatchedRequests, HTTPSConnection),
+                            {"watchdog": watchdog})
+    return {
+        "http": type("_WatchedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_connection}),
+        "https": type("_WatchedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_connection}),
+    }
+
+
+def robots_refusal(values: Sequence[str], directives: Sequence[str],
+                   agent: str = ROBOTS_AGENT_TOKEN) -> Optional[str]:
+    """The first of `directives` that X-Robots-Tag header `values` apply to us, else None.
+
+    A value is a comma-separated directive list, optionally prefixed 'agent:' (then it applies
+    only when agent is ours or '*'); 'unavailable_after: DATE' and the like are not prefixes.
+    """
+    wanted = {directive.lower() for directive in directives}
+    for value in values:
+        parts = [part.strip().lower() for part in value.split(",")]
+        head, colon, rest = parts[0].partition(":")
+        if colon and head.strip() not in _ROBOTS_COLON_DIRECTIVES:
+            if head.strip() not in (agent.lower(), "*"):
+                continue
+            parts[0] = rest.strip()
+        for part in parts:
+            if part in wanted:
+                return part
+    return None
+
+
 class FetchFailure(Exception):
     """One source failed for one record: a reason from FETCH_REASONS and a short detail."""
 
@@ -439,6 +581,12 @@ class FetchOutcome:
                          for a in self.attempts)
 
 
+def _tried(detail: str, locations: Sequence[str]) -> str:
+    """A failure's detail followed by the URLs or paths that were tried (finding 10)."""
+    where = "tried " + ", ".join(locations)
+    return f"{detail}; {where}" if detail else where
+
+
 def _error_reason(error: BaseException) -> str:
     if isinstance(error, (ConnectTimeoutError, ReadTimeoutError, Urllib3TimeoutError, TimeoutError)):
         return "timeout"
@@ -475,6 +623,7 @@ class ImageFetcher:
         self._pools = urllib3.PoolManager(
             num_pools=256, maxsize=max(1, min(config.threads, config.per_host_concurrency)),
             block=False, headers={"User-Agent": config.user_agent, "Accept": "image/*,*/*;q=0.5"})
+        self._pools.pool_classes_by_scheme = _watched_pool_classes(DeadlineWatchdog())
 
     def close(self) -> None:
         self._pools.clear()
@@ -488,25 +637,30 @@ class ImageFetcher:
         bytes_read = 0
         fallback: Optional[FetchedImage] = None
         for source in self.sources:
-            locations = source.locations(record)
+            try:
+                locations = source.locations(record)
+            except BadMirrorHash as error:
+                attempts.append(FetchAttempt(source.name, "bad_hash", str(error)))
+                continue
             if not locations:
                 attempts.append(FetchAttempt(source.name, "no_url", "record lacks hash/url fields"))
                 continue
-            for location in locations:  # the next location only while this one is not found
+            for tried, location in enumerate(locations, start=1):  # next one while not found
                 try:
                     if source.is_http:
                         data, final_url = self.fetch_url(location)
                     else:
                         data, final_url = self.fetch_file(location), location
                 except FetchFailure as failure:
-                    if failure.reason == "not_found" and location != locations[-1]:
+                    if failure.reason == "not_found" and tried < len(locations):
                         continue
-                    attempts.append(FetchAttempt(source.name, failure.reason, failure.detail))
+                    attempts.append(FetchAttempt(source.name, failure.reason,
+                                                 _tried(failure.detail, locations[:tried])))
                     break
                 except Exception as error:  # a bug or an unforeseen library error: never lose the record
                     logging.exception("unexpected error fetching %s", location)
-                    attempts.append(FetchAttempt(source.name, "connection_error",
-                                                 f"{type(error).__name__}: {error}"))
+                    attempts.append(FetchAttempt(source.name, "connection_error", _tried(
+                        f"{type(error).__name__}: {error}", locations[:tried])))
                     break
                 bytes_read += len(data)
                 image = FetchedImage(record=record, data=data, url=final_url, source=source.kind)
@@ -517,7 +671,8 @@ class ImageFetcher:
                 # Garbage from this source (a near-blank mirror object, say): try the next one,
                 # keeping these bytes so that decode rejects them with the exact reason if the
                 # others have nothing better.
-                attempts.append(FetchAttempt(source.name, "bad_image", f"{problem.reason}: {problem.detail}"))
+                attempts.append(FetchAttempt(source.name, "bad_image", _tried(
+                    f"{problem.reason}: {problem.detail}", (location,))))
                 fallback = fallback or image
                 break
         return FetchOutcome(record, fallback, attempts, bytes_read)
@@ -559,6 +714,10 @@ class ImageFetcher:
                     raise FetchFailure("unavailable", f"redirected to {url[:120]}")
                 continue
             if status == 200:
+                refused = robots_refusal(headers.getlist("X-Robots-Tag"),
+                                         self.config.x_robots_tag_directives)
+                if refused:
+                    raise FetchFailure("x_robots_tag", f"X-Robots-Tag {refused} at {url[:200]}")
                 content_type = headers.get("Content-Type", "").lower()
                 if content_type.startswith("text/html") or body.lstrip()[:1] == b"<":
                     raise FetchFailure("html", f"Content-Type {content_type or '?'}")
@@ -611,39 +770,60 @@ class ImageFetcher:
         with semaphore:
             for bucket in buckets:
                 bucket.acquire()
-            while True:
-                deadline = time.monotonic() + self.config.total_timeout
-                try:
-                    response = pool.urlopen(
-                        "GET", target.request_path, headers={"Host": target.host_header},
-                        retries=retries, redirect=False, assert_same_host=False,
-                        preload_content=False, release_conn=False, timeout=self._timeout)
-                except MaxRetryError as error:
-                    reason = error.reason or error
-                    raise FetchFailure(_error_reason(reason), f"{type(reason).__name__}: {reason}"[:200]) \
-                        from None
-                except (ProtocolError, SSLError, Urllib3TimeoutError, OSError) as error:
-                    raise FetchFailure(_error_reason(error), f"{type(error).__name__}: {error}"[:200]) \
-                        from None
-                retries = response.retries or retries
-                tries = len(retries.history) + 1
-                if response.status != 200:
-                    self._discard(response)
-                    return response.status, response.headers, b"", tries
-                try:
-                    body = self._read_capped(response, deadline)
-                except (ProtocolError, ReadTimeoutError, SSLError, OSError) as error:
-                    response.close()
-                    response.release_conn()
-                    try:
-                        retries = retries.increment("GET", target.url, error=error)
-                    except (MaxRetryError, ProtocolError, ReadTimeoutError, SSLError, OSError):
-                        detail = f"{type(error).__name__} in body: {error}"[:200]
-                        raise FetchFailure(_error_reason(error), detail) from None
-                    retries.sleep()
-                    continue
+            _request_deadline.entries = []
+            try:
+                return self._request_with_retries(pool, target, retries)
+            finally:
+                for entry in _request_deadline.entries:
+                    DeadlineWatchdog.cancel(entry)
+                _request_deadline.value = None
+                _request_deadline.entries = []
+
+    def _request_with_retries(self, pool: HTTPConnectionPool, target: Target, retries: Retry
+                              ) -> tuple[int, urllib3.HTTPHeaderDict, bytes, int]:
+        """The GET loop of `_request`: all tries end by one wall-clock deadline (headers + body)."""
+        deadline = time.monotonic() + self.config.total_timeout
+        _request_deadline.value = deadline
+        while True:
+            try:
+                response = pool.urlopen(
+                    "GET", target.request_path, headers={"Host": target.host_header},
+                    retries=retries, redirect=False, assert_same_host=False,
+                    preload_content=False, release_conn=False, timeout=self._timeout)
+            except MaxRetryError as error:
+                reason = error.reason or error
+                self._check_deadline(deadline, "headers")
+                raise FetchFailure(_error_reason(reason), f"{type(reason).__name__}: {reason}"[:200]) \
+                    from None
+            except (ProtocolError, SSLError, Urllib3TimeoutError, OSError) as error:
+                self._check_deadline(deadline, "headers")
+                raise FetchFailure(_error_reason(error), f"{type(error).__name__}: {error}"[:200]) \
+                    from None
+            retries = response.retries or retries
+            tries = len(retries.history) + 1
+            if response.status != 200:
+                self._discard(response)
+                return response.status, response.headers, b"", tries
+            try:
+                body = self._read_capped(response, deadline)
+            except (ProtocolError, ReadTimeoutError, SSLError, OSError) as error:
+                response.close()
                 response.release_conn()
-                return 200, response.headers, body, tries
+                self._check_deadline(deadline, "body")
+                try:
+                    retries = retries.increment("GET", target.url, error=error)
+                except (MaxRetryError, ProtocolError, ReadTimeoutError, SSLError, OSError):
+                    detail = f"{type(error).__name__} in body: {error}"[:200]
+                    raise FetchFailure(_error_reason(error), detail) from None
+                retries.sleep()
+                continue
+            response.release_conn()
+            return 200, response.headers, body, tries
+
+    def _check_deadline(self, deadline: float, part: str) -> None:
+        """Raise the 'timeout' failure when an error came from the watchdog ending the request."""
+        if time.monotonic() >= deadline - 0.05:
+            raise FetchFailure("timeout", f"{part} not complete after {self.config.total_timeout}s")
 
     @staticmethod
     def _discard(response: urllib3.BaseHTTPResponse) -> None:
@@ -674,6 +854,8 @@ class ImageFetcher:
                 response.close()
                 raise FetchFailure("timeout", f"body not complete after {self.config.total_timeout}s")
             chunks.append(chunk)
+        if time.monotonic() >= deadline:  # the watchdog ended a body without Content-Length
+            raise FetchFailure("timeout", f"body not complete after {self.config.total_timeout}s")
         return b"".join(chunks)
 
 

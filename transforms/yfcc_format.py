@@ -232,6 +232,14 @@ def _format_float(value: Optional[float]) -> str:
     return "" if value is None else repr(float(value))
 
 
+def _encode_nsid(nsid: str) -> str:
+    """The NSID column as `parse_line` reads it back: as it is, unless it holds '%' or a TAB/line
+    break (then %-encoded; the parser decodes a column holding '%')."""
+    if "%" in nsid or "\t" in nsid or "\n" in nsid or "\r" in nsid:
+        return quote_plus(nsid, safe="@")
+    return nsid
+
+
 def format_line(record: YfccRecord, columns: int = 23) -> str:
     """Write `record` as a YFCC line (no newline) in the 23- or 25-column layout.
 
@@ -240,7 +248,7 @@ def format_line(record: YfccRecord, columns: int = 23) -> str:
     if columns not in (23, 25):
         raise ValueError(f"columns must be 23 or 25, got {columns}")
     data = [
-        record.user_nsid,
+        _encode_nsid(record.user_nsid),
         _encode_text(record.user_nickname),
         NULL_DATE if record.date_taken is None else record.date_taken,
         str(record.date_uploaded),
