@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from tests.factories import make_record
 from transforms.tags import clean_tag
 
 API_PATH = "/services/rest/"
@@ -89,6 +90,19 @@ def consent_world() -> World:
     world.photos[MANY_FIRST_ID + 2].license_id = 0
     world.photos[MANY_FIRST_ID + 3].deleted = True
     return world
+
+
+def mixed_world(groups: Iterable[tuple[int, int, int]]) -> tuple[World, list]:
+    """A world of owners in groups of (owners, photos to check each, public photos each), and
+    the records to check: each owner's oldest photos (the ones a 2014 snapshot holds)."""
+    world, records, owner_index = World(), [], 0
+    for owners, to_check, public in groups:
+        for _ in range(owners):
+            owner, first = f"{owner_index}@N02", 100_000 + owner_index * 100_000
+            world.add(*(FakePhoto(first + n, owner) for n in range(public)))
+            records += [make_record(first + n, user_nsid=owner) for n in range(to_check)]
+            owner_index += 1
+    return world, records
 
 
 def _photo_tags(photo: FakePhoto) -> list[dict]:
@@ -208,6 +222,7 @@ def _fault(fault: str) -> tuple[int, dict[str, str], bytes]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms ACK wait
 
     def __init__(self, fake: FlickrApiFake, *args, **kwargs):
         self.fake = fake

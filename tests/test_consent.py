@@ -2,6 +2,8 @@
 the calls it costs, and CheckConsent in a real Beam pipeline."""
 from __future__ import annotations
 
+import argparse
+
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -11,10 +13,12 @@ from beam_jobs.common import make_pipeline
 from tests.factories import make_record
 from tests.flickr_api_fixture import (API_KEY, DELETED, MADE_PRIVATE, MANY_FIRST_ID, MANY_USER,
                                       RELICENSED_ND, TAGGED_NO_CV, UNCHANGED, FakePhoto, World,
-                                      consent_world, flickr_api, serve)  # noqa: F401 (fixture)
+                                      flickr_api, mixed_world,
+                                      serve)  # noqa: F401 (fixture)
 from transforms.consent import (ALLOWED_LICENSE_IDS, FLICKR_LICENSES, GET_INFO,
                                 GET_PUBLIC_PHOTOS, CheckConsent, ConsentChecker, ConsentConfig,
-                                ConsentResult, ConsentRules, FlickrClient, api_host_policy)
+                                ConsentResult, ConsentRules, FlickrClient, add_consent_arguments,
+                                api_host_policy, consent_from_flags)
 from transforms.rate_limit import process_rate_share
 
 FATES = {UNCHANGED: "", TAGGED_NO_CV: "no_cv_tag", RELICENSED_ND: "license_changed",
@@ -116,15 +120,9 @@ def test_get_info_decides_each_fate(flickr_api, photo_id):
 def test_both_methods_give_the_same_decisions(flickr_api):
     records = [_record(photo_id) for photo_id in FATES]
     records += [_record(MANY_FIRST_ID + offset) for offset in range(100)]
-    by_user: dict[str, list] = {}
-    for record in records:
-        by_user.setdefault(record.user_nsid, []).append(record)
-    per_photo, listing = _checker(flickr_api.url, listing_min_photos=10**9), \
-        _checker(flickr_api.url, listing_min_photos=1)
-    got_info, got_listing = {}, {}
-    for user, user_records in by_user.items():
-        got_info.update(per_photo.check_user(user, user_records))
-        got_listing.update(listing.check_user(user, user_records))
+    per_photo = _checker(flickr_api.url, listing_min_photos=10**9)
+    listing = _checker(flickr_api.url, listing_min_photos=1)
+    got_info, got_listing = per_photo.check_records(records), listing.check_records(records)
     assert _decisions(got_info) == _decisions(got_listing)
     reasons = {photo_id: result.reason for photo_id, result in got_listing.items()}
     assert {photo_id: reasons[photo_id] for photo_id in FATES} == FATES
@@ -163,30 +161,17 @@ def test_the_method_is_chosen_per_user_by_the_calls_it_costs(flickr_api):
     assert checker.client.calls == {GET_PUBLIC_PHOTOS: 1, GET_INFO: 2}
 
 
-def test_calls_per_1000_photos(flickr_api):
+def test_calls_per_1000_photos():
     """A mix like a rebuild's: 400 owners with 1 photo to check, 100 with 2, 10 with 40 old
     photos among 1,200 public ones. getInfo alone would cost 1,000 calls."""
-    world, records = World(), []
-    for user in range(510):
-        owner = f"{user}@N02"
-        count, public = (1, 30) if user < 400 else (2, 80) if user < 500 else (40, 1200)
-        first = 100_000 + user * 2000
-        world.add(*(FakePhoto(first + n, owner) for n in range(public)))
-        records += [make_record(first + n, user_nsid=owner) for n in range(count)]
+    world, records = mixed_world([(400, 1, 30), (100, 2, 80), (10, 40, 1200)])
     fake = serve(world)
     try:
         checker = _checker(fake.url)
-        by_user: dict[str, list] = {}
-        for record in records:
-            by_user.setdefault(record.user_nsid, []).append(record)
-        results = {}
-        for user, user_records in by_user.items():
-            results.update(checker.check_user(user, user_records))
+        results = checker.check_records(records)
     finally:
         fake.stop()
     assert len(results) == 1000 and all(result.ok for result in results.values())
-    calls = sum(checker.client.calls.values())
-    print(f"\nconsent calls per 1,000 photos: {calls} ({dict(checker.client.calls)})")
     assert checker.client.calls == {GET_INFO: 400 + 200, GET_PUBLIC_PHOTOS: 10 * 3}
 
 
@@ -272,3 +257,19 @@ def test_check_consent_pipeline_rejects_photos_whose_check_failed():
                         equal_to([("check_failed", 1)]), label="rejects")
     finally:
         fake.stop()
+
+
+def test_consent_flags_give_the_stage_or_nothing_and_refuse_bad_values(flickr_api):
+    parser = argparse.ArgumentParser()
+    add_consent_arguments(parser)
+    flags = vars(parser.parse_args([]))
+    assert flags["consent_check"] == "off" and consent_from_flags(**flags) is None
+    flags = vars(parser.parse_args(["--consent_check=api", f"--flickr_api_url={flickr_api.url}",
+                                    "--flickr_api_key=K", "--flickr_requests_per_second=2"]))
+    stage = consent_from_flags(**flags, max_num_workers=4, processes_per_worker=2)
+    assert stage.config.requests_per_second == pytest.approx(0.25)
+    assert stage.config.api_url == flickr_api.url
+    with pytest.raises(ValueError, match="flickr_api_key"):
+        consent_from_flags("api")
+    with pytest.raises(ValueError, match="consent_check"):
+        consent_from_flags("on")

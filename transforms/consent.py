@@ -389,6 +389,16 @@ class ConsentChecker:
         self.rules = rules
         self._clock = clock
 
+    def check_records(self, records: Iterable[YfccRecord]) -> dict[int, ConsentResult]:
+        """A result per photo id of `records` of any owners (checked owner by owner)."""
+        by_owner: dict[str, list[YfccRecord]] = {}
+        for record in records:
+            by_owner.setdefault(record.user_nsid, []).append(record)
+        results: dict[int, ConsentResult] = {}
+        for user_nsid, owned in by_owner.items():
+            results.update(self.check_user(user_nsid, owned))
+        return results
+
     def check_user(self, user_nsid: str, records: Iterable[YfccRecord]) -> dict[int, ConsentResult]:
         """A result per photo id of `records` (all of `user_nsid`); never raises for a photo."""
         pending = {record.photo_id: record for record in records}
@@ -541,3 +551,43 @@ class CheckConsent(beam.PTransform):
                    .with_outputs(REJECTS_TAG, main="main"))
         rejects = (keyed[REJECTS_TAG], checked[REJECTS_TAG]) | "MergeRejects" >> beam.Flatten()
         return StageOutput(checked.main, rejects)
+
+
+# --------------------------------------------------------------------------------------------
+# Flags shared by the jobs that check consent (rebuild --consent_check=api, recheck)
+
+CONSENT_CHECK_MODES = ("off", "api")
+
+
+def add_consent_arguments(parser: Any, default_mode: str = "off") -> None:
+    """Add --consent_check, --flickr_api_key, --flickr_api_url and --flickr_requests_per_second
+    to an argparse parser (a job's `_add_argparse_args`)."""
+    parser.add_argument(
+        "--consent_check", choices=CONSENT_CHECK_MODES, default=default_mode,
+        help="'api': ask Flickr whether each photo's owner still allows it (deleted, private, "
+             "relicensed or tagged no_cv photos are rejected; needs --flickr_api_key); "
+             f"'off': trust the YFCC snapshot (default: {default_mode}).")
+    parser.add_argument("--flickr_api_key", default="", help="Flickr API key for the consent check.")
+    parser.add_argument("--flickr_api_url", default=DEFAULT_API_URL,
+                        help="Flickr REST endpoint (default: %(default)s); a loopback URL is "
+                             "allowed exactly as given, for tests.")
+    parser.add_argument("--flickr_requests_per_second", type=float,
+                        default=DEFAULT_REQUESTS_PER_SECOND,
+                        help="Flickr API calls per second for the whole job, split over its "
+                             "processes (default: %(default)s, Flickr's 3,600 per hour per key).")
+
+
+def consent_from_flags(consent_check: str, flickr_api_key: str = "",
+                       flickr_api_url: str = DEFAULT_API_URL,
+                       flickr_requests_per_second: float = DEFAULT_REQUESTS_PER_SECOND,
+                       max_num_workers: int = 1, processes_per_worker: int = 1
+                       ) -> Optional[CheckConsent]:
+    """The CheckConsent stage the flags ask for (None for 'off'); ValueError for bad flags
+    (an unknown mode, 'api' without a key, a bad URL or rate), to report at launch."""
+    if consent_check not in CONSENT_CHECK_MODES:
+        raise ValueError(f"--consent_check must be one of {', '.join(CONSENT_CHECK_MODES)}, "
+                         f"got {consent_check!r}")
+    if consent_check == "off":
+        return None
+    return CheckConsent(flickr_api_url, flickr_api_key, flickr_requests_per_second,
+                        max_num_workers, processes_per_worker)
