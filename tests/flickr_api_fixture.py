@@ -110,21 +110,24 @@ def _photo_tags(photo: FakePhoto) -> list[dict]:
              "_content": clean_tag(raw), "machine_tag": 0} for index, raw in enumerate(photo.tags)]
 
 
-class FlickrApiFake:
-    """The fake API server; see the module docstring."""
+class FlickrApiFake(ThreadingHTTPServer):
+    """The fake API server, bound to an ephemeral loopback port; see the module docstring."""
+
+    daemon_threads = True
 
     def __init__(self, world: World, api_key: str = API_KEY):
+        super().__init__(("127.0.0.1", 0), functools.partial(_Handler, self))
         self.world = world
         self.api_key = api_key
         self.calls: Counter = Counter()
         self._faults: deque[str] = deque()
         self._lock = threading.Lock()
-        self._httpd: Optional[ThreadingHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True,
+                                        name="fake-flickr-api")
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}{API_PATH}"
+        return f"http://127.0.0.1:{self.server_address[1]}{API_PATH}"
 
     def inject(self, *faults: str) -> None:
         """Answer the next requests with these faults (see FAULTS), in order."""
@@ -135,18 +138,14 @@ class FlickrApiFake:
             self._faults.extend(faults)
 
     def start(self) -> "FlickrApiFake":
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, self))
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        daemon=True, name="fake-flickr-api")
+        """Serve in a daemon thread."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._thread.join(timeout=5)
+        """Stop serving and close the socket."""
+        self.shutdown()
+        self.server_close()
 
     def answer(self, path: str, query: str) -> tuple[int, dict[str, str], bytes]:
         """(status, headers, body) for one request."""
