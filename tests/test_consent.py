@@ -201,7 +201,15 @@ def test_a_check_that_keeps_failing_is_a_reject_never_a_keep(flickr_api, faults,
     flickr_api.inject(*faults)
     result = _checker(flickr_api.url, retries=5).check_photo(UNCHANGED)
     assert not result.ok and result.reason == "check_failed" and detail in result.detail
-    assert result.license_id is None
+    assert result.license_id is None and API_KEY not in result.detail
+
+
+def test_an_unreachable_api_is_a_failed_check(flickr_api):
+    url = flickr_api.url
+    flickr_api.stop()  # nothing listens on the port any more
+    result = _checker(url, retries=1).check_photo(UNCHANGED)
+    assert result.reason == "check_failed" and "after 2 tries" in result.detail
+    assert API_KEY not in result.detail
 
 
 def test_a_lasting_api_error_or_a_listing_outage_fails_the_check(flickr_api):

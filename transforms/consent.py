@@ -303,8 +303,9 @@ class FlickrClient:
         """One request: its answer, or the transient problem worth a retry."""
         try:
             status, retry_after, body = self._get(query)
-        except (urllib3.exceptions.HTTPError, OSError) as error:
-            return _Attempt(problem=f"{type(error).__name__}: {error}"[:200])
+        except (urllib3.exceptions.HTTPError, OSError) as error:  # the key never goes in a detail
+            detail = str(error).replace(self.config.api_key, "<key>")
+            return _Attempt(problem=f"{type(error).__name__}: {detail}"[:200])
         if status == 429 or 500 <= status < 600:
             return _Attempt(problem=f"HTTP {status}", retry_after=retry_after)
         if status != 200:
