@@ -60,7 +60,8 @@ class ScanOptions(JobOptions):
                  "their users and photos are dropped.")
         parser.add_argument(
             "--drop_tags",
-            help="Comma-separated user tags (case-insensitive) whose photos are dropped "
+            help="Comma-separated user tags whose photos are dropped, compared in Flickr's clean "
+                 "form (case, spaces and punctuation ignored: no_cv = no cv = NOCV) "
                  f"(default: {','.join(DEFAULT_DROP_TAGS)}).")
         parser.add_argument(
             "--num_shards", type=int,

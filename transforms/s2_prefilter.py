@@ -2,7 +2,8 @@
 
 A record is dropped (and rejected with a reason) when it is a video ('video'), its licence is
 not CC ('license_unknown') or not in the allowlist ('license_not_allowed'), its owner tagged it
-with an opt-out tag such as `no_cv` ('no_cv_tag'), its owner or the photo is on an opt-out list
+with an opt-out tag such as `no_cv` in any spelling Flickr treats as the same tag (`no cv`,
+`NOCV`, `no-cv`: compared in Flickr's clean form, `transforms.tags.clean_tag`) ('no_cv_tag'), its owner or the photo is on an opt-out list
 ('user_opt_out', 'photo_opt_out'), or its photo id was already seen ('duplicate_photo_id': the
 record with the lowest source file:line is kept, so the choice does not depend on the runner).
 
@@ -31,6 +32,7 @@ from transforms.s1_read import (LINE_COUNTS_TAG, RECORD_FIELDS, ReadCounters, Re
                                 file_path, open_matched_files, read_file, record_from_fields, record_to_fields,
                                 split_patterns)
 from transforms.stage import StageDoFn, StageOutput, stage_output
+from transforms.tags import clean_tag, find_tag
 
 STAGE = "prefilter"
 DEFAULT_DROP_TAGS = ("no_cv",)
@@ -53,7 +55,7 @@ class PrefilterRules:
     """The per-record rules: which licences are allowed, which tags and people opt out."""
 
     licenses: frozenset[str] = frozenset(FDH_LICENSES)
-    drop_tags: frozenset[str] = frozenset(DEFAULT_DROP_TAGS)  # lower case
+    drop_tags: frozenset[str] = frozenset(map(clean_tag, DEFAULT_DROP_TAGS))  # Flickr's clean form
     opt_out: OptOut = OptOut()
 
     @classmethod
@@ -61,7 +63,7 @@ class PrefilterRules:
                drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
                opt_out: OptOut = OptOut()) -> "PrefilterRules":
         return cls(frozenset(validate_licenses(licenses)),
-                   frozenset(tag.strip().lower() for tag in drop_tags), opt_out)
+                   frozenset(filter(None, map(clean_tag, drop_tags))), opt_out)
 
     def check(self, record: YfccRecord) -> Optional[tuple[str, str]]:
         """(reason, detail) when the record must be dropped, else None."""
@@ -71,10 +73,9 @@ class PrefilterRules:
             return "license_unknown", record.license_name
         if record.license not in self.licenses:
             return "license_not_allowed", record.license
-        if self.drop_tags:
-            for tag in record.user_tags:
-                if tag.strip().lower() in self.drop_tags:
-                    return "no_cv_tag", tag
+        tag = find_tag(record.user_tags, self.drop_tags)
+        if tag is not None:
+            return "no_cv_tag", tag
         excluded = self.opt_out.excludes(record.user_nsid, record.photo_id)
         if excluded:
             return excluded, ""
