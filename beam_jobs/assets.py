@@ -21,7 +21,7 @@ import sys
 from typing import Optional, Sequence
 
 from beam_jobs.common import JobOptions, UsageError, split_job_flags, split_list
-from beam_jobs.model_dir import (PART_TABLE, check_model_dir, entry_names, prepare)
+from beam_jobs.model_dir import PART_TABLE, check_model_dir, entry_names, prepare
 from transforms import assets
 
 ACTIONS = ("list", "fetch", "verify")

@@ -9,8 +9,8 @@ under `part_table` when it is built, and is enforced afterwards like the other u
 from __future__ import annotations
 
 import hashlib
-import os
 import logging
+import os
 import urllib.request
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -106,7 +106,7 @@ def check_model_dir(model_dir: str, names: Sequence[str]) -> list[EntryStatus]:
 def read_source(source: str, timeout_s: float = 120.0) -> bytes:
     """Bytes of an http(s) URL or of a path Beam's FileSystems can open (local, gs://)."""
     if source.startswith(("http://", "https://")):
-        with urllib.request.urlopen(source, timeout=timeout_s) as response:  # noqa: S310 (fixed URLs)
+        with urllib.request.urlopen(source, timeout=timeout_s) as response:
             return response.read()
     with FileSystems.open(source) as handle:
         return handle.read()

@@ -195,21 +195,21 @@ def format_plan(result: Plan, source: str = "") -> str:
     a = result.assumptions
     hours = f"{a.target_hours:g} h"
     lines = [
-        f"FDH rebuild plan: {result.candidates:,} candidates of {result.lines_read:,} lines read"
-        + (f" ({source})" if source else ""),
+        (f"FDH rebuild plan: {result.candidates:,} candidates of {result.lines_read:,} lines read"
+         + (f" ({source})" if source else "")),
         f"  photos fetched and decoded  {result.photos_decoded:>16,.0f}",
         f"  samples                     {result.samples:>16,.0f}",
         f"  photos with a sample        {result.kept_photos:>16,.0f}",
-        f"  GPU-hours                   {result.gpu_hours:>16,.1f}   {result.gpus_for_target:,} GPU(s) "
-        f"for {hours}   ${result.dollars_gpu:,.0f}",
-        f"  CPU worker-hours            {result.cpu_worker_hours:>16,.1f}   "
-        f"{result.workers_for_target:,} worker(s) for {hours} "
-        f"({result.cpu_core_hours:,.1f} core-hours)   ${result.dollars_cpu:,.0f}",
-        f"  shuffle bytes               {result.shuffle_bytes:>16,.0f}   "
-        f"({result.shuffle_bytes / 1e12:,.2f} TB)   ${result.dollars_shuffle:,.0f}",
+        (f"  GPU-hours                   {result.gpu_hours:>16,.1f}   {result.gpus_for_target:,} "
+         f"GPU(s) for {hours}   ${result.dollars_gpu:,.0f}"),
+        (f"  CPU worker-hours            {result.cpu_worker_hours:>16,.1f}   "
+         f"{result.workers_for_target:,} worker(s) for {hours} "
+         f"({result.cpu_core_hours:,.1f} core-hours)   ${result.dollars_cpu:,.0f}"),
+        (f"  shuffle bytes               {result.shuffle_bytes:>16,.0f}   "
+         f"({result.shuffle_bytes / 1e12:,.2f} TB)   ${result.dollars_shuffle:,.0f}"),
         f"  dollars                     {result.dollars:>16,.0f}",
-        f"  Flickr API calls (consent)  {result.flickr_api_calls:>16,.0f}   "
-        f"{result.flickr_api_hours:,.1f} h at {a.flickr_calls_per_hour:,.0f}/h per key",
+        (f"  Flickr API calls (consent)  {result.flickr_api_calls:>16,.0f}   "
+         f"{result.flickr_api_hours:,.1f} h at {a.flickr_calls_per_hour:,.0f}/h per key"),
         "Assumptions (each a flag --NAME=VALUE):",
     ]
     lines += [f"  --{name}={value:g} {unit}".rstrip() + f"  [{source}] {why}"
@@ -237,17 +237,19 @@ class PlanOptions(JobOptions):
                                          f"{item.default:g}, {meta['source']}]")
 
 
+# Assumptions the plan divides by: they must be > 0 (the others >= 0).
+_DIVISORS = ("samples_per_kept_photo", "gpu_utilisation", "cpu_utilisation", "vcpus_per_worker",
+             "write_mib_per_s", "flickr_calls_per_hour", "target_hours")
+
+
 def _assumptions_from(options: PlanOptions) -> Assumptions:
+    """Assumptions() with the flags the user gave (each checked), marked as given."""
     given = {item.name: getattr(options, item.name) for item in fields(Assumptions)
              if item.metadata and getattr(options, item.name) is not None}
     for name, value in given.items():
         if value < 0 or (value == 0 and name in _DIVISORS):
             raise UsageError(f"--{name}={value:g}: must be {'> 0' if name in _DIVISORS else '>= 0'}")
     return replace(Assumptions(), **given, given=frozenset(given))
-
-
-_DIVISORS = ("samples_per_kept_photo", "gpu_utilisation", "cpu_utilisation", "vcpus_per_worker",
-             "write_mib_per_s", "flickr_calls_per_hour", "target_hours")
 
 
 def _counts_from(options: PlanOptions) -> tuple[int, int, str]:

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -39,7 +40,8 @@ def _registry(base: str) -> list[Asset]:
 def _child(emulator, code: str, registry: list[Asset], *args: str, cache=None):
     env = dict(emulator.env, **({"FDH_BEAM_CACHE": str(cache)} if cache else {}))
     return subprocess.run([sys.executable, "-c", code, json.dumps([asdict(a) for a in registry]),
-                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +77,12 @@ def test_workers_copy_gcs_assets_into_their_local_cache_verified(gs_model_dir, g
     done = _child(gcs_emulator, _RESOLVE, registry, "tofu", model_dir, cache=tmp_path / "cache")
     assert done.returncode == 0, done.stderr[-3000:]
     local = done.stdout.strip()
-    assert local.startswith(str(tmp_path / "cache")) and open(local, "rb").read() == PAYLOAD
+    assert local.startswith(str(tmp_path / "cache")) and Path(local).read_bytes() == PAYLOAD
 
 
 def test_a_tampered_gcs_asset_fails_verification_and_leaves_nothing_in_the_cache(
         gs_model_dir, gcs_emulator, tmp_path):
-    model_dir, registry = gs_model_dir
+    _, registry = gs_model_dir
     gcs_emulator.bucket.blob("bad/exact.bin").upload_from_string(PAYLOAD + b"tampered")
     done = _child(gcs_emulator, _RESOLVE, registry, "exact", gcs_emulator.url("bad"),
                   cache=tmp_path / "cache")
