@@ -77,7 +77,7 @@ def test_trust_on_first_use_records_then_enforces(registry, tmp_path):
         handle.write(b"tampered")
     with pytest.raises(assets.ChecksumMismatchError, match="lock file"):
         assets.resolve("tofu", model_dir)
-    assert assets_cli.main(["verify", f"--model_dir={model_dir}", "--names=tofu"]) == 1
+    assert assets_cli.main(["verify", f"--model_dir={model_dir}", "--names=tofu"]) == 2
 
 
 def test_resolve_in_model_dir_and_missing_file_message(registry, tmp_path):
@@ -117,8 +117,8 @@ def test_cli_list_fetch_verify(registry, tmp_path, capsys):
     model_dir = str(tmp_path / "models")
     assert assets_cli.main(["list"]) == 0
     assert "exact.bin" in capsys.readouterr().out
-    assert assets_cli.main(["verify", f"--model_dir={model_dir}", "--names=exact"]) == 1
-    assert "MISSING" in capsys.readouterr().out
+    assert assets_cli.main(["verify", f"--model_dir={model_dir}", "--names=exact"]) == 2
+    assert capsys.readouterr().err.startswith("MISSING\texact\t")
     assert assets_cli.main(["fetch", f"--model_dir={model_dir}", "--names=exact,tofu"]) == 0
     assert assets_cli.main(["verify", f"--model_dir={model_dir}", "--names=exact,tofu"]) == 0
     assert json.load(open(os.path.join(model_dir, assets.LOCK_FILE))) == {"tofu": DIGEST}
@@ -159,3 +159,74 @@ def test_safe_unpickle_allows_numpy_and_refuses_code(tmp_path):
     bad.write_bytes(pickle.dumps({"x": _Exploit()}))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         assets.safe_unpickle(str(bad))
+
+
+# --- a model dir in one command: the part table built from the .mat assets ---------------------
+
+@pytest.fixture(scope="module")
+def mesh_files(server):
+    """Full-size synthetic SMPL_subdiv / transform .mat files (27,554 ids) on the loopback server."""
+    from scipy.io import savemat
+
+    from tests.test_select_parts import seam_body
+
+    _, root = server
+    subdiv, transform, n = seam_body(rows=46, cols=599, head_rows=6, hands=False, spacing=0.01)
+    assert n == 27554
+    savemat(root / "subdiv.mat", subdiv)
+    savemat(root / "transform.mat", transform)
+    return root
+
+
+def _mesh_registry(monkeypatch, base: str) -> None:
+    monkeypatch.setattr(assets, "ASSETS", [
+        Asset("exact", base + "good.bin", "exact.bin", sha256=DIGEST),
+        Asset("smpl_subdiv", base + "subdiv.mat", "SMPL_subdiv.mat"),
+        Asset("smpl_subdiv_transform", base + "transform.mat", "SMPL_SUBDIV_TRANSFORM.mat"),
+    ])
+
+
+def test_fetch_builds_the_part_table_and_verify_checks_it(server, mesh_files, monkeypatch,
+                                                          tmp_path, capsys):
+    from transforms.s6_select import parts
+
+    _mesh_registry(monkeypatch, server[0])
+    model_dir = tmp_path / "models"
+    assert assets_cli.main(["fetch", f"--model_dir={model_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("\t")[:2] for line in out.splitlines()] == [
+        ["ok", "exact"], ["ok", "smpl_subdiv"], ["ok", "smpl_subdiv_transform"], ["ok", "part_table"]]
+    assert parts.load_part_table(str(model_dir)).shape == (27554,)
+    lock = assets.read_lock(str(model_dir))
+    assert set(lock) == {"smpl_subdiv", "smpl_subdiv_transform", "part_table"}
+    assert lock["part_table"] == hashlib.sha256((model_dir / "part_table.npy").read_bytes()).hexdigest()
+    assert assets_cli.main(["verify", f"--model_dir={model_dir}"]) == 0
+    capsys.readouterr()
+
+    table = parts.load_part_table(str(model_dir))
+    table[0] ^= 1  # a valid table, but not the one that was built: the lock catches it
+    np.save(model_dir / "part_table.npy", table)
+    assert assets_cli.main(["verify", f"--model_dir={model_dir}"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("BAD\tpart_table\t") and "lock" in errors[0]
+
+
+def test_fetch_offline_names_every_missing_file_and_exits_2(server, monkeypatch, tmp_path, capsys):
+    with socket.socket() as probe:  # a loopback port nobody listens on: "offline"
+        probe.bind(("127.0.0.1", 0))
+        offline = f"http://127.0.0.1:{probe.getsockname()[1]}/"
+    _mesh_registry(monkeypatch, offline)
+    model_dir = tmp_path / "models"
+    assert assets_cli.main(["fetch", f"--model_dir={model_dir}", "--timeout_s=2",
+                            "--retries=0"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert [line.split("\t")[:2] for line in errors] == [
+        ["MISSING", "exact"], ["MISSING", "smpl_subdiv"], ["MISSING", "smpl_subdiv_transform"],
+        ["MISSING", "part_table"]]
+    assert f"put {offline}subdiv.mat there by hand" in errors[1]
+    assert "SMPL_subdiv.mat" in errors[3] and "is missing" in errors[3]
+
+
+def test_unknown_asset_name_is_a_usage_error(registry, capsys):
+    assert assets_cli.main(["verify", "--names=nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown asset 'nope'")

@@ -3,7 +3,8 @@
 Every file the job downloads is an `Asset` in `ASSETS`: where it comes from, what checksum it must
 have, its licence. `fetch()` downloads with retries into a model dir (local or gs://) and verifies;
 `resolve()` finds an asset for a worker (copying it from gs:// to a local cache) and verifies again
-before anything is loaded. Loading is always `torch.load(path, weights_only=True)` or a restricted
+before anything is loaded. Copies between filesystems (gs:// <-> local) stream through
+`copy_file`: Beam's `FileSystems.copy` only copies within one filesystem. Loading is always `torch.load(path, weights_only=True)` or a restricted
 unpickler (`safe_unpickle`): never plain pickle on downloaded bytes.
 
 Checksums, honestly:
@@ -27,11 +28,15 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 LOCK_FILE = "assets.lock.json"
 CACHE_ENV = "FDH_BEAM_CACHE"
 FETCH_HINT = "python -m beam_jobs.assets fetch --model_dir={model_dir}"
+CHUNK_BYTES = 1 << 20
+# Model files are opaque bytes: never let FileSystems guess a compression from the file name.
+_RAW = CompressionTypes.UNCOMPRESSED
 
 
 @dataclass(frozen=True)
@@ -123,10 +128,27 @@ def default_cache_dir() -> str:
 
 
 def sha256_file(path: str) -> str:
+    """Hex sha256 of a file on any filesystem Beam knows (read in 1 MiB chunks)."""
     digest = hashlib.sha256()
-    with FileSystems.open(path) as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+    with FileSystems.open(path, compression_type=_RAW) as handle:
+        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def copy_file(source: str, destination: str, chunk_bytes: int = CHUNK_BYTES) -> str:
+    """Stream `source` to `destination` on any filesystems (local, gs://, either way); returns the
+    hex sha256 of the bytes copied, so the copy is checked without reading it again.
+
+    `FileSystems.copy` cannot copy between two filesystems (it raises BeamIOError for gs:// ->
+    local), and a worker's model load and `assets fetch --model_dir=gs://...` both need that.
+    """
+    digest = hashlib.sha256()
+    with FileSystems.open(source, compression_type=_RAW) as reader, \
+            FileSystems.create(destination, compression_type=_RAW) as writer:
+        for chunk in iter(lambda: reader.read(chunk_bytes), b""):
+            digest.update(chunk)
+            writer.write(chunk)
     return digest.hexdigest()
 
 
@@ -188,6 +210,14 @@ def _download(url: str, destination: str, timeout_s: float, retries: int = 4) ->
         response.release_conn()
 
 
+def _checked_copy(source: str, destination: str, digest: str) -> None:
+    """copy_file, then fail (AssetError) when the bytes written are not the verified ones."""
+    copied = copy_file(source, destination)
+    if copied != digest:
+        FileSystems.delete([destination])
+        raise AssetError(f"copying {source} to {destination}: sha256 {copied}, expected {digest}")
+
+
 def fetch(names: Optional[Iterable[str]] = None, model_dir: Optional[str] = None,
           timeout_s: float = 60.0, retries: int = 4) -> dict[str, str]:
     """Download and verify assets into `model_dir` (local or gs://); skip verified ones.
@@ -215,7 +245,7 @@ def fetch(names: Optional[Iterable[str]] = None, model_dir: Optional[str] = None
             _download(asset.url, local, timeout_s, retries)
             digest, record = verify(asset, local, lock)  # the temp dir (and file) go on failure
             if "://" in model_dir:
-                FileSystems.copy([local], [target])
+                _checked_copy(local, target, digest)
             else:
                 os.replace(local, target)
         if record:
@@ -279,11 +309,11 @@ def resolve(name: str, model_dir: Optional[str] = None, download: bool = True,
     local = os.path.join(local_dir, asset.filename)
     if not os.path.exists(local):
         partial = local + f".part{os.getpid()}"
-        FileSystems.copy([source], [partial])
         try:
-            verify(asset, partial, lock)
-        except ChecksumMismatchError:
-            os.remove(partial)
+            check_digest(asset, copy_file(source, partial), lock)
+        except BaseException:
+            if os.path.exists(partial):
+                os.remove(partial)
             raise
         os.replace(partial, local)
         return local
