@@ -170,19 +170,28 @@ class ReadCounters:
 def read_file(readable_file: fileio.ReadableFile, compression_type: str,
               counters: ReadCounters) -> Iterator[Union[YfccRecord, beam.pvalue.TaggedOutput]]:
     """Stream one matched file: its records, its rejects (TaggedOutput), then its line count
-    (TaggedOutput LINE_COUNTS_TAG). Shared by `ReadYfcc` and the fused read + prefilter step."""
+    (TaggedOutput LINE_COUNTS_TAG). Shared by `ReadYfcc` and the fused read + prefilter step.
+
+    When reading fails part-way (a corrupt archive), the lines so far plus one are counted and
+    the error is raised on: the caller's 'read.error' reject stands for the rest of the file, so
+    that lines read = records + rejects still holds."""
     path = readable_file.metadata.path
     lines = records = 0
-    with readable_file.open(mime_type="application/octet-stream",
-                            compression_type=compression_type) as stream:
-        for item in parse_numbered_lines(iter_lines(stream), path):
-            lines += 1
-            if type(item) is Rejected:
-                # reject() builds the Rejected and bumps its counter.
-                yield reject(STAGE, item.reason, item.record_id, item.detail)
-            else:
-                records += 1
-                yield item
+    try:
+        with readable_file.open(mime_type="application/octet-stream",
+                                compression_type=compression_type) as stream:
+            for item in parse_numbered_lines(iter_lines(stream), path):
+                lines += 1
+                if type(item) is Rejected:
+                    # reject() builds the Rejected and bumps its counter.
+                    yield reject(STAGE, item.reason, item.record_id, item.detail)
+                else:
+                    records += 1
+                    yield item
+    except Exception:
+        counters.count_file(lines + 1, records)
+        yield beam.pvalue.TaggedOutput(LINE_COUNTS_TAG, (path, lines + 1))
+        raise
     counters.count_file(lines, records)
     yield beam.pvalue.TaggedOutput(LINE_COUNTS_TAG, (path, lines))
 
