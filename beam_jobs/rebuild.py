@@ -154,9 +154,9 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
         part_table = options.model_dir
 
     # ReadYfcc | Prefilter fused in one step per file (same outputs, no element in between).
+    licenses = split_list(options.licenses) or list(FDH_LICENSES)
     prefiltered = pipeline | "ReadAndPrefilter" >> ReadAndPrefilter(
-        split_list(options.yfcc), licenses=split_list(options.licenses) or FDH_LICENSES,
-        opt_out_paths=_opt_out_paths(options))
+        split_list(options.yfcc), licenses=licenses, opt_out_paths=_opt_out_paths(options))
     fetched = (prefiltered.main
                | "Reshuffle" >> beam.Reshuffle()
                | "FetchImages" >> FetchImages(
@@ -186,7 +186,8 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
                    lambda counts: sorted(counts.items())))
               | "FunnelItems" >> beam.Flatten()
               | "FunnelDict" >> beam.combiners.ToDict())
-    config = {**run_config(options), "no_embeddings": no_embeddings, **write_shards.config}
+    config = {**run_config(options), "licenses": ",".join(licenses), "no_embeddings": no_embeddings,
+              **write_shards.config}
     _ = {"shards": written.main, "counts": funnel} | "WriteRunOutputs" >> WriteRunOutputs(
         output, config=config, crawl_time=options.crawl_time)
 

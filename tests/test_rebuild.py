@@ -164,7 +164,8 @@ def test_manifest_records_the_whole_run_configuration(sample, built):
         config = json.load(handle)["config"]
     assert config["yfcc"] == yfcc and config["image_source"] == f"mirror:{mirror}"
     assert config["annotator"] == "lite" and config["no_embeddings"] is True
-    for flag in ("licenses", "model_dir", "val_fraction", "split_by", "opt_out", "random_weights",
+    assert config["licenses"] == "cc-by-2,cc-by-sa-2,cc-by-nc-2,cc-by-nc-sa-2"  # the default, spelled out
+    for flag in ("model_dir", "val_fraction", "split_by", "opt_out", "random_weights",
                  "device", "fetch_threads", "crawl_time"):
         assert flag in config, flag
     assert "output" not in config  # a rebuild elsewhere gives the same manifest

@@ -64,6 +64,9 @@ def test_read_error_is_a_reject_of_the_file_and_other_files_flow(tmp_path, fused
         # zlib's exception class is called `error`: the detail is "error: Error -3 while decompressing..."
         assert_that(out.rejects | beam.Map(lambda r: (r.stage, r.reason, r.record_id, "decompressing" in r.detail)),
                     equal_to([("read", "error", bad, True)]))
+        # The error reject stands for the rest of the file: lines read = records + rejects.
+        assert_that(out.line_counts | beam.Map(lambda kv: (kv[0].rsplit("/", 1)[-1], kv[1])),
+                    equal_to([("good.txt", 2), ("bad.txt.gz", 1)]), label="line_counts")
 
     assert _run(build)["read.error"] == 1
 

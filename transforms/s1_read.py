@@ -207,7 +207,11 @@ class ReadCounters:
 def read_file(readable_file: fileio.ReadableFile, compression_type: str,
               counters: ReadCounters) -> Iterator[Union[YfccRecord, beam.pvalue.TaggedOutput]]:
     """Stream one matched file: its records, its rejects (TaggedOutput), then its line count
-    (TaggedOutput LINE_COUNTS_TAG). Shared by `ReadYfcc` and the fused read + prefilter step."""
+    (TaggedOutput LINE_COUNTS_TAG). Shared by `ReadYfcc` and the fused read + prefilter step.
+
+    When reading fails part-way (a corrupt archive), the lines so far plus one are counted and
+    the error is raised on: the caller's 'read.error' reject stands for the rest of the file, so
+    that lines read = records + rejects still holds."""
     path = readable_file.metadata.path
     lines = records = 0
     try:
@@ -223,6 +227,10 @@ def read_file(readable_file: fileio.ReadableFile, compression_type: str,
     except (EOFError, OSError, zlib.error) as error:  # truncated / bad CRC / not gzip
         yield reject(STAGE, input_error_reason(error), path,
                      f"{path}: {type(error).__name__}: {error} (after line {lines})"[:300])
+    except Exception:
+        counters.count_file(lines + 1, records)
+        yield beam.pvalue.TaggedOutput(LINE_COUNTS_TAG, (path, lines + 1))
+        raise
     counters.count_file(lines, records)
     yield beam.pvalue.TaggedOutput(LINE_COUNTS_TAG, (path, lines))
 
