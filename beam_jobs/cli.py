@@ -348,9 +348,6 @@ def show_third_party_logs() -> None:
 
 
 def launched_as_job() -> bool:
-    """True when this process was started as `python -m beam_jobs.NAME`."""
-    argv = getattr(sys, "orig_argv", [])
-    for index, item in enumerate(argv[:-1]):
-        if item == "-m":
-            return argv[index + 1].startswith("beam_jobs.")
-    return False
+    """True while `python -m beam_jobs.NAME` imports the beam_jobs package: Python sets
+    sys.argv[0] to '-m' while it locates the module to run (documented for -m)."""
+    return sys.argv[:1] == ["-m"]
