@@ -17,6 +17,7 @@ to quiet the logs before Apache Beam is first imported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import logging
 import os
@@ -119,7 +120,9 @@ def _help_with_default(text: str, kwargs: dict) -> str:
     if kwargs.get("required"):
         return text if "required" in text.lower() else f"{text} (required)"
     default = kwargs.get("default")
-    if default in (None, False, "", [], (), argparse.SUPPRESS) or "default" in text.lower():
+    empty = default is None or default is False or default is argparse.SUPPRESS or (
+        isinstance(default, (str, list, tuple)) and not default)
+    if empty or "default" in text.lower():
         return text
     return f"{text} (default: %(default)s)"
 
@@ -214,11 +217,11 @@ def run_main(run_fn: Callable[[list[str]], Any], argv: Optional[Sequence[str]] =
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = VERBOSE_FLAG in argv
-    configure_logging(verbose)
-    try:
-        result = run_fn(argv)
-    except (Exception, KeyboardInterrupt) as error:  # pylint: disable=broad-except
-        raise SystemExit(_report_failure(error, verbose)) from None
+    with job_logging(verbose):
+        try:
+            result = run_fn(argv)
+        except (Exception, KeyboardInterrupt) as error:  # pylint: disable=broad-except
+            raise SystemExit(_report_failure(error, verbose)) from None
     raise SystemExit(exit_code(result))
 
 
@@ -320,6 +323,24 @@ def configure_logging(verbose: bool) -> None:
         _HANDLER.addFilter(_FILTER)
 
 
+@contextlib.contextmanager
+def job_logging(verbose: bool) -> Iterator[None]:
+    """`configure_logging(verbose)` for the duration of a job, then the logging setup as it was
+    (a job's main() called in-process, e.g. by a test, leaves no handler behind)."""
+    global _HANDLER  # pylint: disable=global-statement
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, _HANDLER,
+             list(_HANDLER.filters) if _HANDLER is not None else [])
+    configure_logging(verbose)
+    try:
+        yield
+    finally:
+        root.handlers[:], _HANDLER = saved[0], saved[2]
+        root.setLevel(saved[1])
+        if _HANDLER is not None:
+            _HANDLER.filters[:] = saved[3]
+
+
 def show_third_party_logs() -> None:
     """Stop hiding third-party records (--verbose, remote runners whose progress Beam logs)."""
     if _HANDLER is not None:
@@ -327,9 +348,6 @@ def show_third_party_logs() -> None:
 
 
 def launched_as_job() -> bool:
-    """True when this process was started as `python -m beam_jobs.NAME`."""
-    argv = getattr(sys, "orig_argv", [])
-    for index, item in enumerate(argv[:-1]):
-        if item == "-m":
-            return argv[index + 1].startswith("beam_jobs.")
-    return False
+    """True while `python -m beam_jobs.NAME` imports the beam_jobs package: Python sets
+    sys.argv[0] to '-m' while it locates the module to run (documented for -m)."""
+    return sys.argv[:1] == ["-m"]

@@ -311,7 +311,7 @@ def test_project_log_records_still_show_when_quiet(capsys):
     _log("root", logging.WARNING, str(REPO / "transforms" / "s3_fetch.py"), "a project warning")
     _log("root", logging.WARNING, beam_file, "crcmod package not found")
     _log("apache_beam.runners", logging.ERROR, beam_file, "beam chatter")
-    _log("google.auth", logging.CRITICAL, beam_file, "critical from a library")
+    _log("apache_beam.io", logging.CRITICAL, beam_file, "critical from a library")
     err = capsys.readouterr().err
     assert "a project warning" in err and "critical from a library" in err
     assert "beam chatter" not in err and "crcmod" not in err
