@@ -25,11 +25,9 @@ from PIL import Image, ImageDraw
 
 from dataset.manifest import load_manifest
 from dataset.shards import read_tar_shard
+from transforms import mirror_layout
 from transforms.records import CROP_HEIGHT, CROP_WIDTH, LICENSES, YfccRecord
 from transforms.yfcc_format import format_line, photo_hash
-
-from transforms import mirror_layout
-from transforms.mirror_layout import MIRROR_IMAGE_DIR  # noqa: F401  (re-exported)
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:

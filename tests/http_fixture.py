@@ -133,6 +133,7 @@ class FixtureServer:
         return self.add_file(mirror_path(photo_hash), data)
 
     def start(self) -> "FixtureServer":
+        sample_jpegs()  # encode once here, not inside a client's read timeout on a loaded machine
         handler = functools.partial(_Handler, self)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True

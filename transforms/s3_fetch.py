@@ -499,10 +499,15 @@ class _WatchedRequests:
     def connect(self) -> None:
         super().connect()
         self.watched_sock = self.sock
+        deadline = getattr(_request_deadline, "value", None)
+        if deadline is not None and time.monotonic() >= deadline:  # the watchdog fired meanwhile
+            _shut_down(self)
 
     def request(self, *args, **kwargs):
         deadline = getattr(_request_deadline, "value", None)
         if deadline is not None:
+            if time.monotonic() >= deadline:  # a retry after the deadline: do not even send
+                raise socket.timeout("total deadline passed before the request")
             _request_deadline.entries.append(self.watchdog.arm(self, deadline))
         return super().request(*args, **kwargs)
 

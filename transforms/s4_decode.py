@@ -32,9 +32,9 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from PIL import ImageOps
 
-from transforms.image_checks import (DECODE_REASONS, DEFAULT_BLANK_LEVELS,  # noqa: F401 (re-exported)
-                                     DEFAULT_BLANK_STD, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE,
-                                     DecodeError, check_not_blank, open_and_load, to_rgb)
+from transforms.image_checks import (DEFAULT_BLANK_LEVELS, DEFAULT_BLANK_STD, DEFAULT_MAX_PIXELS,
+                                     DEFAULT_MIN_SIDE, DecodeError, check_not_blank, open_and_load,
+                                     to_rgb)
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, DecodedImage, FetchedImage
 from transforms.rejects import reject
 from transforms.stage import StageDoFn, StageOutput, stage_output
