@@ -16,11 +16,10 @@ Then run the job with the same --model_dir.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Optional, Sequence
 
-from beam_jobs.common import JobOptions, UsageError, split_job_flags, split_list
+from beam_jobs.common import JobOptions, UsageError, run_main, split_job_flags, split_list
 from beam_jobs.model_dir import PART_TABLE, check_model_dir, entry_names, prepare
 from transforms import assets
 
@@ -76,15 +75,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     return 0 if all(status.ok for status in statuses) else 2
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point: a usage error is one line on stderr and exit 2."""
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        return run(argv)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point: exit status 2 when an entry is missing or bad; a usage error is one line."""
+    run_main(run, argv, exit_code=lambda status: status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

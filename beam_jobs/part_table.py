@@ -15,10 +15,9 @@ never ships or downloads it).
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Optional, Sequence
 
-from beam_jobs.common import JobOptions, split_job_flags
+from beam_jobs.common import JobOptions, run_main, split_job_flags
 from beam_jobs.model_dir import build_part_table
 from transforms.assets import get_asset
 from transforms.s6_select import parts
@@ -32,7 +31,7 @@ class PartTableOptions(JobOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--output", help="model directory (local or gs://). Required.")
+        parser.add_argument("--output", required=True, help="model directory (local or gs://)")
         parser.add_argument("--subdiv", default=SUBDIV_URL, help="SMPL_subdiv.mat URL or path")
         parser.add_argument("--transform", default=SUBDIV_TRANSFORM_URL,
                             help="SMPL_SUBDIV_TRANSFORM.mat URL or path")
@@ -42,13 +41,17 @@ class PartTableOptions(JobOptions):
                             help="neck band radius in mesh units (default: 5%% of the mesh height)")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def run(argv: Optional[Sequence[str]] = None) -> str:
+    """Build the part table into --output; returns (and prints) where it was written."""
     options, _ = split_job_flags(PartTableOptions, argv, __doc__)
-    if not options.output:
-        raise SystemExit("error: part_table needs --output=MODEL_DIR (see --help)")
-    logging.basicConfig(level=logging.INFO)
-    print(build_part_table(options.output, options.subdiv, options.transform, options.meshcapade,
-                           options.neck_distance))
+    written = build_part_table(options.output, options.subdiv, options.transform,
+                               options.meshcapade, options.neck_distance)
+    print(written)
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional, Sequence
 
-from beam_jobs.common import JobOptions, UsageError, split_job_flags
+from beam_jobs.common import JobOptions, UsageError, run_main, split_job_flags
 
 MEASURED = "measured"
 ISSUE = "issue 11"
@@ -278,15 +277,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Plan:
     return result
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point: a usage error is one line on stderr and exit 2."""
-    try:
-        run(argv)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    run_main(run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

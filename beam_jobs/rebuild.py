@@ -16,14 +16,15 @@ Any Beam/Dataflow flag passes through (--runner, --project, --region, --sdk_cont
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.common import JobOptions, is_local, make_pipeline, split_job_flags, split_list
+from beam_jobs.common import (JobOptions, UsageError, is_local, make_pipeline, run_main,
+                              split_job_flags, split_list)
+from beam_jobs.launch_checks import check_remote_launch
 from transforms.funnel import accounting_errors, funnel_rows, step_key
 from transforms.opt_out import OPT_OUT_FILENAME
 from transforms.records import FDH_LICENSES
@@ -216,7 +217,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the job; returns the stats dict (local runs) after printing a summary."""
     rebuild_options, options = split_job_flags(RebuildOptions, argv, __doc__)
     if not rebuild_options.yfcc or not rebuild_options.output:
-        raise SystemExit("error: rebuild needs --yfcc=PATH[,PATH...] and --output=DIR (see --help)")
+        raise UsageError("rebuild needs --yfcc=PATH[,PATH...] and --output=DIR (see --help)")
+    check_remote_launch(rebuild_options, options)
     if rebuild_options.crawl_time is None:
         rebuild_options.crawl_time = resolve_crawl_time(rebuild_options.output, None, default=time.time())
     pipeline = make_pipeline(options)
@@ -229,9 +231,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     return {}
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
-    run()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run_main(run, argv)
 
 
 if __name__ == "__main__":

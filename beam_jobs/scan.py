@@ -25,7 +25,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.common import JobOptions, make_pipeline, split_job_flags, split_list
+from beam_jobs.common import JobOptions, make_pipeline, run_main, split_job_flags, split_list
 from transforms.records import FDH_LICENSES, Rejected
 from transforms.rejects import REJECTS_SCHEMA, reject_counts_key, rejected_to_row
 from transforms.s2_prefilter import DEFAULT_DROP_TAGS, ReadAndPrefilter, validate_licenses
@@ -209,8 +209,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    logging.basicConfig(level=logging.WARNING)
-    run(argv)
+    run_main(run, argv)
 
 
 if __name__ == "__main__":
