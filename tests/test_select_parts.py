@@ -137,9 +137,9 @@ def test_cli_builds_a_full_size_table_from_local_files(tmp_path):
     savemat(tmp_path / "SMPL_subdiv.mat", subdiv)
     savemat(tmp_path / "SMPL_SUBDIV_TRANSFORM.mat", transform)
     out = tmp_path / "model"
-    part_table_job.main([f"--output={out}", f"--subdiv={tmp_path / 'SMPL_subdiv.mat'}",
-                         f"--transform={tmp_path / 'SMPL_SUBDIV_TRANSFORM.mat'}",
-                         "--neck_distance=0.015"])
+    part_table_job.run([f"--output={out}", f"--subdiv={tmp_path / 'SMPL_subdiv.mat'}",
+                        f"--transform={tmp_path / 'SMPL_SUBDIV_TRANSFORM.mat'}",
+                        "--neck_distance=0.015"])
     table = parts.load_part_table(str(out))
     assert table.shape == (27554,) and table.dtype == np.uint32
     assert (table[:5 * 599] == part_mask("head")).all()
