@@ -93,12 +93,17 @@ def _filter_expression(query: OptOut):
 
 
 def read_search_table(path: str, query: Optional[OptOut] = None):
-    """The SEARCH_COLUMNS of one Parquet file (only `query`'s rows when given), as a pyarrow Table."""
+    """The SEARCH_COLUMNS of one Parquet file (only `query`'s rows when given), as a pyarrow Table.
+
+    Read in this thread (no pre-buffering, no thread pool): pyarrow's IO threads calling back
+    into a Python file object (Beam's GCS reader) abort the interpreter at exit.
+    """
     import pyarrow.parquet as pq
 
     with fs.open_read(path) as handle:
         return pq.read_table(handle, columns=list(SEARCH_COLUMNS),
-                             filters=None if query is None else _filter_expression(query))
+                             filters=None if query is None else _filter_expression(query),
+                             use_threads=False, pre_buffer=False)
 
 
 def parquet_matches(files: Sequence[str], query: OptOut) -> list[Match]:
