@@ -22,9 +22,9 @@ from transforms.s8_write.no_embeddings import check_strip_paths, finish_strip, s
 class StripEmbeddingsOptions(JobOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--dataset", default=None,
+        parser.add_argument("--dataset", required=True,
                             help="A built dataset (directory or gs:// prefix with manifest.json).")
-        parser.add_argument("--output", default=None,
+        parser.add_argument("--output", required=True,
                             help="Where to write the no-embeddings variant (must differ from --dataset).")
 
 

@@ -48,7 +48,7 @@ class TakedownOptions(JobOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument("--dataset", default=None,
+        parser.add_argument("--dataset", required=True,
                             help="Root of the dataset to edit (local path or gs://).")
         parser.add_argument("--user_nsid", action="append", default=[],
                             help="Flickr user NSID whose samples go; repeat for several.")

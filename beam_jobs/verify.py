@@ -37,7 +37,7 @@ class VerifyOptions(JobOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument("--dataset", default=None,
+        parser.add_argument("--dataset", required=True,
                             help="Root of the dataset to check (local path or gs://).")
         parser.add_argument("--no_embeddings", default=None, choices=("true", "false"),
                             help="Whether samples lack vertices.npy / e_mask.png (default: the "

@@ -38,7 +38,7 @@ from transforms.s4_decode import decode_image  # noqa: E402
 from transforms.s5_annotate.lite import LiteAnnotator  # noqa: E402
 from transforms.s6_select import FdhRule, select_persons  # noqa: E402
 from transforms.s7_crop import make_sample, person_crop_box  # noqa: E402
-from transforms.s8_write import write_dataset  # noqa: E402
+from tests.beam_writer import write_with_beam  # noqa: E402
 
 PEOPLE = [photo for photo in SAMPLE_PHOTOS[:3]]  # astronaut, Grace Hopper, cameraman
 
@@ -106,7 +106,7 @@ def run_ours(records, prefix: str, dets, out_dir: str) -> int:
             box = person_crop_box(person, image.shape[:2])
             samples.append(make_sample(photo, person, box, 0.5, "lite"))
     fetcher.close()
-    write_dataset(out_dir, samples, no_embeddings=True, crawl_time=0.0, val_fraction=0.017)
+    write_with_beam(out_dir, samples, no_embeddings=True, crawl_time=0.0, val_fraction=0.017)
     return len(samples)
 
 

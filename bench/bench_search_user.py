@@ -24,9 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from transforms.dataset_ops import metadata_matches, parquet_files, parquet_matches  # noqa: E402
+from dataset.metadata import write_metadata_json  # noqa: E402
+from dataset.schema import METADATA_FIELDS, PARQUET_SCHEMA  # noqa: E402
+from dataset.search import metadata_matches, parquet_files, parquet_matches  # noqa: E402
 from transforms.opt_out import OptOut  # noqa: E402
-from transforms.s8_write import METADATA_FIELDS, PARQUET_SCHEMA, write_metadata_json  # noqa: E402
 
 SHARD_ROWS = 3000
 LICENSES = (("cc-by-2", "Attribution License"), ("cc-by-nc-sa-2", "Attribution-NonCommercial-ShareAlike License"))

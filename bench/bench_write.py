@@ -6,9 +6,10 @@
    against plain `tarfile` writing the same encoded members to a file, same run; ratio printed.
 2. ms per sample of `encode_sample` (PNG + npy encoding, the CPU cost per sample).
 3. Peak RSS (VmHWM of a fresh subprocess, reset just before writing, so imports and the sample
-   pool do not hide the writer's peak) of `write_dataset` writing --small, --large and --xlarge
-   samples with shards capped at 250 samples, so every run fills whole buckets; flat = ratios
-   near 1. Also printed: the peak above the RSS just before writing, i.e. what the writer itself
+   pool do not hide the writer's peak) of the Beam writer (`AssignSplit | WriteShards |
+   WriteRunOutputs` on the local runner, tests/beam_writer.py) writing --small, --large and
+   --xlarge samples with shards capped at 250 samples; the local runner holds the input list, so
+   the peak grows with the input (the one-process spilling writer was removed as dead code). Also printed: the peak above the RSS just before writing, i.e. what the writer itself
    adds, and its ratios.
    Samples are crops of the skimage sample photos (natural image statistics, realistic PNG sizes),
    made lazily by a generator so the input itself costs no memory. To keep the runs short the
@@ -35,7 +36,7 @@ import json, os, runpy, sys, time
 sys.path.insert(0, sys.argv[1])
 sample_stream = runpy.run_path(os.path.join(sys.argv[1], "bench", "bench_write.py"))["sample_stream"]
 import transforms.s8_write.encode as encode
-from transforms.s8_write import write_dataset
+from tests.beam_writer import write_with_beam
 
 pngs = {}
 def cached_png(array, encode_png=encode.encode_png):  # the crop pool's arrays live all run long
@@ -59,8 +60,7 @@ def samples():
     yield first
     yield from stream
 start = time.perf_counter()
-manifest = write_dataset(out, samples(), max_samples=250, val_fraction=0.017,
-                         spill_dir=os.path.dirname(out))
+manifest = write_with_beam(out, samples(), max_samples=250, val_fraction=0.017)
 print(json.dumps({"seconds": time.perf_counter() - start, "baseline_rss_mib": baseline,
                   "peak_rss_mib": status_mib("VmHWM"),
                   "shards": len(manifest["shards"]),
@@ -98,7 +98,8 @@ def sample_stream(count: int):
 
 
 def bench_tar(samples: int) -> dict:
-    from transforms.s8_write import encode_sample, write_tar_shard
+    from dataset.shards import write_tar_shard
+    from transforms.s8_write import encode_sample
 
     stream = list(sample_stream(samples))
     start = time.perf_counter()
@@ -149,7 +150,7 @@ def main() -> None:
     runs = [bench_memory(count, args.repo) for count in (args.small, args.large, args.xlarge)]
     for result in runs:
         added = result["peak_rss_mib"] - result["baseline_rss_mib"]
-        print(f"write_dataset {result['samples']:>6} samples: peak RSS {result['peak_rss_mib']:.0f} MiB "
+        print(f"Beam writer {result['samples']:>6} samples: peak RSS {result['peak_rss_mib']:.0f} MiB "
               f"({added:.0f} MiB above the {result['baseline_rss_mib']:.0f} MiB before writing), "
               f"{result['seconds']:.1f} s ({1000 * result['seconds'] / result['samples']:.2f} ms/sample), "
               f"{result['shards']} shards")

@@ -16,6 +16,7 @@ from dataset.schema import KEY_COLUMN, PHOTO_COLUMN, SEARCH_COLUMNS, USER_COLUMN
 from transforms.opt_out import OptOut
 
 GLOB_CHARS = "*?["
+READ_THREADS = 8  # Parquet files read at once by `parquet_matches`
 
 
 def match_line(key: str) -> str:
@@ -93,19 +94,31 @@ def _filter_expression(query: OptOut):
 
 
 def read_search_table(path: str, query: Optional[OptOut] = None):
-    """The SEARCH_COLUMNS of one Parquet file (only `query`'s rows when given), as a pyarrow Table."""
+    """The SEARCH_COLUMNS of one Parquet file (only `query`'s rows when given), as a pyarrow Table.
+
+    Read in this thread (no pre-buffering, no thread pool): pyarrow's IO threads calling back
+    into a Python file object (Beam's GCS reader) abort the interpreter at exit.
+    """
     import pyarrow.parquet as pq
 
     with fs.open_read(path) as handle:
         return pq.read_table(handle, columns=list(SEARCH_COLUMNS),
-                             filters=None if query is None else _filter_expression(query))
+                             filters=None if query is None else _filter_expression(query),
+                             use_threads=False, pre_buffer=False)
 
 
 def parquet_matches(files: Sequence[str], query: OptOut) -> list[Match]:
-    """Rows of the shard Parquet `files` that `query` selects, sorted by key."""
+    """Rows of the shard Parquet `files` that `query` selects, sorted by key.
+
+    READ_THREADS files are read at once (Python threads: on gs:// each file costs round trips).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     if not query:
         return []
-    found = [match for path in files for match in table_matches(read_search_table(path, query), query)]
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        tables = pool.map(lambda path: read_search_table(path, query), files)
+        found = [match for table in tables for match in table_matches(table, query)]
     return sorted(found, key=lambda m: m.key)
 
 

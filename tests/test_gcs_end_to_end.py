@@ -97,7 +97,7 @@ def test_verify_takedown_search_and_rebuild_again_on_gcs(rebuilt, gcs_emulator):
     assert "3 samples" in _ok(gcs_emulator.run_job("beam_jobs.verify", f"--dataset={out}"))
     found = gcs_emulator.run_job("beam_jobs.search_user", f"--dataset={out}",
                                  f"--user_nsid={TAKEN_DOWN_USER}")
-    assert found.returncode == 0, found.stderr
+    assert found.returncode == 0, (found.stdout, found.stderr)
     assert found.stdout == "Image 9000002_0 includes your username\n"
 
     removed = _ok(gcs_emulator.run_job("beam_jobs.takedown", f"--dataset={out}",

@@ -153,3 +153,13 @@ def test_naming_problems_want_contiguous_numbers():
     assert verify_core.naming_problems(entries) == [
         "cc-by-2/train: shard numbers not contiguous from 000000: [0, 2]"]
     assert verify_core.naming_problems(entries[:1]) == []
+
+
+@pytest.mark.parametrize("job", ["verify", "takedown", "strip_embeddings"])
+def test_missing_dataset_flag_is_a_usage_error(job, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"beam_jobs.{job}").run(["--user_nsid=1@N01"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --dataset" in capsys.readouterr().err
