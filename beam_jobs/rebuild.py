@@ -35,10 +35,10 @@ from transforms.s4_decode import DecodeImages
 from transforms.s5_annotate import Annotate
 from transforms.s6_select import SelectPersons
 from transforms.s7_crop import CropPersons
-from transforms.s8_write import (STATS_FILE, AssignSplit, WriteRunOutputs, WriteShards,
-                                 load_json)
+from dataset.fs import load_json
+from dataset.layout import STATS_FILE
+from transforms.s8_write import AssignSplit, WriteRunOutputs, WriteShards
 from transforms.s8_write.run_outputs import resolve_crawl_time
-from transforms.stage import StageOutput
 
 DEFAULT_IMAGE_SOURCE = "mirror:https://multimedia-commons.s3-us-west-2.amazonaws.com"
 
@@ -133,14 +133,6 @@ def run_config(options: RebuildOptions) -> dict:
             if name != "output"}
 
 
-def _write_shards(samples: beam.PCollection, write_shards: WriteShards) -> StageOutput:
-    """`WriteShards` as a stage: StageOutput(main=shard entries, rejects)."""
-    written = samples | "WriteShards" >> write_shards
-    if isinstance(written, StageOutput):
-        return written
-    return StageOutput(main=written, rejects=write_shards.rejects)  # until WriteShards returns one
-
-
 def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
     """Compose the rebuild job on `pipeline`."""
     output = options.output.rstrip("/")
@@ -172,7 +164,7 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
     split = cropped.main | "AssignSplit" >> AssignSplit(
         val_fraction=options.val_fraction, by=options.split_by)
     write_shards = WriteShards(output, no_embeddings=no_embeddings, crawl_time=options.crawl_time)
-    written = _write_shards(split.main, write_shards)
+    written = split.main | "WriteShards" >> write_shards
 
     stages = (prefiltered, fetched, decoded, annotated, selected, cropped, split, written)
     rejects = tuple(stage.rejects for stage in stages) | "AllRejects" >> beam.Flatten()

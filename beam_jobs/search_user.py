@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from beam_jobs.common import JobOptions, split_job_flags
+from beam_jobs.common import JobOptions, run_main, split_job_flags
 from dataset.search import Match, match_line, search
 from transforms.opt_out import OptOut
 
@@ -77,7 +77,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    sys.exit(run(argv))
+    run_main(run, argv, exit_code=lambda status: status)
 
 
 if __name__ == "__main__":

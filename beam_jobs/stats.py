@@ -15,10 +15,9 @@ from __future__ import annotations
 import io
 import os
 import re
-import sys
 from typing import Any, Optional, Sequence
 
-from beam_jobs.common import JobOptions, split_job_flags
+from beam_jobs.common import JobOptions, run_main, split_job_flags
 from dataset import fs
 from dataset.layout import STATS_FILE
 from dataset.manifest import load_manifest
@@ -172,11 +171,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    try:
-        run(argv)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,11 @@ or gs:// dataset.
 """
 from __future__ import annotations
 
-import logging
-import sys
 from typing import Optional, Sequence
 
 import apache_beam as beam
 
-from beam_jobs.common import JobOptions, make_pipeline, split_job_flags
+from beam_jobs.common import JobOptions, make_pipeline, run_main, split_job_flags
 from transforms.s8_write.no_embeddings import check_strip_paths, finish_strip, strip_shard
 
 
@@ -51,11 +49,13 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     pipeline.run().wait_until_finish()
     summary = {"shards": len(manifest["shards"]),
                "samples": sum(int(e["samples"]) for e in manifest["shards"])}
-    logging.info("stripped embeddings from %(shards)d shards (%(samples)d samples)", summary)
+    print(f"wrote the no-embeddings variant: {summary['shards']} shards, {summary['samples']} samples")
     return summary
 
 
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run_main(run, argv)
+
+
 if __name__ == "__main__":
-    logging.getLogger().setLevel(logging.INFO)
-    summary = run(sys.argv[1:])
-    print(f"wrote the no-embeddings variant: {summary['shards']} shards, {summary['samples']} samples")
+    main()

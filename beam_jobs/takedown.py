@@ -25,14 +25,12 @@ halfway leaves the old index, and running it again finishes the takedown.
 """
 from __future__ import annotations
 
-import logging
-import sys
 from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from beam_jobs.common import JobOptions, make_pipeline, report_path_for, split_job_flags
+from beam_jobs.common import JobOptions, make_pipeline, report_path_for, run_main, split_job_flags
 from dataset import fs
 from dataset.manifest import load_manifest
 from dataset.search import Match
@@ -193,13 +191,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_main(run, argv)
 
 
 if __name__ == "__main__":
-    logging.getLogger().setLevel(logging.WARNING)
     main()

@@ -15,14 +15,12 @@ or a directory that is not a dataset (no manifest.json).
 """
 from __future__ import annotations
 
-import logging
-import sys
 from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from beam_jobs.common import JobOptions, make_pipeline, report_path_for, split_job_flags
+from beam_jobs.common import JobOptions, make_pipeline, report_path_for, run_main, split_job_flags
 from dataset import fs
 from dataset.manifest import load_manifest
 from dataset.stats import human_bytes
@@ -128,14 +126,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    try:
-        report = run(argv)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(0 if report["ok"] else 1)
+    run_main(run, argv, exit_code=lambda report: 0 if report["ok"] else 1)
 
 
 if __name__ == "__main__":
-    logging.getLogger().setLevel(logging.WARNING)
     main()
