@@ -158,12 +158,28 @@ def split_job_flags(options_class: type, argv: Optional[Sequence[str]] = None,
     options_class._add_argparse_args(parser)  # pylint: disable=protected-access
     parser.add_argument(VERBOSE_FLAG, action="store_true",
                         help="show tracebacks of user errors and third-party (Beam, Google) logs")
+    check_beam_flags(_unparsed_flags(parser, argv), parser.flags)  # a typo first, then the rest
     values, rest = parser.parse_known_args(argv)
-    check_beam_flags(rest, parser.flags)
     if values.verbose:
         show_third_party_logs()
     pipeline_options = PipelineOptions(rest)
     return options_class(values, pipeline_options), pipeline_options
+
+
+def _unparsed_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """What the job's parser leaves to Beam, without enforcing required flags (so that a
+    misspelled required flag is reported as the typo it is, with its hint). With --help: nothing
+    (the real parse prints the help, required flags marked)."""
+    if "-h" in argv or "--help" in argv:
+        return []
+    required = [action for action in parser._actions if action.required]  # pylint: disable=protected-access
+    for action in required:
+        action.required = False
+    try:
+        return parser.parse_known_args(argv)[1]
+    finally:
+        for action in required:
+            action.required = True
 
 
 def check_beam_flags(flags: Sequence[str], job_flags: Sequence[str] = ()) -> None:

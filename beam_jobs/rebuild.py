@@ -124,13 +124,9 @@ def _sum_line_counts(line_counts):
 
 def run_config(options: RebuildOptions) -> dict:
     """Every flag of the job and its value, for manifest.json's "config" (except --output, so
-    that a rebuild into another directory gives the same bytes).
-
-    `vars(options)` holds none of them: PipelineOptions keeps its values in private fields."""
-    parser = argparse.ArgumentParser()
-    RebuildOptions._add_argparse_args(parser)
-    return {name: getattr(options, name) for name in sorted(vars(parser.parse_args([])))
-            if name != "output"}
+    that a rebuild into another directory gives the same bytes, and --verbose)."""
+    return {name: value for name, value in sorted(options.as_dict().items())
+            if name not in ("output", "verbose")}
 
 
 def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:

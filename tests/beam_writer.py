@@ -31,7 +31,7 @@ def write_with_beam(output_dir: str, samples: Iterable[FdhSample], *, no_embeddi
     with make_pipeline(PipelineOptions([])) as pipeline:
         split = pipeline | beam.Create(list(samples))
         if val_fraction is not None:
-            split = split | AssignSplit(val_fraction=val_fraction)
+            split = (split | AssignSplit(val_fraction=val_fraction)).main
         write = WriteShards(output_dir, no_embeddings=no_embeddings, max_samples=max_samples,
                             max_bytes=max_bytes, crawl_time=crawl_time)
         written = split | write

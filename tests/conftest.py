@@ -13,3 +13,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if not any(item.get_closest_marker(name) for name in ("pipeline", "model", "slow")):
             item.add_marker(pytest.mark.unit)
+
+
+def exit_status(main, argv) -> int:
+    """The exit status a job's `main(argv)` ends with (jobs end through `run_main`, which exits)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    return exited.value.code

@@ -18,6 +18,7 @@ import torch
 from beam_jobs import assets as assets_cli
 from transforms import assets
 from transforms.assets import Asset
+from tests.conftest import exit_status
 
 PAYLOAD = b"fake weights " * 1000
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
@@ -77,7 +78,7 @@ def test_trust_on_first_use_records_then_enforces(registry, tmp_path):
         handle.write(b"tampered")
     with pytest.raises(assets.ChecksumMismatchError, match="lock file"):
         assets.resolve("tofu", model_dir)
-    assert assets_cli.main(["verify", f"--model_dir={model_dir}", "--names=tofu"]) == 2
+    assert exit_status(assets_cli.main, ["verify", f"--model_dir={model_dir}", "--names=tofu"]) == 2
 
 
 def test_resolve_in_model_dir_and_missing_file_message(registry, tmp_path):
@@ -115,12 +116,12 @@ def test_http_404_is_an_error(registry, tmp_path):
 
 def test_cli_list_fetch_verify(registry, tmp_path, capsys):
     model_dir = str(tmp_path / "models")
-    assert assets_cli.main(["list"]) == 0
+    assert exit_status(assets_cli.main, ["list"]) == 0
     assert "exact.bin" in capsys.readouterr().out
-    assert assets_cli.main(["verify", f"--model_dir={model_dir}", "--names=exact"]) == 2
+    assert exit_status(assets_cli.main, ["verify", f"--model_dir={model_dir}", "--names=exact"]) == 2
     assert capsys.readouterr().err.startswith("MISSING\texact\t")
-    assert assets_cli.main(["fetch", f"--model_dir={model_dir}", "--names=exact,tofu"]) == 0
-    assert assets_cli.main(["verify", f"--model_dir={model_dir}", "--names=exact,tofu"]) == 0
+    assert exit_status(assets_cli.main, ["fetch", f"--model_dir={model_dir}", "--names=exact,tofu"]) == 0
+    assert exit_status(assets_cli.main, ["verify", f"--model_dir={model_dir}", "--names=exact,tofu"]) == 0
     assert json.load(open(os.path.join(model_dir, assets.LOCK_FILE))) == {"tofu": DIGEST}
 
 
@@ -192,7 +193,7 @@ def test_fetch_builds_the_part_table_and_verify_checks_it(server, mesh_files, mo
 
     _mesh_registry(monkeypatch, server[0])
     model_dir = tmp_path / "models"
-    assert assets_cli.main(["fetch", f"--model_dir={model_dir}"]) == 0
+    assert exit_status(assets_cli.main, ["fetch", f"--model_dir={model_dir}"]) == 0
     out = capsys.readouterr().out
     assert [line.split("\t")[:2] for line in out.splitlines()] == [
         ["ok", "exact"], ["ok", "smpl_subdiv"], ["ok", "smpl_subdiv_transform"], ["ok", "part_table"]]
@@ -200,13 +201,13 @@ def test_fetch_builds_the_part_table_and_verify_checks_it(server, mesh_files, mo
     lock = assets.read_lock(str(model_dir))
     assert set(lock) == {"smpl_subdiv", "smpl_subdiv_transform", "part_table"}
     assert lock["part_table"] == hashlib.sha256((model_dir / "part_table.npy").read_bytes()).hexdigest()
-    assert assets_cli.main(["verify", f"--model_dir={model_dir}"]) == 0
+    assert exit_status(assets_cli.main, ["verify", f"--model_dir={model_dir}"]) == 0
     capsys.readouterr()
 
     table = parts.load_part_table(str(model_dir))
     table[0] ^= 1  # a valid table, but not the one that was built: the lock catches it
     np.save(model_dir / "part_table.npy", table)
-    assert assets_cli.main(["verify", f"--model_dir={model_dir}"]) == 2
+    assert exit_status(assets_cli.main, ["verify", f"--model_dir={model_dir}"]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 1 and errors[0].startswith("BAD\tpart_table\t") and "lock" in errors[0]
 
@@ -217,7 +218,7 @@ def test_fetch_offline_names_every_missing_file_and_exits_2(server, monkeypatch,
         offline = f"http://127.0.0.1:{probe.getsockname()[1]}/"
     _mesh_registry(monkeypatch, offline)
     model_dir = tmp_path / "models"
-    assert assets_cli.main(["fetch", f"--model_dir={model_dir}", "--timeout_s=2",
+    assert exit_status(assets_cli.main, ["fetch", f"--model_dir={model_dir}", "--timeout_s=2",
                             "--retries=0"]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert [line.split("\t")[:2] for line in errors] == [
@@ -228,5 +229,5 @@ def test_fetch_offline_names_every_missing_file_and_exits_2(server, monkeypatch,
 
 
 def test_unknown_asset_name_is_a_usage_error(registry, capsys):
-    assert assets_cli.main(["verify", "--names=nope"]) == 2
+    assert exit_status(assets_cli.main, ["verify", "--names=nope"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown asset 'nope'")

@@ -44,7 +44,7 @@ def _write_world(out: str) -> None:
 
     with make_pipeline(PipelineOptions([])) as pipeline:
         write = WriteShards(out, max_samples=4, crawl_time=CRAWL_TIME)
-        written = pipeline | beam.Create(_samples()) | AssignSplit(val_fraction=0.3) | write
+        written = (pipeline | beam.Create(_samples()) | AssignSplit(val_fraction=0.3)).main | write
         counts = written.rejects | CountRejects()
         _ = {"shards": written.main, "counts": counts} | WriteRunOutputs(
             out, config=write.config, versions=PINNED_VERSIONS, crawl_time=CRAWL_TIME)

@@ -9,6 +9,7 @@ import pytest
 from beam_jobs import plan as plan_job
 from beam_jobs.plan import Assumptions, plan
 from beam_jobs.scan import build_counts, write_json
+from tests.conftest import exit_status
 
 TINY = Assumptions(
     fetch_success=0.5, samples_per_candidate=0.1, samples_per_kept_photo=2,
@@ -55,7 +56,7 @@ def test_prints_the_plan_from_scan_counts_with_every_assumption(tmp_path, capsys
                                           (("candidates_per_license", "cc-by-nc-2"), 40),
                                           (("rejects_per_reason", "prefilter.license"), 900)]))
     names = [field.name for field in dataclasses.fields(Assumptions) if field.metadata]
-    assert plan_job.main([f"--scan_counts={counts}", "--gpu_hour_price=3",
+    assert exit_status(plan_job.main, [f"--scan_counts={counts}", "--gpu_hour_price=3",
                           "--gpu_ms_per_photo=72000", "--gpu_utilisation=0.5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"FDH rebuild plan: 100 candidates of 1,000 lines read ({counts})")
@@ -78,6 +79,6 @@ def test_prints_the_plan_from_scan_counts_with_every_assumption(tmp_path, capsys
     (["--candidates=10", "--vcpus_per_worker=0"], "--vcpus_per_worker=0: must be > 0"),
 ])
 def test_usage_errors_are_one_line(argv, message, capsys):
-    assert plan_job.main(argv) == 2
+    assert exit_status(plan_job.main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -275,6 +275,6 @@ def test_opted_out_nasty_nsids_are_honoured_by_the_prefilter_after_a_yfcc_round_
     opt_out.write_text(format_opt_out(NASTY_NSIDS[:-1], []))
     with make_pipeline(PipelineOptions([])) as pipeline:
         out = pipeline | beam.Create(records) | Prefilter(opt_out_paths=[str(opt_out)])
-        assert_that(out["main"] | beam.Map(lambda r: r.user_nsid), equal_to([NASTY_NSIDS[-1]]))
-        assert_that(out["rejects"] | beam.Map(lambda r: r.reason),
+        assert_that(out.main | beam.Map(lambda r: r.user_nsid), equal_to([NASTY_NSIDS[-1]]))
+        assert_that(out.rejects | beam.Map(lambda r: r.reason),
                     equal_to(["user_opt_out"] * (len(NASTY_NSIDS) - 1)), label="rejects")

@@ -273,13 +273,13 @@ def test_truncated_or_corrupt_compressed_file_is_a_file_reject_that_breaks_accou
         handle.write(_damaged(data, how))
     with beam.Pipeline() as pipeline:
         out = pipeline | ReadYfcc(path)
-        file_rejects = (out["rejects"] | beam.Filter(lambda r: r.record_id == path)
+        file_rejects = (out.rejects | beam.Filter(lambda r: r.record_id == path)
                         | beam.Map(lambda r: (r.stage, r.reason, path in r.detail)))
         expected = "truncated_input" if how != "bad_crc" else "corrupt_input"
         assert_that(file_rejects, equal_to([("read", expected, True)]), label="file_reject")
-        rejected = out["rejects"] | "CountR" >> beam.combiners.Count.Globally()
-        kept = out["main"] | "CountK" >> beam.combiners.Count.Globally()
-        lines = out["line_counts"] | beam.Map(lambda pair: pair[1])
+        rejected = out.rejects | "CountR" >> beam.combiners.Count.Globally()
+        kept = out.main | "CountK" >> beam.combiners.Count.Globally()
+        lines = out.line_counts | beam.Map(lambda pair: pair[1])
         # lines_read = kept + rejected no longer holds: the file reject is one more.
         surplus = (lines | beam.Map(lambda n, k, r: k + r - n, beam.pvalue.AsSingleton(kept),
                                     beam.pvalue.AsSingleton(rejected)))
@@ -293,5 +293,5 @@ def test_intact_gz_and_multi_member_gz_read_every_line(tmp_path):
     path.write_bytes(first + second)
     with beam.Pipeline() as pipeline:
         out = pipeline | ReadYfcc(str(path))
-        assert_that(out["main"] | beam.Map(lambda r: r.photo_id), equal_to([1, 2, 3, 4, 5]))
-        assert_that(out["rejects"], equal_to([]), label="no_rejects")
+        assert_that(out.main | beam.Map(lambda r: r.photo_id), equal_to([1, 2, 3, 4, 5]))
+        assert_that(out.rejects, equal_to([]), label="no_rejects")

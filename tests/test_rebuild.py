@@ -14,6 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from beam_jobs import demo, rebuild
+from beam_jobs.common import split_job_flags
 from transforms import s6_select, s7_crop
 from transforms.funnel import accounting_errors
 from transforms.records import CROP_HEIGHT, CROP_WIDTH
@@ -172,9 +173,9 @@ def test_manifest_records_the_whole_run_configuration(sample, built):
 
 
 def test_run_config_reads_the_flags_that_vars_does_not_show():
-    options = rebuild.RebuildOptions(["--yfcc=a.txt", "--output=out", "--annotator=lite",
-                                      "--val_fraction=0.5", "--opt_out=o.txt"])
-    assert "yfcc" not in vars(options)  # PipelineOptions keeps its values in private fields
+    options, _ = split_job_flags(rebuild.RebuildOptions, [
+        "--yfcc=a.txt", "--output=out", "--annotator=lite", "--val_fraction=0.5", "--opt_out=o.txt"])
+    assert "yfcc" not in vars(options)  # the values live in the job's own namespace
     config = rebuild.run_config(options)
     assert (config["yfcc"], config["annotator"], config["val_fraction"], config["opt_out"]) == (
         "a.txt", "lite", 0.5, "o.txt")

@@ -153,10 +153,11 @@ def test_scan_reads_and_writes_gcs_through_an_emulator(tmp_path, gcs_emulator):
 
 
 @pytest.mark.pipeline
-def test_scan_completes_past_a_corrupt_file_and_still_accounts_for_every_line(tmp_path):
+def test_scan_reads_past_a_corrupt_file_then_fails_loudly_naming_it(tmp_path):
     write_lines(tmp_path / "good.txt", [record_line(1), record_line(2)])
     (tmp_path / "bad.txt.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"not gzip at all" * 10)
-    counts = scan.run([f"--yfcc={tmp_path}/*.txt*", f"--output={tmp_path / 'out'}"])
-    assert counts["candidates"] == 2
-    assert counts["rejects_per_reason"] == {"read.error": 1}  # the file, as one reject
-    assert counts["lines_read"] == counts["candidates"] + counts["rejects"] == 3
+    with pytest.raises(RuntimeError, match="accounting broken"):
+        scan.run([f"--yfcc={tmp_path}/*.txt*", f"--output={tmp_path / 'out'}"])
+    rejects = pd.read_parquet(tmp_path / "out" / "rejects")
+    assert rejects["reason"].tolist() == ["corrupt_input"]
+    assert rejects["detail"].str.contains("bad.txt.gz").all()

@@ -9,6 +9,7 @@ from PIL import Image
 from beam_jobs import stats
 from tests.jobs_dataset import build_dataset
 from dataset import stats as dataset_stats
+from tests.conftest import exit_status
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def dataset(tmp_path_factory):
 
 
 def test_table_funnel_and_pngs(dataset, tmp_path, capsys):
-    stats.main([f"--dataset={dataset}", f"--plots_dir={tmp_path / 'plots'}"])
+    assert exit_status(stats.main, [f"--dataset={dataset}", f"--plots_dir={tmp_path / 'plots'}"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["licence", "split", "shards", "samples", "size", "share"]
     rows = {tuple(line.split()[:2]): line.split() for line in lines[3:13]}

@@ -68,8 +68,8 @@ def test_every_spelling_through_the_read_and_prefilter_pipeline(tmp_path):
     path = write_lines(tmp_path / "yfcc.txt", lines)
     with make_pipeline(PipelineOptions([])) as pipeline:
         out = pipeline | ReadAndPrefilter(path)
-        assert_that(out["main"] | beam.Map(lambda record: record.photo_id),
+        assert_that(out.main | beam.Map(lambda record: record.photo_id),
                     equal_to(sorted(kept)), label="kept")
-        assert_that(out["rejects"] | beam.Map(lambda r: (r.photo_id, r.reason, r.detail)),
+        assert_that(out.rejects | beam.Map(lambda r: (r.photo_id, r.reason, r.detail)),
                     equal_to([(photo_id, "no_cv_tag", tag) for photo_id, tag in dropped.items()]),
                     label="rejects")

@@ -209,9 +209,11 @@ def read_file(readable_file: fileio.ReadableFile, compression_type: str,
     """Stream one matched file: its records, its rejects (TaggedOutput), then its line count
     (TaggedOutput LINE_COUNTS_TAG). Shared by `ReadYfcc` and the fused read + prefilter step.
 
-    When reading fails part-way (a corrupt archive), the lines so far plus one are counted and
-    the error is raised on: the caller's 'read.error' reject stands for the rest of the file, so
-    that lines read = records + rejects still holds."""
+    A truncated or corrupt .gz/.bz2 file ends in one reject of the whole file
+    (`truncated_input` / `corrupt_input`, naming it) that on purpose breaks the accounting: the
+    lines after the damage are unknown, so the run must not look complete. Any other failure
+    part-way counts the lines so far plus one and is raised on: the caller's 'read.error' reject
+    stands for the rest of the file, so that lines read = records + rejects still holds."""
     path = readable_file.metadata.path
     lines = records = 0
     try:
