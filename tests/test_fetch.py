@@ -259,22 +259,15 @@ def test_fetch_retries_exhausted_on_persistent_503(http_server):
     assert http_server.requests_to("/fault/always-503") == 3
 
 
-def test_fetch_times_out_on_slow_server(http_server):
-    outcome = loopback_fetcher(http_server, retries=1).fetch(fault_record(http_server, "slow"))
-    assert outcome.reason == "timeout"
-    assert http_server.requests_to("/fault/slow") == 2
-
-
-def test_fetch_truncated_body_is_retried_then_rejected(http_server):
-    outcome = loopback_fetcher(http_server, retries=1).fetch(fault_record(http_server, "truncated"))
-    assert outcome.reason == "connection_error" and "body" in outcome.detail
-    assert http_server.requests_to("/fault/truncated") == 2
-
-
-def test_fetch_connection_reset_is_connection_error(http_server):
-    outcome = loopback_fetcher(http_server, retries=1).fetch(fault_record(http_server, "reset"))
-    assert outcome.reason == "connection_error"
-    assert http_server.requests_to("/fault/reset") == 2
+@pytest.mark.parametrize("fault, reason, in_detail", [
+    ("slow", "timeout", ""),
+    ("truncated", "connection_error", "body"),
+    ("reset", "connection_error", ""),
+])
+def test_fetch_failures_are_retried_once_then_rejected(http_server, fault, reason, in_detail):
+    outcome = loopback_fetcher(http_server, retries=1).fetch(fault_record(http_server, fault))
+    assert outcome.reason == reason and in_detail in outcome.detail
+    assert http_server.requests_to(f"/fault/{fault}") == 2
 
 
 def test_fetch_detects_flickr_placeholder_by_redirect(http_server):
