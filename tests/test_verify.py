@@ -160,6 +160,6 @@ def test_missing_dataset_flag_is_a_usage_error(job, capsys):
     import importlib
 
     with pytest.raises(SystemExit) as exit_info:
-        importlib.import_module(f"beam_jobs.{job}").run(["--user_nsid=1@N01"])
+        importlib.import_module(f"beam_jobs.{job}").run([])
     assert exit_info.value.code == 2
     assert "the following arguments are required: --dataset" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import dataclasses
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from tests.factories import read_tree, make_sample
 from dataset.fs import load_json
@@ -70,6 +71,7 @@ def _heap_growth(steps, checkpoints=(500, 4000)):
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_tar_writer_and_reader_do_not_keep_a_header_per_member(tmp_path):
     path = str(tmp_path / "cc-by-2" / "train" / "out-000000.tar")
 
