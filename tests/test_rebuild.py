@@ -14,6 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from beam_jobs import demo, rebuild
+from beam_jobs.common import UsageError
 from transforms import s6_select, s7_crop
 from transforms.funnel import accounting_errors
 from transforms.records import CROP_HEIGHT, CROP_WIDTH
@@ -172,9 +173,9 @@ def test_manifest_records_the_whole_run_configuration(sample, built):
 
 
 def test_run_config_reads_the_flags_that_vars_does_not_show():
-    options = rebuild.RebuildOptions(["--yfcc=a.txt", "--output=out", "--annotator=lite",
-                                      "--val_fraction=0.5", "--opt_out=o.txt"])
-    assert "yfcc" not in vars(options)  # PipelineOptions keeps its values in private fields
+    options, _ = rebuild.split_job_flags(rebuild.RebuildOptions, [
+        "--yfcc=a.txt", "--output=out", "--annotator=lite", "--val_fraction=0.5", "--opt_out=o.txt"])
+    assert "yfcc" not in vars(options)  # JobOptions keeps its values in a private namespace
     config = rebuild.run_config(options)
     assert (config["yfcc"], config["annotator"], config["val_fraction"], config["opt_out"]) == (
         "a.txt", "lite", 0.5, "o.txt")
@@ -211,31 +212,29 @@ def test_fdh_annotator_plumbing_with_random_weights(sample, tmp_path):
 
 
 @pytest.mark.pipeline
-def test_gpu_resource_hint_sits_on_the_model_steps_only(sample, tmp_path):
-    """Dataflow right fitting: only the annotate step asks for a GPU (the whole cascade, so that
-    photos cross to GPU workers once). Built, not run, for a remote runner: no CUDA needed."""
-    from beam_jobs.common import make_pipeline, split_job_flags
+def test_gpu_resource_hint_sits_on_the_gpu_composite_only(sample, tmp_path):
+    """Dataflow right fitting: only the GPU composite (decode .. encode) asks for GPU workers of
+    --gpu_machine_type, so photos cross to them once. Built, not run, for a remote runner."""
+    from tests.dataflow_proto import build_rebuild_proto, steps_by_hint
 
     yfcc, _ = sample
-    job, pipeline_options = split_job_flags(rebuild.RebuildOptions, [
+    proto = build_rebuild_proto([
         f"--yfcc={yfcc}", f"--output={tmp_path / 'out'}", "--image_source=mirror:gs://b/yfcc",
-        "--annotator=fdh", "--no_embeddings", "--device=GPU", "--gpu_type=nvidia-tesla-t4",
-        "--runner=PrismRunner"])
-    pipeline = make_pipeline(pipeline_options)
-    rebuild.build(pipeline, job)
-    proto = pipeline.to_runner_api()
-    hinted, plain = set(), set()
-    for transform in proto.components.transforms.values():
-        if transform.subtransforms:
-            continue
-        environment = proto.components.environments.get(transform.environment_id)
-        hints = dict(environment.resource_hints) if environment else {}
-        (hinted if "beam:resources:accelerator:v1" in hints else plain).add(transform.unique_name)
-        if hints:
-            assert hints["beam:resources:accelerator:v1"] == (
-                b"type:nvidia-tesla-t4;count:1;install-nvidia-driver")
-    assert hinted and all(name.startswith("Annotate/") for name in hinted)
-    assert any("KeypointRCNN" in name for name in hinted) and any("MaskRCNN" in name for name in hinted)
-    assert not any(name.startswith("Annotate/") for name in plain)
+        "--annotator=fdh", "--no_embeddings", "--device=GPU", "--gpu_type=nvidia-l4",
+        "--gpu_count=2", "--gpu_machine_type=g2-standard-24", "--runner=PrismRunner"])
+    hinted, plain = steps_by_hint(proto, b"type:nvidia-l4;count:2;machine_type:g2-standard-24;"
+                                         b"install-nvidia-driver")
+    assert hinted and all(name.startswith("GpuStage/") for name in hinted)
+    for stage in ("DecodeImages", "Annotate/KeypointRCNN", "Annotate/MaskRCNN", "SelectPersons",
+                  "CropPersons", "AssignSplit", "EncodeSamples"):
+        assert any(name.startswith(f"GpuStage/{stage}") for name in hinted), stage
+    assert not any(name.startswith("GpuStage/") for name in plain)
     assert any(name.startswith("FetchImages/") for name in plain)
     assert any(name.startswith("WriteShards/") for name in plain)
+
+
+def test_gpu_type_needs_the_gpu_fdh_annotator(sample, tmp_path):
+    yfcc, mirror = sample
+    with pytest.raises(UsageError, match="--gpu_type needs --device=GPU --annotator=fdh"):
+        rebuild.run([f"--yfcc={yfcc}", f"--output={tmp_path / 'x'}", "--annotator=lite",
+                     f"--image_source=mirror:{mirror}", "--gpu_type=nvidia-tesla-t4"])
