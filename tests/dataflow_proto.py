@@ -85,3 +85,16 @@ def cross_environment_edges(proto) -> set[tuple[str, str, str, bool]]:
                     edges.add((producer.unique_name, tag, consumer.unique_name,
                                bool(accelerator_of(proto, consumer))))
     return edges
+
+
+def upstream_step_names(proto, step_name: str) -> set[str]:
+    """Names of every primitive step that `step_name` depends on, through main and side inputs."""
+    producers = _producers(proto)
+    by_name = {transform.unique_name: transform for _, transform in leaf_transforms(proto)}
+    seen, todo = set(), list(by_name[step_name].inputs.values())
+    while todo:
+        transform, _ = producers[todo.pop()]
+        if transform.unique_name not in seen:
+            seen.add(transform.unique_name)
+            todo.extend(transform.inputs.values())
+    return seen

@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -238,3 +239,37 @@ def test_gpu_type_needs_the_gpu_fdh_annotator(sample, tmp_path):
     with pytest.raises(UsageError, match="--gpu_type needs --device=GPU --annotator=fdh"):
         rebuild.run([f"--yfcc={yfcc}", f"--output={tmp_path / 'x'}", "--annotator=lite",
                      f"--image_source=mirror:{mirror}", "--gpu_type=nvidia-tesla-t4"])
+
+
+@pytest.mark.pipeline
+def test_the_manifest_waits_for_the_rejects(sample, tmp_path):
+    """Finalize (which writes manifest.json last) depends on every step of WriteRejects, so a
+    manifest never precedes a complete rejects/ (finding 8 of issue 11)."""
+    from tests.dataflow_proto import build_rebuild_proto, leaf_transforms, upstream_step_names
+
+    yfcc, mirror = sample
+    proto = build_rebuild_proto([f"--yfcc={yfcc}", f"--output={tmp_path / 'out'}",
+                                 f"--image_source=mirror:{mirror}", "--annotator=lite"])
+    finalize = next(transform.unique_name for _, transform in leaf_transforms(proto)
+                    if transform.unique_name.startswith("WriteRunOutputs/Finalize"))
+    upstream = upstream_step_names(proto, finalize)
+    finalize_rejects = {transform.unique_name for _, transform in leaf_transforms(proto)
+                        if transform.unique_name.startswith("WriteRejects/")
+                        and "FinalizeWrite" in transform.unique_name}
+    assert finalize_rejects and finalize_rejects <= upstream, sorted(finalize_rejects - upstream)
+
+
+def test_manifest_versions_name_the_image_and_the_code(monkeypatch):
+    """The image tag and the code version go into manifest.json's "versions" (finding 7)."""
+    options, _ = rebuild.split_job_flags(rebuild.RebuildOptions, ["--yfcc=a", "--output=o"])
+    monkeypatch.delenv("FDH_BEAM_IMAGE", raising=False)
+    monkeypatch.delenv("FDH_BEAM_GIT_SHA", raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(rebuild.__file__),
+                          capture_output=True, text=True).stdout.strip()
+    assert rebuild.launch_versions(options) == {"image": "none", "git_sha": head or "unknown"}
+    monkeypatch.setenv("FDH_BEAM_IMAGE", "reg/fdh-beam-worker:abc")
+    monkeypatch.setenv("FDH_BEAM_GIT_SHA", "abc123")
+    assert rebuild.launch_versions(options) == {"image": "reg/fdh-beam-worker:abc", "git_sha": "abc123"}
+    flagged, _ = rebuild.split_job_flags(rebuild.RebuildOptions, [
+        "--yfcc=a", "--output=o", "--sdk_container_image=reg/fdh-beam-worker:def"])
+    assert rebuild.launch_versions(flagged)["image"] == "reg/fdh-beam-worker:def"
