@@ -4,8 +4,11 @@ r"""The main job: rebuild FDH from YFCC100M metadata into per-licence WebDataset
         --image_source=mirror:gs://my-bucket/yfcc --annotator=fdh --model_dir=gs://my-bucket/models
 
 Stages (each a PTransform of `transforms/`, in data-flow order):
-read -> prefilter -> reshuffle -> fetch -> decode -> annotate (GPU) -> select -> crop -> split ->
-write shards -> manifest, metadata.json, stats.json. Every dropped element is a `Rejected` record
+read -> prefilter -> reshuffle -> fetch (CPU workers) -> [decode -> annotate -> select -> crop ->
+split -> encode] (`transforms.gpu_stage.GpuStage`: one composite, the GPU workers with --gpu_type)
+-> write shards (CPU workers) -> rejects/ -> manifest, metadata.json, stats.json (last).
+Only the fetched bytes cross into the GPU composite and only encoded samples and rejects cross
+back (bench/bench_boundary.py measures both edges). Every dropped element is a `Rejected` record
 written under OUT/rejects/ and counted in stats.json, so that
 lines read = rejects before annotation + photos decoded,
 photos decoded = photos annotated + annotate rejects, and
@@ -16,11 +19,16 @@ Any Beam/Dataflow flag passes through (--runner, --project, --region, --sdk_cont
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, WorkerOptions
 
 from beam_jobs.common import (JobOptions, UsageError, is_local, make_pipeline, run_main,
                               split_job_flags, split_list)
@@ -30,8 +38,8 @@ from transforms.opt_out import OPT_OUT_FILENAME
 from transforms.records import FDH_LICENSES
 from transforms.rejects import CountRejects, WriteRejects
 from transforms.s2_prefilter import ReadAndPrefilter
+from transforms.gpu_stage import GpuStage, accelerator_hint, count_step
 from transforms.s3_fetch import FetchImages
-from transforms.s4_decode import DecodeImages
 from transforms.s5_annotate import Annotate
 from transforms.s6_select import SelectPersons
 from transforms.s7_crop import CropPersons
@@ -78,7 +86,14 @@ class RebuildOptions(JobOptions):
         parser.add_argument("--device", default="CPU", choices=("CPU", "GPU", "cpu", "gpu"),
                             help="where the models run; GPU fails loudly when CUDA is missing")
         parser.add_argument("--gpu_type", default=None,
-                            help="Dataflow accelerator for the annotate step only, e.g. nvidia-tesla-t4")
+                            help="Dataflow accelerator for the GPU composite only (decode .. encode), "
+                                 "e.g. nvidia-tesla-t4 or nvidia-l4; with --device=GPU "
+                                 "--annotator=fdh. The other steps keep the job's --machine_type")
+        parser.add_argument("--gpu_count", type=int, default=1,
+                            help="GPUs per GPU worker (the accelerator hint's count)")
+        parser.add_argument("--gpu_machine_type", default=None,
+                            help="machine type of the GPU workers only (Dataflow right fitting), "
+                                 "e.g. n1-standard-8 for T4s or g2-standard-8 for L4s")
         parser.add_argument("--max_batch_size", type=int, default=4, help="images per model call")
         parser.add_argument("--fetch_threads", type=int, default=16,
                             help="concurrent image requests per worker process")
@@ -86,10 +101,20 @@ class RebuildOptions(JobOptions):
                             help="cap on image requests per second per worker process, all hosts "
                                  "(default: none)")
         parser.add_argument("--flickr_requests_per_second", type=float, default=4.0,
-                            help="cap on requests per second to Flickr's own hosts, per worker "
-                                 "process (the job's total is workers x this); 0 for no cap")
+                            help="cap on image requests per second to Flickr's own hosts for the "
+                                 "WHOLE job: each fetch process gets its share (this / (workers x "
+                                 "SDK processes per worker), see --sdk_processes_per_worker); 0 "
+                                 "for no cap")
         parser.add_argument("--flickr_concurrency", type=int, default=4,
-                            help="requests in flight to one Flickr host, per worker process")
+                            help="image requests in flight to one Flickr host for the WHOLE job, "
+                                 "shared out like --flickr_requests_per_second (at least 1 per "
+                                 "process)")
+        parser.add_argument("--sdk_processes_per_worker", type=int, default=None,
+                            help="SDK processes per worker, for the job-wide Flickr shares "
+                                 "(default: the vCPUs of --machine_type, e.g. 8 for n1-standard-8, "
+                                 "as Dataflow starts one per vCPU; 1 when it has no size, e.g. "
+                                 "Dataflow's default n1-standard-1; --direct_num_workers for a "
+                                 "local multi_processing run)")
         parser.add_argument("--crawl_time", type=float, default=None,
                             help="unix time recorded as date_crawled / unixtime_crawled, the only "
                                  "time-dependent value in the output (default: the existing "
@@ -107,14 +132,6 @@ def _opt_out_paths(options: RebuildOptions) -> list[str]:
     return paths
 
 
-def _count(pcoll, step: str):
-    """A singleton (step_key(step), n) for the stats funnel."""
-    label = step.title().replace("_", "")
-    return (pcoll
-            | f"Count{label}" >> beam.combiners.Count.Globally()
-            | f"Key{label}" >> beam.Map(lambda n, key=step_key(step): (key, n)))
-
-
 def _sum_line_counts(line_counts):
     return (line_counts
             | "LineCountValues" >> beam.Values()
@@ -129,18 +146,73 @@ def run_config(options: RebuildOptions) -> dict:
             if name not in ("output", "verbose")}
 
 
+def _checkout_sha() -> Optional[str]:
+    """The git commit of the checkout this code runs from, or None (an installed package)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def launch_versions(options: RebuildOptions) -> dict[str, str]:
+    """The worker image and code version for manifest.json's "versions": the image is
+    --sdk_container_image, else $FDH_BEAM_IMAGE (set inside the image, docker/), else "none";
+    the code is $FDH_BEAM_GIT_SHA (the image's commit), else the launcher checkout's git SHA."""
+    image = (options.view_as(WorkerOptions).sdk_container_image
+             or os.environ.get("FDH_BEAM_IMAGE") or "none")
+    git_sha = os.environ.get("FDH_BEAM_GIT_SHA") or _checkout_sha() or "unknown"
+    return {"image": image, "git_sha": git_sha}
+
+
+def fetch_processes(options: RebuildOptions) -> int:
+    """How many processes may run the fetch DoFn at once: --max_num_workers (1 when unset) x the
+    SDK processes per worker (see --sdk_processes_per_worker's help)."""
+    values = options.view_as(PipelineOptions).get_all_options()
+    if is_local(options):
+        local = values.get("direct_running_mode") == "multi_processing"
+        return int(values.get("direct_num_workers") or 1) if local else 1
+    per_worker = options.sdk_processes_per_worker
+    if per_worker is None:
+        size = re.fullmatch(r"[a-z0-9]+-[a-z]+-(\d+)(-[a-z0-9]+)?", values.get("machine_type") or "")
+        per_worker = int(size.group(1)) if size else 1
+    if per_worker < 1:
+        raise UsageError(f"--sdk_processes_per_worker must be >= 1, got {per_worker}")
+    return int(values.get("max_num_workers") or 1) * per_worker
+
+
+def gpu_accelerator(options: RebuildOptions) -> Optional[str]:
+    """The GPU composite's accelerator hint: with --gpu_type, --device=GPU and the fdh annotator
+    (the lite annotator runs on the CPU), else None."""
+    if not options.gpu_type:
+        return None
+    if options.device.upper() != "GPU" or options.annotator != "fdh":
+        raise UsageError("--gpu_type needs --device=GPU --annotator=fdh")
+    try:
+        return accelerator_hint(options.gpu_type, options.gpu_count, options.gpu_machine_type)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def gpu_stage(options: RebuildOptions, write_shards: WriteShards, no_embeddings: bool) -> GpuStage:
+    """decode -> annotate -> select -> crop -> split -> encode, configured from the flags."""
+    annotate = Annotate(annotator=options.annotator, model_dir=options.model_dir,
+                        device=options.device, max_batch_size=options.max_batch_size,
+                        no_embeddings=no_embeddings, random_weights=options.random_weights,
+                        require_detectron2_here=is_local(options), check_here=is_local(options))
+    part_table = options.model_dir if options.annotator == "fdh" and not no_embeddings else None
+    return GpuStage(annotate, SelectPersons(part_table=part_table), CropPersons(),
+                    AssignSplit(val_fraction=options.val_fraction, by=options.split_by),
+                    write_shards.encoder(), accelerator=gpu_accelerator(options))
+
+
 def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
     """Compose the rebuild job on `pipeline`."""
     output = options.output.rstrip("/")
     no_embeddings = options.no_embeddings or options.annotator == "lite"
-    annotate = Annotate(annotator=options.annotator, model_dir=options.model_dir,
-                        device=options.device, max_batch_size=options.max_batch_size,
-                        no_embeddings=no_embeddings, gpu_type=options.gpu_type,
-                        random_weights=options.random_weights,
-                        require_detectron2_here=is_local(options), check_here=is_local(options))
-    part_table = None
-    if options.annotator == "fdh" and not no_embeddings:
-        part_table = options.model_dir
+    write_shards = WriteShards(output, no_embeddings=no_embeddings, crawl_time=options.crawl_time)
+    composite = gpu_stage(options, write_shards, no_embeddings)
 
     # ReadYfcc | Prefilter fused in one step per file (same outputs, no element in between).
     licenses = split_list(options.licenses) or list(FDH_LICENSES)
@@ -152,33 +224,29 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
                    options.image_source, threads=options.fetch_threads,
                    requests_per_second=options.requests_per_second or None,
                    flickr_requests_per_second=options.flickr_requests_per_second or None,
-                   flickr_concurrency=options.flickr_concurrency))
-    decoded = fetched.main | "DecodeImages" >> DecodeImages()
-    annotated = decoded.main | "Annotate" >> annotate
-    selected = annotated.main | "SelectPersons" >> SelectPersons(part_table=part_table)
-    cropped = selected.main | "CropPersons" >> CropPersons()
-    split = cropped.main | "AssignSplit" >> AssignSplit(
-        val_fraction=options.val_fraction, by=options.split_by)
-    write_shards = WriteShards(output, no_embeddings=no_embeddings, crawl_time=options.crawl_time)
-    written = split.main | "WriteShards" >> write_shards
+                   flickr_concurrency=options.flickr_concurrency,
+                   processes=fetch_processes(options)))
+    encoded = fetched.main | "GpuStage" >> composite
+    written = encoded.main | "WriteShards" >> write_shards.writer()
 
-    stages = (prefiltered, fetched, decoded, annotated, selected, cropped, split, written)
+    stages = (prefiltered, fetched, encoded, written)
     rejects = tuple(stage.rejects for stage in stages) | "AllRejects" >> beam.Flatten()
-    _ = rejects | "WriteRejects" >> WriteRejects(output)
+    rejects_written = rejects | "WriteRejects" >> WriteRejects(output)
     funnel = ((_sum_line_counts(prefiltered.line_counts),
-               _count(prefiltered.main, "candidates"),
-               _count(decoded.main, "decoded"),
-               _count(annotated.main, "annotated"),
-               _count(selected.main, "photos_with_person"),
-               _count(cropped.main, "samples"),
+               count_step(prefiltered.main, "candidates"),
+               encoded.counts,
                rejects | "RejectCounts" >> CountRejects() | "RejectItems" >> beam.FlatMap(
                    lambda counts: sorted(counts.items())))
               | "FunnelItems" >> beam.Flatten()
-              | "FunnelDict" >> beam.combiners.ToDict())
+              | "FunnelDict" >> beam.combiners.ToDict()
+              # The manifest is written last, so it must wait for rejects/ (a side input is
+              # complete before its consumer runs).
+              | "AfterRejects" >> beam.Map(lambda counts, _: counts,
+                                           beam.pvalue.AsList(rejects_written)))
     config = {**run_config(options), "licenses": ",".join(licenses), "no_embeddings": no_embeddings,
               **write_shards.config}
     _ = {"shards": written.main, "counts": funnel} | "WriteRunOutputs" >> WriteRunOutputs(
-        output, config=config, crawl_time=options.crawl_time)
+        output, config=config, versions=launch_versions(options), crawl_time=options.crawl_time)
 
 
 def summarize(output: str) -> str:

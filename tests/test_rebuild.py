@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from beam_jobs import demo, rebuild
-from beam_jobs.common import split_job_flags
+from beam_jobs.common import UsageError, split_job_flags
 from transforms import s6_select, s7_crop
 from transforms.funnel import accounting_errors
 from transforms.records import CROP_HEIGHT, CROP_WIDTH
@@ -212,31 +213,63 @@ def test_fdh_annotator_plumbing_with_random_weights(sample, tmp_path):
 
 
 @pytest.mark.pipeline
-def test_gpu_resource_hint_sits_on_the_model_steps_only(sample, tmp_path):
-    """Dataflow right fitting: only the annotate step asks for a GPU (the whole cascade, so that
-    photos cross to GPU workers once). Built, not run, for a remote runner: no CUDA needed."""
-    from beam_jobs.common import make_pipeline, split_job_flags
+def test_gpu_resource_hint_sits_on_the_gpu_composite_only(sample, tmp_path):
+    """Dataflow right fitting: only the GPU composite (decode .. encode) asks for GPU workers of
+    --gpu_machine_type, so photos cross to them once. Built, not run, for a remote runner."""
+    from tests.dataflow_proto import build_rebuild_proto, steps_by_hint
 
     yfcc, _ = sample
-    job, pipeline_options = split_job_flags(rebuild.RebuildOptions, [
+    proto = build_rebuild_proto([
         f"--yfcc={yfcc}", f"--output={tmp_path / 'out'}", "--image_source=mirror:gs://b/yfcc",
-        "--annotator=fdh", "--no_embeddings", "--device=GPU", "--gpu_type=nvidia-tesla-t4",
-        "--runner=PrismRunner"])
-    pipeline = make_pipeline(pipeline_options)
-    rebuild.build(pipeline, job)
-    proto = pipeline.to_runner_api()
-    hinted, plain = set(), set()
-    for transform in proto.components.transforms.values():
-        if transform.subtransforms:
-            continue
-        environment = proto.components.environments.get(transform.environment_id)
-        hints = dict(environment.resource_hints) if environment else {}
-        (hinted if "beam:resources:accelerator:v1" in hints else plain).add(transform.unique_name)
-        if hints:
-            assert hints["beam:resources:accelerator:v1"] == (
-                b"type:nvidia-tesla-t4;count:1;install-nvidia-driver")
-    assert hinted and all(name.startswith("Annotate/") for name in hinted)
-    assert any("KeypointRCNN" in name for name in hinted) and any("MaskRCNN" in name for name in hinted)
-    assert not any(name.startswith("Annotate/") for name in plain)
+        "--annotator=fdh", "--no_embeddings", "--device=GPU", "--gpu_type=nvidia-l4",
+        "--gpu_count=2", "--gpu_machine_type=g2-standard-24", "--runner=PrismRunner"])
+    hinted, plain = steps_by_hint(proto, b"type:nvidia-l4;count:2;machine_type:g2-standard-24;"
+                                         b"install-nvidia-driver")
+    assert hinted and all(name.startswith("GpuStage/") for name in hinted)
+    for stage in ("DecodeImages", "Annotate/KeypointRCNN", "Annotate/MaskRCNN", "SelectPersons",
+                  "CropPersons", "AssignSplit", "EncodeSamples"):
+        assert any(name.startswith(f"GpuStage/{stage}") for name in hinted), stage
+    assert not any(name.startswith("GpuStage/") for name in plain)
     assert any(name.startswith("FetchImages/") for name in plain)
     assert any(name.startswith("WriteShards/") for name in plain)
+
+
+def test_gpu_type_needs_the_gpu_fdh_annotator(sample, tmp_path):
+    yfcc, mirror = sample
+    with pytest.raises(UsageError, match="--gpu_type needs --device=GPU --annotator=fdh"):
+        rebuild.run([f"--yfcc={yfcc}", f"--output={tmp_path / 'x'}", "--annotator=lite",
+                     f"--image_source=mirror:{mirror}", "--gpu_type=nvidia-tesla-t4"])
+
+
+@pytest.mark.pipeline
+def test_the_manifest_waits_for_the_rejects(sample, tmp_path):
+    """Finalize (which writes manifest.json last) depends on every step of WriteRejects, so a
+    manifest never precedes a complete rejects/ (finding 8 of issue 11)."""
+    from tests.dataflow_proto import build_rebuild_proto, leaf_transforms, upstream_step_names
+
+    yfcc, mirror = sample
+    proto = build_rebuild_proto([f"--yfcc={yfcc}", f"--output={tmp_path / 'out'}",
+                                 f"--image_source=mirror:{mirror}", "--annotator=lite"])
+    finalize = next(transform.unique_name for _, transform in leaf_transforms(proto)
+                    if transform.unique_name.startswith("WriteRunOutputs/Finalize"))
+    upstream = upstream_step_names(proto, finalize)
+    finalize_rejects = {transform.unique_name for _, transform in leaf_transforms(proto)
+                        if transform.unique_name.startswith("WriteRejects/")
+                        and "FinalizeWrite" in transform.unique_name}
+    assert finalize_rejects and finalize_rejects <= upstream, sorted(finalize_rejects - upstream)
+
+
+def test_manifest_versions_name_the_image_and_the_code(monkeypatch):
+    """The image tag and the code version go into manifest.json's "versions" (finding 7)."""
+    options, _ = rebuild.split_job_flags(rebuild.RebuildOptions, ["--yfcc=a", "--output=o"])
+    monkeypatch.delenv("FDH_BEAM_IMAGE", raising=False)
+    monkeypatch.delenv("FDH_BEAM_GIT_SHA", raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(rebuild.__file__),
+                          capture_output=True, text=True).stdout.strip()
+    assert rebuild.launch_versions(options) == {"image": "none", "git_sha": head or "unknown"}
+    monkeypatch.setenv("FDH_BEAM_IMAGE", "reg/fdh-beam-worker:abc")
+    monkeypatch.setenv("FDH_BEAM_GIT_SHA", "abc123")
+    assert rebuild.launch_versions(options) == {"image": "reg/fdh-beam-worker:abc", "git_sha": "abc123"}
+    flagged, _ = rebuild.split_job_flags(rebuild.RebuildOptions, [
+        "--yfcc=a", "--output=o", "--sdk_container_image=reg/fdh-beam-worker:def"])
+    assert rebuild.launch_versions(flagged)["image"] == "reg/fdh-beam-worker:def"

@@ -53,6 +53,7 @@ from urllib3.util.retry import Retry
 
 from transforms.image_checks import quick_check
 from transforms.mirror_layout import MIRROR_EXTENSIONS, BadMirrorHash, is_mirror_hash, mirror_path
+from transforms.rate_limit import process_rate_share
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, FetchedImage, YfccRecord
 from transforms.rejects import reject
 from transforms.stage import StageOutput, WindowedStageDoFn, stage_output
@@ -369,7 +370,8 @@ class FetchConfig:
     per_host_concurrency: int = 16
     requests_per_second: Optional[float] = None  # token bucket over all hosts; None = no cap
     # Flickr's own hosts get a stricter cap (the Webscope terms ask users not to hammer Flickr):
-    # per worker process, so a job's total is workers x this. The mirror is not slowed by it.
+    # per worker process here; `FetchImages(..., processes=N)` reads them as the whole job's and
+    # gives each of the N processes its share (`process_share`). The mirror is not slowed by it.
     flickr_concurrency: int = 4
     flickr_requests_per_second: Optional[float] = 4.0
     # Before settling for a source's bytes while later sources remain, check them the way decode
@@ -925,6 +927,20 @@ class _FetchDoFn(WindowedStageDoFn):
                 yield beam.pvalue.TaggedOutput(tagged.tag, WindowedValue(tagged.value, timestamp, (window,)))
 
 
+def process_share(config: FetchConfig, processes: int) -> FetchConfig:
+    """`config` with its Flickr rate and concurrency, given for the whole job, cut to the share of
+    one of the job's `processes` (max_num_workers x SDK processes per worker) that do not talk to
+    each other: the rate through `transforms.rate_limit.process_rate_share`, the concurrency
+    floored but at least 1 per process (a job with more processes than --flickr_concurrency
+    can have up to one request per process in flight)."""
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    rate = config.flickr_requests_per_second
+    return dataclasses.replace(
+        config, flickr_concurrency=max(1, config.flickr_concurrency // processes),
+        flickr_requests_per_second=None if not rate else process_rate_share(rate, processes))
+
+
 class FetchImages(beam.PTransform):
     """YfccRecord -> StageOutput(main=FetchedImage, rejects=Rejected), from the first source that serves it.
 
@@ -933,13 +949,18 @@ class FetchImages(beam.PTransform):
     """
 
     def __init__(self, image_source: Union[str, Sequence[ImageSource]],
-                 config: Optional[FetchConfig] = None, **config_overrides):
+                 config: Optional[FetchConfig] = None, processes: Optional[int] = None,
+                 **config_overrides):
+        """`processes`: when given, the Flickr rate and concurrency are the whole job's, shared
+        out over that many worker processes (`process_share`); None: they are per process."""
         super().__init__()
         self._sources = (parse_image_sources(image_source) if isinstance(image_source, str)
                          else tuple(image_source))
         if not self._sources:
             raise ValueError("FetchImages needs at least one image source")
         self._config = dataclasses.replace(config or FetchConfig(), **config_overrides)
+        if processes is not None:
+            self._config = process_share(self._config, processes)
         if self._config.threads < 1 or self._config.per_host_concurrency < 1:
             raise ValueError("threads and per_host_concurrency must be >= 1")
 

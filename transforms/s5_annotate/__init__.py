@@ -12,7 +12,8 @@ batched, variable image sizes):
 Output: StageOutput(main=PCollection[AnnotatedPhoto], rejects=PCollection[Rejected]). A photo a
 model fails on becomes Rejected(stage='annotate', reason='model_error'), any other unexpected
 error on one photo 'annotate.error' (transforms.stage); the job never crashes for one image.
-Configuration errors (GPU asked for but absent, detectron2 missing, weights missing) raise
+The GPU workers' resource hint sits on the composite around this stage (transforms.gpu_stage),
+not here. Configuration errors (GPU asked for but absent, detectron2 missing, weights missing) raise
 at pipeline construction, before any worker starts.
 """
 from __future__ import annotations
@@ -46,10 +47,6 @@ class Annotate(beam.PTransform):
       no_embeddings: skip DensePose CSE (no detectron2 needed; FDH's no-embeddings variant).
       min_person_height: cascade: the heavy models only run on photos with a keypoint-R-CNN person
         at least this many pixels tall (and scoring >= person_score).
-      gpu_type: Dataflow accelerator type (e.g. 'nvidia-tesla-t4'): with device 'GPU', adds the
-        resource hint `accelerator=type:...;count:1;install-nvidia-driver` to this whole
-        transform (and so to nothing else in the job): photos cross to the GPU workers once, and
-        every model step and the glue between them run there.
       random_weights: build every model (torchvision and DensePose CSE) with random weights and
         no weight files (tests and benches ONLY: proves the plumbing, never the detections).
       model_options: extra options for the model handlers: min_size, max_size, score_threshold,
@@ -68,7 +65,7 @@ class Annotate(beam.PTransform):
     def __init__(self, annotator: str = "fdh", model_dir: Optional[str] = None, device: str = "CPU",
                  max_batch_size: int = 4, no_embeddings: bool = False,
                  min_person_height: int = DEFAULT_MIN_PERSON_HEIGHT,
-                 person_score: float = DEFAULT_PERSON_SCORE, gpu_type: Optional[str] = None,
+                 person_score: float = DEFAULT_PERSON_SCORE,
                  random_weights: bool = False, model_options: Optional[dict] = None,
                  lite_thresholds: Optional[dict] = None, large_model: Optional[bool] = None,
                  model_copies: Optional[int] = None, require_detectron2_here: bool = True,
@@ -88,8 +85,6 @@ class Annotate(beam.PTransform):
         self._no_embeddings = no_embeddings
         self._min_person_height = min_person_height
         self._person_score = person_score
-        if device == "GPU" and gpu_type and annotator == "fdh":
-            self.with_resource_hints(accelerator=f"type:{gpu_type};count:1;install-nvidia-driver")
         self._random_weights = random_weights
         self._model_options = dict(model_options or {})
         self._lite_thresholds = thresholds_from_dict(lite_thresholds)

@@ -18,11 +18,12 @@ from transforms.s8_write.no_embeddings import strip_shard
 from transforms.s8_write.run_outputs import (WriteRunOutputs, code_versions, finalize_dataset,
                                              remove_leftovers, resolve_crawl_time)
 from transforms.s8_write.split import AssignSplit, assign_split, split_of
-from transforms.s8_write.write import EncodedSample, WriteShards, encode_for_writing
+from transforms.s8_write.write import (EncodedSample, EncodeSamples, WriteEncodedShards, WriteShards,
+                                       encode_for_writing)
 
 __all__ = [
-    "AssignSplit", "DEFAULT_CRAWL_TIME", "EncodedSample", "MAX_BYTES", "MAX_SAMPLES",
-    "PNG_COMPRESS_LEVEL", "SampleError", "WriteRunOutputs", "WriteShards", "assign_split",
+    "AssignSplit", "DEFAULT_CRAWL_TIME", "EncodeSamples", "EncodedSample", "MAX_BYTES", "MAX_SAMPLES",
+    "PNG_COMPRESS_LEVEL", "SampleError", "WriteEncodedShards", "WriteRunOutputs", "WriteShards", "assign_split",
     "bucket_of", "check_writable", "code_versions", "encode_for_writing", "encode_npy", "encode_png",
     "encode_sample", "finalize_dataset", "metadata_from_row", "num_buckets", "part_sizes",
     "remove_leftovers", "resolve_crawl_time", "sample_metadata", "sample_row", "split_of",

@@ -163,12 +163,46 @@ class WriteShards(beam.PTransform):
         return {"no_embeddings": self._no_embeddings, "max_samples": self._max_samples,
                 "max_bytes": self._max_bytes}
 
+    def encoder(self) -> "EncodeSamples":
+        """The encode half (FdhSample -> EncodedSample), e.g. to run it on the GPU workers."""
+        return EncodeSamples(self._no_embeddings, self._crawl_time)
+
+    def writer(self) -> "WriteEncodedShards":
+        """The write half (EncodedSample -> shard entries)."""
+        return WriteEncodedShards(self._output_dir, self._max_samples, self._max_bytes)
+
     def expand(self, samples) -> StageOutput:
+        # `AssignSplit(...) | WriteShards(...)`: a StageOutput's rejects pass through to ours.
+        upstream = (samples.rejects,) if isinstance(samples, StageOutput) else ()
+        samples = samples.main if isinstance(samples, StageOutput) else samples
+        encoded = samples | "EncodeSamples" >> self.encoder()
+        written = encoded.main | "WriteEncoded" >> self.writer()
+        rejects = (*upstream, encoded.rejects, written.rejects) | "FlattenRejects" >> beam.Flatten()
+        return StageOutput(main=written.main, rejects=rejects)
+
+
+class EncodeSamples(beam.PTransform):
+    """FdhSample (split set) -> StageOutput(EncodedSample, 'write' rejects): `encode_for_writing`."""
+
+    def __init__(self, no_embeddings: bool, crawl_time: float):
+        super().__init__()
+        self._no_embeddings, self._crawl_time = bool(no_embeddings), float(crawl_time)
+
+    def expand(self, samples) -> StageOutput:
+        return stage_output(samples | "Encode" >> beam.ParDo(
+            _EncodeFn(self._no_embeddings, self._crawl_time)).with_outputs(REJECTS_TAG, main="encoded"),
+            "encoded")
+
+
+class WriteEncodedShards(beam.PTransform):
+    """EncodedSample -> StageOutput(manifest entries, duplicate-key rejects) (see `WriteShards`)."""
+
+    def __init__(self, output_dir: str, max_samples: int = MAX_SAMPLES, max_bytes: int = MAX_BYTES):
+        super().__init__()
+        self._output_dir, self._max_samples, self._max_bytes = output_dir, max_samples, max_bytes
+
+    def expand(self, good) -> StageOutput:
         max_samples, max_bytes = self._max_samples, self._max_bytes
-        encoded = samples | "Encode" >> beam.ParDo(
-            _EncodeFn(self._no_embeddings, self._crawl_time)).with_outputs(REJECTS_TAG, main="encoded")
-        encoded = stage_output(encoded, "encoded")
-        good = encoded.main
         buckets = (
             good
             | "GroupSize" >> beam.Map(lambda item: (item.group, (1, item.size)))
@@ -194,6 +228,5 @@ class WriteShards(beam.PTransform):
                 _WriteBucketFn(self._output_dir, max_samples, max_bytes),
                 beam.pvalue.AsDict(offsets)).with_outputs(REJECTS_TAG, main="shards"))
         written = stage_output(written, "shards")
-        rejects = (encoded.rejects, written.rejects) | "FlattenRejects" >> beam.Flatten()
-        return StageOutput(main=written.main, rejects=rejects)
+        return written
 
