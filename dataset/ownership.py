@@ -9,7 +9,9 @@ other content configuration) or files no run of this job wrote is refused with o
 """
 from __future__ import annotations
 
+import glob
 import logging
+import os
 from typing import Any, Iterable, Mapping, Optional
 
 from dataset import fs
@@ -25,6 +27,7 @@ CONTENT_CONFIG_KEYS = ("licenses", "annotator", "no_embeddings", "val_fraction",
 RUN_FILES = (MANIFEST_FILE, METADATA_FILE, STATS_FILE, OPT_OUT_FILE, "takedown_report.json",
              "verify_report.json")
 LOCK_FILE = ".fdh-run.lock"
+BEAM_TEMP_PREFIX = "beam-temp-"  # Beam's file sinks' temporary folders (OUT/rejects/beam-temp-*)
 OVERWRITE_FLAG = "--overwrite"
 
 
@@ -120,3 +123,25 @@ def remove_leftovers(output: str, new_shards: Iterable[Mapping[str, Any]]) -> li
         logging.info("removing %d leftover files under %s", len(found), output)
         fs.delete(found)
     return found
+
+
+def empty_beam_temp_folders(output: str) -> list[str]:
+    """Empty `beam-temp-*` folders under a local `output` (relative), which Beam's WriteToParquet
+    leaves behind after a successful run; none on object stores, which have no folders."""
+    if "://" in output:
+        return []
+    pattern = os.path.join(glob.escape(output.rstrip("/")), "**", BEAM_TEMP_PREFIX + "*")
+    return sorted(os.path.relpath(folder, output) for folder in glob.glob(pattern, recursive=True)
+                  if os.path.isdir(folder) and not os.listdir(folder))
+
+
+def remove_empty_beam_temp_folders(output: str) -> list[str]:
+    """Remove `empty_beam_temp_folders` (never one holding a file); call it after a successful run."""
+    removed = []
+    for folder in empty_beam_temp_folders(output):
+        try:
+            os.rmdir(os.path.join(output, folder))  # fails, and is kept, if a file appeared
+        except OSError:
+            continue
+        removed.append(folder)
+    return removed
