@@ -119,7 +119,8 @@ def stages_over_limit(funnel: Mapping[str, int],
                       limits: Mapping[str, Optional[float]]) -> list[OverLimit]:
     """The stages whose reject rate is above their limit, in funnel order."""
     over = []
-    for stage, rejects in stage_totals(funnel).items():
+    order = {stage: index for index, stage in enumerate(STAGE_ORDER)}
+    for stage, rejects in sorted(stage_totals(funnel).items(), key=lambda i: order.get(i[0], len(order))):
         limit, entered = limits.get(stage), entering(funnel, stage)
         if limit is not None and entered and rejects / entered > limit:
             over.append(OverLimit(stage, rejects, entered, limit))
@@ -135,9 +136,10 @@ def top_reasons(funnel: Mapping[str, int], stages: Iterable[str], n: int = TOP_R
 
 
 def nothing_kept(funnel: Mapping[str, int]) -> bool:
-    """True when the run had candidates and kept no sample."""
-    candidates = funnel.get(step_key("candidates"))
-    return bool(candidates) and int(funnel.get(step_key("samples"), 0)) == 0
+    """True when the run had candidates and kept no sample (a job that keeps no samples, such
+    as scan, has no "funnel.samples" and never fails this way)."""
+    candidates, samples = funnel.get(step_key("candidates")), funnel.get(step_key("samples"))
+    return bool(candidates) and samples is not None and int(samples) == 0
 
 
 def failure_reasons(funnel: Mapping[str, int],
