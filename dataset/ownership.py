@@ -29,6 +29,10 @@ RUN_FILES = (MANIFEST_FILE, METADATA_FILE, STATS_FILE, OPT_OUT_FILE, "takedown_r
 LOCK_FILE = ".fdh-run.lock"
 BEAM_TEMP_PREFIX = "beam-temp-"  # Beam's file sinks' temporary folders (OUT/rejects/beam-temp-*)
 OVERWRITE_FLAG = "--overwrite"
+OVERWRITE_HELP = ("build into an output that holds another dataset (other licences or content "
+                  "flags) or files this job did not write: the other dataset's shards that the new "
+                  "manifest does not list are removed when the run finishes; files no manifest "
+                  "listed are never deleted")
 
 
 class OutputOwnershipError(ValueError):
