@@ -33,7 +33,8 @@ def no_examples(keys):
 
 
 def test_parse_defaults_global_and_per_stage_overrides():
-    assert parse_max_reject_rates(None) == reject_limits.DEFAULT_MAX_REJECT_RATES
+    assert parse_max_reject_rates(None) == {**reject_limits.DEFAULT_MAX_REJECT_RATES, "empty": 0.0}
+    assert set(parse_max_reject_rates("none").values()) == {None}
     limits = parse_max_reject_rates("0.3,fetch=0.6,select=25%,decode=none")
     assert limits["read"] == 0.3 and limits["fetch"] == 0.6 and limits["select"] == 0.25
     assert limits["decode"] is None and "prefilter" not in limits
@@ -68,6 +69,7 @@ def test_a_run_that_kept_nothing_fails_even_within_the_rates():
               "prefilter.license_not_allowed": 8}
     summary = failure_summary(funnel, parse_max_reject_rates(None), no_examples)
     assert summary.startswith("FAILED: kept 0 samples from 2 candidates: top reasons select.no_person 2")
+    assert failure_summary(funnel, parse_max_reject_rates("empty=none"), no_examples) is None
     assert failure_summary({"funnel.lines_read": 5, "prefilter.license_not_allowed": 5,
                             "funnel.candidates": 0, "funnel.samples": 0},
                            parse_max_reject_rates(None), no_examples) is None
@@ -99,9 +101,25 @@ def _rebuild_flags() -> set[str]:
     return {flag for action in parser._actions for flag in action.option_strings}
 
 
+def _lenient() -> list[str]:
+    """The tiny sample has 1 malformed line in 3: over read's 10 %, by design of the sample."""
+    return ["--max_reject_rate=read=0.5"] if "--max_reject_rate" in _rebuild_flags() else []
+
+
 def _rebuild(yfcc, output, image_source, *extra):
     return rebuild.run([f"--yfcc={yfcc}", f"--output={output}", f"--image_source={image_source}",
                         "--annotator=lite", "--crawl_time=1637341702.1145487", *extra])
+
+
+def _rebuild_checked(yfcc, output, image_source, *extra) -> str:
+    """Run the rebuild and the loud-failure check (rebuild.run itself once the lead wires it);
+    returns the failure line, or "" when the run is within its limits."""
+    try:
+        stats = _rebuild(yfcc, output, image_source, *extra)
+        check_reject_rates(stats["funnel"], None, f"{output}/rejects/*.parquet")
+    except RejectRateExceeded as failed:
+        return str(failed)
+    return ""
 
 
 @pytest.mark.pipeline
@@ -112,32 +130,29 @@ def test_a_nonexistent_mirror_fails_loudly_and_unrelated_files_survive(sample, t
     unrelated.parent.mkdir(parents=True)
     unrelated.write_bytes(b"not ours")
     # Once rebuild checks ownership at launch, the unrelated file needs --overwrite (and stays).
-    stats = _rebuild(yfcc, output, f"mirror:{tmp_path / 'no-such-mirror'}",
-                     *(["--overwrite"] if "--overwrite" in _rebuild_flags() else []))
-
-    with pytest.raises(RejectRateExceeded) as failed:
-        check_reject_rates(stats["funnel"], None, f"{output}/rejects/*.parquet")
-    message = str(failed.value)
+    message = _rebuild_checked(yfcc, output, f"mirror:{tmp_path / 'no-such-mirror'}",
+                               *(["--overwrite"] if "--overwrite" in _rebuild_flags() else []))
     assert message.startswith("FAILED: read rejected 1 of 3 (33%, max 10%); fetch rejected 2 of 2 "
                               "(100%, max 50%); kept 0 samples from 2 candidates: top reasons "
                               "fetch.not_found 2 (e.g. ")
     assert "no-such-mirror" in message and "\n" not in message  # the example names the path tried
     assert unrelated.read_bytes() == b"not ours"
-    ownership.remove_empty_beam_temp_folders(str(output))
+    ownership.remove_empty_beam_temp_folders(str(output))  # rebuild.run's last step once wired
     assert ownership.empty_beam_temp_folders(str(output)) == []
+    assert not (output / ".fdh-run.lock").exists()
 
 
 @pytest.mark.pipeline
 def test_nsids_with_hash_space_and_unicode_stay_out_after_a_takedown(sample, tmp_path):
     yfcc, mirror = sample
     output = tmp_path / "out"
-    first = _rebuild(yfcc, output, f"mirror:{mirror}")
+    first = _rebuild(yfcc, output, f"mirror:{mirror}", *_lenient())
     metadata = json.loads((output / "metadata.json").read_text())
     assert NASTY_NSID in {entry["user_nsid"] for entry in metadata.values()}
 
     report = takedown.run([f"--dataset={output}", f"--user_nsid={NASTY_NSID}"])
     assert report["removed"] and {m["user_nsid"] for m in report["removed"]} == {NASTY_NSID}
-    again = _rebuild(yfcc, output, f"mirror:{mirror}")
+    again = _rebuild(yfcc, output, f"mirror:{mirror}", *_lenient())
     assert again["funnel"]["prefilter.user_opt_out"] == 1
     metadata = json.loads((output / "metadata.json").read_text())
     assert NASTY_NSID not in {entry["user_nsid"] for entry in metadata.values()}
@@ -172,7 +187,7 @@ def test_rebuild_refuses_a_non_yfcc_input_before_running(tmp_path):
     path.write_text("http://example.com/a.jpg\n")
     with pytest.raises(ValueError, match="is not YFCC100M metadata"):
         _rebuild(path, tmp_path / "out", "mirror:/nowhere")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_yfcc_files_plain_and_compressed_pass(sample, tmp_path):

@@ -3,8 +3,8 @@
 Each stage has a maximum reject rate, rate = the stage's rejects / the elements entering it,
 both read from the funnel (stats.json "funnel", `transforms.funnel`). `--max_reject_rate` sets
 them: `0.3` for every limited stage, `read=0.1,fetch=0.5` per stage, both mixed
-(`0.3,fetch=0.6`), `STAGE=none` to lift one; rates may be written `10%`. A run that kept no
-sample from one or more candidates fails as well. The failure is one line: each stage over its
+(`0.3,fetch=0.6`), `STAGE=none` to lift one, `none` to lift all; rates may be written `10%`. A
+run that kept no sample from one or more candidates fails as well (`empty=none` lifts that). The failure is one line: each stage over its
 limit and the top reasons, each with one example (record id and detail, read from
 OUTPUT/rejects/*.parquet).
 
@@ -23,12 +23,15 @@ DEFAULT_MAX_REJECT_RATES: dict[str, float] = {
     "split": 0.01, "write": 0.01,
 }
 NO_LIMIT = ("none", "off")
+# Not a stage: `empty=none` (or a bare `none`) lets a run that kept no sample end with exit 0.
+EMPTY_RUN = "empty"
 TOP_REASONS = 3
 EXAMPLE_CHARS = 160
 FLAG = "--max_reject_rate"
 FLAG_HELP = ("maximum share of the elements entering a stage that it may reject before the job "
              "fails (exit 1, one line naming the top reasons): a rate for every limited stage "
-             "and/or STAGE=RATE overrides, e.g. 0.3 or read=0.1,fetch=0.5 or 0.3,fetch=none "
+             "and/or STAGE=RATE overrides, e.g. 0.3 or read=0.1,fetch=0.5 or 0.3,fetch=none; "
+             "a run that kept no sample fails too unless empty=none; none lifts every limit "
              f"(defaults: {', '.join(f'{k}={v:g}' for k, v in DEFAULT_MAX_REJECT_RATES.items())}; "
              "prefilter and select unlimited)")
 
@@ -53,15 +56,17 @@ def _rate(text: str, item: str) -> Optional[float]:
 def parse_max_reject_rates(spec: Optional[str]) -> dict[str, Optional[float]]:
     """The limit of each stage from the flag value (None: the defaults). ValueError, one line, for
     a bad rate or an unknown stage; call it at launch so that a bad flag fails before the run."""
-    limits: dict[str, Optional[float]] = dict(DEFAULT_MAX_REJECT_RATES)
-    known = set(STAGE_ORDER) - {"takedown"}
+    limits: dict[str, Optional[float]] = {**DEFAULT_MAX_REJECT_RATES, EMPTY_RUN: 0.0}
+    known = set(STAGE_ORDER) - {"takedown"} | {EMPTY_RUN}
     overrides: dict[str, Optional[float]] = {}
     for item in (part.strip() for part in (spec or "").split(",")):
         if not item:
             continue
         stage, sep, value = item.partition("=")
         if not sep:
-            limits = {name: _rate(item, item) for name in DEFAULT_MAX_REJECT_RATES}
+            rate = _rate(item, item)
+            limits = {**{name: rate for name in DEFAULT_MAX_REJECT_RATES},
+                      EMPTY_RUN: None if rate is None else limits[EMPTY_RUN]}
             continue
         stage = stage.strip()
         if stage not in known:
@@ -148,7 +153,7 @@ def failure_reasons(funnel: Mapping[str, int],
     over = stages_over_limit(funnel, limits)
     failed = [item.describe() for item in over]
     stages = [item.stage for item in over]
-    if nothing_kept(funnel):
+    if limits.get(EMPTY_RUN, 0.0) is not None and nothing_kept(funnel):
         failed.append(f"kept 0 samples from {int(funnel[step_key('candidates')]):,} candidates")
         stages = [s for s in stage_totals(funnel) if s != "prefilter"]
     return failed, [key for key, _ in top_reasons(funnel, stages)]
