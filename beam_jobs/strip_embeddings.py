@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import apache_beam as beam
 
 from beam_jobs.common import JobOptions, make_pipeline, run_main, split_job_flags
+from dataset.manifest import check_manifest_paths
 from transforms.s8_write.no_embeddings import check_strip_paths, finish_strip, strip_shard
 
 
@@ -44,6 +45,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         raise ValueError("strip_embeddings needs --dataset=IN and --output=OUT")
     dataset, output = args.dataset.rstrip("/"), args.output.rstrip("/")
     manifest = check_strip_paths(dataset, output)
+    check_manifest_paths(dataset, manifest)
     pipeline = make_pipeline(options)
     build(pipeline, dataset, output, manifest)
     pipeline.run().wait_until_finish()

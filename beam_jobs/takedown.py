@@ -32,9 +32,10 @@ from apache_beam.metrics import Metrics
 
 from beam_jobs.common import JobOptions, make_pipeline, report_path_for, run_main, split_job_flags
 from dataset import fs
-from dataset.manifest import load_manifest
+from dataset.lock import run_lock
+from dataset.manifest import check_manifest_paths, load_manifest
 from dataset.search import Match
-from dataset.takedown import find_shard_matches, rewrite_shard, update_run_files
+from dataset.takedown import find_shard_matches, opt_out_update, rewrite_shard, update_run_files
 from transforms.opt_out import OptOut, read_opt_out
 from transforms.records import METRICS_NAMESPACE
 
@@ -180,9 +181,12 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not takedown.dataset:
         raise ValueError("--dataset is required")
     dataset = takedown.dataset.rstrip("/")
-    shards = load_manifest(dataset)["shards"]
+    manifest = load_manifest(dataset)
+    check_manifest_paths(dataset, manifest)  # nothing is written where a bad entry points
+    opt_out_update(dataset, request)  # opt_out.txt and the request read back, before any write
+    shards = manifest["shards"]
     report_path = report_path_for(takedown.report, options, REPORT_FILE)
-    with make_pipeline(options) as pipeline:
+    with run_lock(dataset, "takedown"), make_pipeline(options) as pipeline:
         _ = pipeline | "Takedown" >> Takedown(dataset, shards, request, report_path,
                                                takedown.record_unmatched)
     report = fs.read_json(report_path)

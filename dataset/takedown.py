@@ -21,7 +21,7 @@ from dataset.schema import KEY_COLUMN, build_stats
 from dataset.search import Match, read_search_table, table_matches
 from dataset.shards import read_parquet_rows, read_tar_shard, write_parquet_shard, write_tar_shard
 from transforms.funnel import TAKEDOWN_KEY
-from transforms.opt_out import OptOut, format_opt_out, parse_opt_out
+from transforms.opt_out import OptOut, format_opt_out, validate_opt_out
 
 
 @dataclass
@@ -62,14 +62,36 @@ def opt_out_entries(request: OptOut) -> list[str]:
     return format_opt_out(request.user_nsids, request.photo_ids).splitlines()
 
 
-def updated_stats(stats: Mapping[str, Any], shards: Sequence[Mapping[str, Any]],
-                  removed: int) -> dict[str, Any]:
-    """stats.json after a takedown: counts recomputed from the manifest, and the removed
-    samples added to the funnel under "takedown.samples_removed" (cumulative)."""
+def updated_stats(stats: Mapping[str, Any], shards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """stats.json after a takedown: counts recomputed from the manifest, and the samples they lost
+    added to the funnel under "takedown.samples_removed" (cumulative).
+
+    The removed count is stats.json's old total minus the manifest's new one, not the matches of
+    this run, so a rerun after a killed takedown (the manifest or stats.json already updated, the
+    Parquet index not yet) counts each sample once (issue 10, finding 9).
+    """
     funnel = dict(stats.get("funnel") or {})
-    if removed:
-        funnel[TAKEDOWN_KEY] = int(funnel.get(TAKEDOWN_KEY, 0)) + int(removed)
+    old_total = (stats.get("totals") or {}).get("samples")
+    removed = 0 if old_total is None else int(old_total) - sum(int(e["samples"]) for e in shards)
+    if removed > 0:
+        funnel[TAKEDOWN_KEY] = int(funnel.get(TAKEDOWN_KEY, 0)) + removed
     return {**stats, **build_stats(list(shards), funnel)}
+
+
+def opt_out_update(dataset: str, wanted: OptOut) -> tuple[str, OptOut, str]:
+    """(existing opt_out.txt text, what it records, the lines to append for `wanted`).
+
+    Raises ValueError naming the line when the existing file does not parse, or when an entry
+    cannot be written so that it reads back: call it before writing anything, so that a bad
+    line never leaves a half-applied takedown (issue 10, finding 3).
+    """
+    path = fs.join(dataset, OPT_OUT_FILE)
+    existing = fs.read_text(path) or ""
+    try:
+        recorded = validate_opt_out(existing, path)
+    except ValueError as error:
+        raise ValueError(f"{error}; fix that line before a takedown (nothing was changed)") from None
+    return existing, recorded, new_opt_out_lines(recorded, wanted)
 
 
 class TakedownError(RuntimeError):
@@ -118,6 +140,10 @@ def update_run_files(dataset: str, request: OptOut, rewrites: list[dict[str, Any
     removed = sorted((m for r in rewrites for m in r["removed"]), key=lambda m: m["key"])
     removed_keys = {m["key"] for m in removed}
     changed = []
+    wanted = request if record_unmatched else OptOut(
+        frozenset(m["user_nsid"] for m in removed if m["user_nsid"] in request.user_nsids),
+        frozenset(m["photo_id"] for m in removed if m["photo_id"] in request.photo_ids))
+    existing_text, recorded, lines = opt_out_update(dataset, wanted)  # before any write
 
     manifest = load_manifest(dataset)
     by_path = {r["path"]: r for r in rewrites}
@@ -146,18 +172,12 @@ def update_run_files(dataset: str, request: OptOut, rewrites: list[dict[str, Any
 
     if fs.exists(fs.join(dataset, STATS_FILE)):
         stats = fs.load_json(dataset, STATS_FILE)
-        new_stats = updated_stats(stats, manifest["shards"], len(removed))
+        new_stats = updated_stats(stats, manifest["shards"])
         if new_stats != stats:
             fs.save_json(dataset, STATS_FILE, new_stats)
             changed.append(STATS_FILE)
 
-    wanted = request if record_unmatched else OptOut(
-        frozenset(m["user_nsid"] for m in removed if m["user_nsid"] in request.user_nsids),
-        frozenset(m["photo_id"] for m in removed if m["photo_id"] in request.photo_ids))
     opt_out_path = fs.join(dataset, OPT_OUT_FILE)
-    existing_text = fs.read_text(opt_out_path) or ""
-    recorded = parse_opt_out(existing_text, opt_out_path)
-    lines = new_opt_out_lines(recorded, wanted)
     if lines:
         if existing_text and not existing_text.endswith("\n"):
             existing_text += "\n"

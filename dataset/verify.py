@@ -23,6 +23,7 @@ from dataset import fs
 from dataset.layout import (EMBEDDING_MEMBERS, METADATA_FILE, REQUIRED_MEMBERS, STAGED_SUFFIX,
                             STATS_FILE, shard_glob, shard_location, shard_parquet_path)
 from dataset.manifest import expected_shard_files
+from dataset.ownership import BEAM_TEMP_PREFIX, empty_beam_temp_folders, is_temp_file
 from dataset.schema import KEY_COLUMN, build_stats
 from dataset.shards import read_parquet_rows, read_tar_shard
 from transforms.records import CROP_HEIGHT, CROP_WIDTH, NUM_CSE_VERTICES
@@ -173,12 +174,54 @@ def stats_count_problems(stats: Mapping[str, Any], shards: Sequence[Mapping[str,
     return problems
 
 
+IDENTITY_FIELDS = ("id", "user_nsid", "license")  # what a takedown and a licence rely on
+
+
+def identity(values: Mapping[str, Any]) -> list[Any]:
+    """The values that say whose photo a sample is and under which licence (`IDENTITY_FIELDS`)."""
+    return [values.get(name) for name in IDENTITY_FIELDS]
+
+
+def _json_identity(members: Mapping[str, Any]) -> Optional[list[Any]]:
+    try:
+        return identity(json.loads(members["json"]))
+    except Exception:  # reported by check_sample
+        return None
+
+
+def identity_problems(where: str, expected: Mapping[str, list[Any]],
+                      found: Mapping[str, list[Any]]) -> list[str]:
+    """`KEY: where FIELD X != Parquet Y` for each sample whose identity values differ."""
+    problems = []
+    for key in sorted(expected.keys() & found.keys()):
+        for name, want, got in zip(IDENTITY_FIELDS, expected[key], found[key]):
+            if want != got:
+                problems.append(f"{key}: {where} {name} {got!r} != Parquet {want!r}")
+    return problems
+
+
+def parquet_row_problems(entry: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Rows whose photo_id column differs from their id, or whose licence is not the shard's."""
+    license_ = entry.get("license")
+    problems = []
+    for row in rows:
+        if row.get("photo_id") != row.get("id"):
+            problems.append(f"{row[KEY_COLUMN]}: Parquet photo_id {row.get('photo_id')!r} != id "
+                            f"{row.get('id')!r}")
+        if license_ is not None and row.get("license_slug") != license_:
+            problems.append(f"{row[KEY_COLUMN]}: Parquet license_slug {row.get('license_slug')!r} "
+                            f"in a {license_!r} shard")
+    return problems
+
+
 def verify_shard(dataset: str, entry: dict, no_embeddings: bool) -> dict[str, Any]:
     """Everything verify checks inside one shard; returns its report with the tar's keys."""
     report = ShardReport(entry["path"])
     problems = report.problems
     tar_path = fs.join(dataset, entry["path"])
     keys: list[str] = []
+    tar_identity: dict[str, list[Any]] = {}
+    parquet_identity: dict[str, list[Any]] = {}
     if not fs.exists(tar_path):
         problems.append("missing")
     else:
@@ -193,11 +236,12 @@ def verify_shard(dataset: str, entry: dict, no_embeddings: bool) -> dict[str, An
             for members in read_tar_shard(tar_path):
                 keys.append(str(members.get("__key__")))
                 sample_problems += check_sample(members, no_embeddings)
+                found = _json_identity(members) if "json" in members else None
+                if found is not None:
+                    tar_identity[keys[-1]] = found
         except Exception as error:  # a damaged tar is a finding, not a crash
             problems.append(f"unreadable after {len(keys)} samples: {type(error).__name__}: {error}")
-        problems += sample_problems[:MAX_SAMPLE_PROBLEMS]
-        if len(sample_problems) > MAX_SAMPLE_PROBLEMS:
-            problems.append(f"... and {len(sample_problems) - MAX_SAMPLE_PROBLEMS} more sample problems")
+        problems += _first(sample_problems)
         report.samples = len(keys)
         if len(keys) != entry.get("samples"):
             problems.append(f"{len(keys)} samples != manifest {entry.get('samples')}")
@@ -209,8 +253,11 @@ def verify_shard(dataset: str, entry: dict, no_embeddings: bool) -> dict[str, An
         problems.append(f"{parquet}: missing")
     else:
         try:
-            parquet_keys = [row[KEY_COLUMN]
-                            for row in read_parquet_rows(fs.join(dataset, parquet))]
+            rows = read_parquet_rows(fs.join(dataset, parquet))
+            parquet_keys = [row[KEY_COLUMN] for row in rows]
+            parquet_identity = {row[KEY_COLUMN]: identity(row) for row in rows}
+            problems += _first(parquet_row_problems(entry, rows))
+            del rows  # the identities are what the run-level check needs
         except Exception as error:
             problems.append(f"{parquet}: unreadable: {type(error).__name__}: {error}")
         else:
@@ -225,9 +272,35 @@ def verify_shard(dataset: str, entry: dict, no_embeddings: bool) -> dict[str, An
                 only_parquet = sorted(set(parquet_keys) - set(keys))
                 problems.append(f"{parquet}: {len(parquet_keys)} rows vs {len(keys)} tar samples; "
                                 f"only in tar {only_tar[:5]}, only in Parquet {only_parquet[:5]}")
+    problems += _first(identity_problems("tar json", parquet_identity, tar_identity))
     result = report.to_dict()
     result["parquet_keys"] = parquet_keys
+    result["parquet_identity"] = parquet_identity
     return result
+
+
+def _first(problems: list[str]) -> list[str]:
+    """At most MAX_SAMPLE_PROBLEMS of `problems`, then a count of the rest."""
+    if len(problems) <= MAX_SAMPLE_PROBLEMS:
+        return problems
+    return problems[:MAX_SAMPLE_PROBLEMS] + [
+        f"... and {len(problems) - MAX_SAMPLE_PROBLEMS} more sample problems"]
+
+
+def leftover_problems(dataset: str) -> list[str]:
+    """Leftovers anywhere in the dataset: staged takedown Parquet, writers' temporary files
+    (`.NAME.tmp-*`, the root's `.metadata.json.tmp-*` included) and Beam's temp folders."""
+    problems = []
+    for path in fs.glob(fs.join(dataset, "**")):
+        relative = fs.relative_to(dataset, path)
+        if relative.endswith(STAGED_SUFFIX):
+            problems.append(f"{relative}: leftover of an unfinished takedown: run it again")
+        elif is_temp_file(relative):
+            problems.append(f"{relative}: leftover of a writer's temporary file: a killed run?")
+        elif f"/{BEAM_TEMP_PREFIX}" in f"/{relative}":
+            problems.append(f"{relative}: leftover of Beam's temporary files: a killed run?")
+    problems += [f"{folder}/: an empty folder Beam left" for folder in empty_beam_temp_folders(dataset)]
+    return problems
 
 
 def verify_run_files(dataset: str, manifest: dict, shard_reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -243,19 +316,18 @@ def verify_run_files(dataset: str, manifest: dict, shard_reports: list[dict[str,
             if fs.relative_to(dataset, path) not in expected:
                 problems.append(f"{fs.relative_to(dataset, path)}: shard file not in the manifest")
 
-    for pattern in (f"*/*/*{STAGED_SUFFIX}", f"*/*/.*{fs.TEMP_MARKER}*"):
-        for path in fs.glob(fs.join(dataset, pattern)):
-            relative = fs.relative_to(dataset, path)
-            why = ("an unfinished takedown: run it again" if relative.endswith(STAGED_SUFFIX)
-                   else "a writer's temporary file: a killed run?")
-            problems.append(f"{relative}: leftover of {why}")
+    problems += leftover_problems(dataset)
 
     parquet_keys = [k for r in shard_reports for k in r["parquet_keys"]]
     if fs.exists(fs.join(dataset, METADATA_FILE)):
         metadata = fs.load_json(dataset, METADATA_FILE)
         problems += [f"{METADATA_FILE}: {p}"
                      for p in key_problems(metadata.keys(), parquet_keys)]
-        del metadata
+        parquet_identity = {k: v for r in shard_reports for k, v in r.get("parquet_identity", {}).items()}
+        problems += [f"{METADATA_FILE}: {p}" for p in _first(identity_problems(
+            METADATA_FILE, parquet_identity,
+            {key: identity(entry) for key, entry in metadata.items() if isinstance(entry, dict)}))]
+        del metadata, parquet_identity
     else:
         problems.append(f"{METADATA_FILE}: missing")
 

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import gzip
 import operator
+import os
 import zlib
 from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple, Sequence, Union
 
@@ -167,11 +168,42 @@ def split_patterns(patterns: Union[str, Sequence[str]]) -> list[str]:
     return patterns
 
 
+YFCC_FIELD_COUNTS = (23, 25)  # the dataset file's columns; 25 with the hash layout
+SNIFF_BYTES = 1 << 16  # of the first line: a YFCC line is about 1-2 KB, a description up to 64 KB
+SNIFF_FILES = 64  # per pattern: the files whose first line is checked at launch
+
+
 def check_patterns_match(patterns: Sequence[str]) -> None:
-    """Raise FileNotFoundError for the first pattern that matches no file."""
+    """Refuse, before the pipeline runs, input that is not YFCC100M metadata (issue 10, finding
+    10): FileNotFoundError for a pattern that matches no file, IsADirectoryError for a folder,
+    ValueError for a file whose first line (decompressed) is not 23 or 25 TAB-separated fields,
+    such as a Parquet file or a URL list. A file that cannot be decompressed at all is left to the
+    read stage, which records it as a per-file reject."""
     for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
         if not result.metadata_list:
             raise FileNotFoundError(f"no YFCC metadata file matches {pattern!r}")
+        for metadata in result.metadata_list[:SNIFF_FILES]:
+            check_yfcc_file(metadata.path)
+
+
+def check_yfcc_file(path: str) -> None:
+    """Raise (one line) when `path` is a folder or its first line is not a YFCC100M line."""
+    if "://" not in path and os.path.isdir(path):
+        raise IsADirectoryError(f"--yfcc {path!r} is a folder: give the YFCC100M metadata files "
+                                f"(or a glob such as {path.rstrip('/')}/yfcc100m_dataset-*.bz2)")
+    try:
+        with FileSystems.open(path, mime_type="application/octet-stream",
+                              compression_type=CompressionTypes.AUTO) as handle:
+            head = handle.read(SNIFF_BYTES)
+    except (OSError, EOFError, zlib.error, ValueError):
+        return  # unreadable: the read stage rejects the file with the reason
+    first, newline, _ = head.lstrip(b"\r\n").partition(b"\n")
+    if not first.strip() or not (newline or len(head) < SNIFF_BYTES):
+        return  # empty, or a first line longer than the sniff: the read stage judges it
+    fields = first.rstrip(b"\r").count(b"\t") + 1
+    if fields not in YFCC_FIELD_COUNTS:
+        raise ValueError(f"{path} is not YFCC100M metadata: its first line has {fields} "
+                         f"TAB-separated fields, expected 23 or 25 (a Parquet file, a URL list?)")
 
 
 def open_matched_files(pbegin: beam.pvalue.PBegin, patterns: Sequence[str],

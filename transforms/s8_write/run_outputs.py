@@ -6,15 +6,14 @@ so its presence marks a complete dataset.
 """
 from __future__ import annotations
 
-import logging
 import platform
 import zlib
 from typing import Any, Optional
 
 import apache_beam as beam
 
-from dataset import fs
-from dataset.layout import FORMAT_VERSION, MANIFEST_FILE, STATS_FILE, shard_glob
+from dataset import fs, ownership
+from dataset.layout import FORMAT_VERSION, MANIFEST_FILE, STATS_FILE
 from dataset.metadata import metadata_entries, write_metadata_json
 from dataset.schema import build_stats
 from transforms.s8_write.encode import DEFAULT_CRAWL_TIME, PNG_COMPRESS_LEVEL
@@ -61,16 +60,9 @@ def build_manifest(shards: list[dict], config: dict, versions: dict,
 
 
 def remove_leftovers(dataset: str, shards: list[dict]) -> list[str]:
-    """Delete temporary files of killed writers and shards that the manifest does not list."""
-    listed = {fs.join(dataset, e["path"]) for e in shards}
-    listed |= {fs.join(dataset, e["parquet"]) for e in shards}
-    found = fs.glob(fs.join(dataset, f"*/*/.*{fs.TEMP_MARKER}*"))
-    found += [path for ext in ("tar", "parquet")
-              for path in fs.glob(fs.join(dataset, shard_glob(ext))) if path not in listed]
-    if found:
-        logging.info("removing %d leftover files under %s", len(found), dataset)
-        fs.delete(sorted(found))
-    return sorted(found)
+    """Delete temporary files of killed writers and the shards the previous manifest listed that
+    `shards` does not (never a file no manifest listed: `dataset.ownership`)."""
+    return ownership.remove_leftovers(dataset, shards)
 
 
 def finalize_dataset(output_dir: str, shards: list[dict], config: Optional[dict] = None,
