@@ -10,7 +10,7 @@ finishes when run again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dataset import fs
 from dataset.layout import (MANIFEST_FILE, METADATA_FILE, OPT_OUT_FILE, STAGED_SUFFIX, STATS_FILE,
@@ -51,10 +51,26 @@ def filter_rows(rows: Iterable[Mapping[str, Any]], drop_keys: Iterable[str]) -> 
     return [dict(row) for row in rows if row[KEY_COLUMN] not in drop]
 
 
-def new_opt_out_lines(existing: OptOut, request: OptOut) -> str:
-    """Opt-out file text for the entries of `request` that `existing` does not hold yet."""
-    return format_opt_out(request.user_nsids - existing.user_nsids,
+def new_opt_out_lines(existing: OptOut, request: OptOut,
+                      reasons: Optional[Mapping[str, str]] = None) -> str:
+    """Opt-out file text for the entries of `request` that `existing` does not hold yet; a line
+    found in `reasons` ({'photo:ID': why}) gets its reason as a trailing `# comment`."""
+    text = format_opt_out(request.user_nsids - existing.user_nsids,
                           request.photo_ids - existing.photo_ids)
+    return with_reasons(text, reasons or {})
+
+
+def with_reasons(text: str, reasons: Mapping[str, str]) -> str:
+    """Opt-out lines with `  # reason` appended where `reasons` has one (one line, white space
+    collapsed). The opt-out parser ignores comments, so the entries read back the same."""
+    lines = []
+    for line in text.splitlines():
+        reason = " ".join(reasons.get(line, "").split())
+        lines.append(f"{line}  # {reason}\n" if reason else line + "\n")
+    annotated = "".join(lines)
+    if parse_opt_out(annotated) != parse_opt_out(text):
+        raise ValueError("opt-out reasons changed the entries")  # a bug here, never silent
+    return annotated
 
 
 def opt_out_entries(request: OptOut) -> list[str]:
@@ -111,9 +127,11 @@ def rewrite_shard(dataset: str, entry: dict, matches: Iterable[Match]) -> dict[s
 
 
 def update_run_files(dataset: str, request: OptOut, rewrites: list[dict[str, Any]],
-                     record_unmatched: bool = False) -> dict[str, Any]:
-    """Fold the shard rewrites into manifest.json, metadata.json, stats.json and opt_out.txt,
-    then move the staged Parquet files into place. Writes a file only when it changes."""
+                     record_unmatched: bool = False,
+                     reasons: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """Fold the shard rewrites into manifest.json, metadata.json, stats.json and opt_out.txt
+    (with `reasons`, see `new_opt_out_lines`), then move the staged Parquet files into place.
+    Writes a file only when it changes."""
     rewrites = sorted(rewrites, key=lambda r: r["path"])
     removed = sorted((m for r in rewrites for m in r["removed"]), key=lambda m: m["key"])
     removed_keys = {m["key"] for m in removed}
@@ -157,7 +175,7 @@ def update_run_files(dataset: str, request: OptOut, rewrites: list[dict[str, Any
     opt_out_path = fs.join(dataset, OPT_OUT_FILE)
     existing_text = fs.read_text(opt_out_path) or ""
     recorded = parse_opt_out(existing_text, opt_out_path)
-    lines = new_opt_out_lines(recorded, wanted)
+    lines = new_opt_out_lines(recorded, wanted, reasons)
     if lines:
         if existing_text and not existing_text.endswith("\n"):
             existing_text += "\n"
