@@ -176,18 +176,14 @@ def decide(element: tuple[Optional[int], Mapping[str, Iterable[Any]]], day: str)
     if rows and definite:
         for row in rows:
             yield removal(row, definite[0].reason, definite[0].detail, day)
-    elif rejects or not rows:
+    elif rows and not rejects and any(True for _ in grouped["kept"]):
+        yield beam.pvalue.TaggedOutput("kept", photo_id)
+    else:  # a failed check, a reject without its photo, or no result at all
         first = rejects[0] if rejects else None
         yield beam.pvalue.TaggedOutput(FAILED_REASON, failure(
             photo_id, rows[0].nsid if rows else getattr(first, "user_nsid", None),
             [row.key for row in rows], first.reason if first else "no_result",
             first.detail if first else "the check gave no result"))
-    elif list(grouped["kept"]):
-        yield beam.pvalue.TaggedOutput("kept", photo_id)
-    else:
-        yield beam.pvalue.TaggedOutput(FAILED_REASON, failure(
-            photo_id, rows[0].nsid, [row.key for row in rows], "no_result",
-            "the check gave no result"))
 
 
 def rewrite(element: tuple[str, Iterable[Removal]], dataset: str,

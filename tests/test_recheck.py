@@ -17,6 +17,7 @@ from tests.flickr_api_fixture import (API_KEY, DELETED, MADE_PRIVATE, RELICENSED
 from tests.jobs_dataset import NAME_OF, file_digests
 from transforms.consent import GET_INFO, GET_PUBLIC_PHOTOS
 from transforms.opt_out import parse_opt_out
+from transforms.records import Rejected
 
 # What the 2014 snapshot held: (photo id, persons, owner, licence then). Flickr now says
 # (consent_world): 101 unchanged, 102 tagged no_cv, 103 relicensed NoDerivs, 104 deleted,
@@ -171,3 +172,25 @@ def test_bad_flags_are_one_line_usage_errors(dataset, capsys):
         recheck.main([f"--dataset={dataset}", "--flickr_api_key=K",
                       "--flickr_api_url=http://10.0.0.1/services/rest/"])
     assert exit_info.value.code == 2 and "IP-literal" in capsys.readouterr().err
+
+
+def test_decide_removes_only_on_a_definite_answer_and_reports_everything_else():
+    row = recheck.SampleRow("7_0", 7, "1@N01", "cc-by-2/train/out-000000.tar", "cc-by-2")
+
+    def decided(photo_id, rows=(), kept=(), rejected=()):
+        out = recheck.decide((photo_id, {"row": list(rows), "kept": list(kept),
+                                         "rejected": list(rejected)}), "2026-12-01")
+        return [(getattr(o, "tag", "removal"), getattr(o, "value", o)) for o in out]
+
+    gone = Rejected("7", "consent", "license_changed", "cc-by-nd-2", 7, "1@N01")
+    assert decided(7, [row], rejected=[gone]) == [("removal", recheck.Removal(
+        row, "consent.license_changed",
+        "recheck 2026-12-01: consent.license_changed (cc-by-2 -> cc-by-nd-2)"))]
+    assert decided(7, [row], kept=[4]) == [("kept", 7)]
+    failed = Rejected("7", "consent", "check_failed", "HTTP 503 after 6 tries", 7, "1@N01")
+    orphan = Rejected("unknown", "consent", "error", "KeyError: x", None, None)
+    for args, reason in [((7, [row], [], [failed]), "check_failed"), ((7, [row]), "no_result"),
+                         ((None, [], [], [orphan]), "error")]:
+        [(tag, value)] = decided(*args)
+        assert tag == recheck.FAILED_REASON and value["reason"] == reason
+    assert decided(7, [row])[0][1]["keys"] == ["7_0"]
