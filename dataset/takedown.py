@@ -10,7 +10,7 @@ finishes when run again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dataset import fs
 from dataset.layout import (MANIFEST_FILE, METADATA_FILE, OPT_OUT_FILE, STAGED_SUFFIX, STATS_FILE,
@@ -21,7 +21,7 @@ from dataset.schema import KEY_COLUMN, build_stats
 from dataset.search import Match, read_search_table, table_matches
 from dataset.shards import read_parquet_rows, read_tar_shard, write_parquet_shard, write_tar_shard
 from transforms.funnel import TAKEDOWN_KEY
-from transforms.opt_out import OptOut, format_opt_out, validate_opt_out
+from transforms.opt_out import OptOut, format_opt_out, validate_opt_out, parse_opt_out
 
 
 @dataclass
@@ -51,10 +51,26 @@ def filter_rows(rows: Iterable[Mapping[str, Any]], drop_keys: Iterable[str]) -> 
     return [dict(row) for row in rows if row[KEY_COLUMN] not in drop]
 
 
-def new_opt_out_lines(existing: OptOut, request: OptOut) -> str:
-    """Opt-out file text for the entries of `request` that `existing` does not hold yet."""
-    return format_opt_out(request.user_nsids - existing.user_nsids,
+def new_opt_out_lines(existing: OptOut, request: OptOut,
+                      reasons: Optional[Mapping[str, str]] = None) -> str:
+    """Opt-out file text for the entries of `request` that `existing` does not hold yet; a line
+    found in `reasons` ({'photo:ID': why}) gets its reason as a trailing `# comment`."""
+    text = format_opt_out(request.user_nsids - existing.user_nsids,
                           request.photo_ids - existing.photo_ids)
+    return with_reasons(text, reasons or {})
+
+
+def with_reasons(text: str, reasons: Mapping[str, str]) -> str:
+    """Opt-out lines with `  # reason` appended where `reasons` has one (one line, white space
+    collapsed). The opt-out parser ignores comments, so the entries read back the same."""
+    lines = []
+    for line in text.splitlines():
+        reason = " ".join(reasons.get(line, "").split())
+        lines.append(f"{line}  # {reason}\n" if reason else line + "\n")
+    annotated = "".join(lines)
+    if parse_opt_out(annotated) != parse_opt_out(text):
+        raise ValueError("opt-out reasons changed the entries")  # a bug here, never silent
+    return annotated
 
 
 def opt_out_entries(request: OptOut) -> list[str]:
@@ -78,8 +94,10 @@ def updated_stats(stats: Mapping[str, Any], shards: Sequence[Mapping[str, Any]])
     return {**stats, **build_stats(list(shards), funnel)}
 
 
-def opt_out_update(dataset: str, wanted: OptOut) -> tuple[str, OptOut, str]:
-    """(existing opt_out.txt text, what it records, the lines to append for `wanted`).
+def opt_out_update(dataset: str, wanted: OptOut,
+                   reasons: Optional[Mapping[str, str]] = None) -> tuple[str, OptOut, str]:
+    """(existing opt_out.txt text, what it records, the lines to append for `wanted`, with
+    `reasons` as comments).
 
     Raises ValueError naming the line when the existing file does not parse, or when an entry
     cannot be written so that it reads back: call it before writing anything, so that a bad
@@ -91,7 +109,7 @@ def opt_out_update(dataset: str, wanted: OptOut) -> tuple[str, OptOut, str]:
         recorded = validate_opt_out(existing, path)
     except ValueError as error:
         raise ValueError(f"{error}; fix that line before a takedown (nothing was changed)") from None
-    return existing, recorded, new_opt_out_lines(recorded, wanted)
+    return existing, recorded, new_opt_out_lines(recorded, wanted, reasons)
 
 
 class TakedownError(RuntimeError):
@@ -133,9 +151,11 @@ def rewrite_shard(dataset: str, entry: dict, matches: Iterable[Match]) -> dict[s
 
 
 def update_run_files(dataset: str, request: OptOut, rewrites: list[dict[str, Any]],
-                     record_unmatched: bool = False) -> dict[str, Any]:
-    """Fold the shard rewrites into manifest.json, metadata.json, stats.json and opt_out.txt,
-    then move the staged Parquet files into place. Writes a file only when it changes."""
+                     record_unmatched: bool = False,
+                     reasons: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """Fold the shard rewrites into manifest.json, metadata.json, stats.json and opt_out.txt
+    (with `reasons`, see `new_opt_out_lines`), then move the staged Parquet files into place.
+    Writes a file only when it changes."""
     rewrites = sorted(rewrites, key=lambda r: r["path"])
     removed = sorted((m for r in rewrites for m in r["removed"]), key=lambda m: m["key"])
     removed_keys = {m["key"] for m in removed}
@@ -143,7 +163,7 @@ def update_run_files(dataset: str, request: OptOut, rewrites: list[dict[str, Any
     wanted = request if record_unmatched else OptOut(
         frozenset(m["user_nsid"] for m in removed if m["user_nsid"] in request.user_nsids),
         frozenset(m["photo_id"] for m in removed if m["photo_id"] in request.photo_ids))
-    existing_text, recorded, lines = opt_out_update(dataset, wanted)  # before any write
+    existing_text, recorded, lines = opt_out_update(dataset, wanted, reasons)  # before any write
 
     manifest = load_manifest(dataset)
     by_path = {r["path"]: r for r in rewrites}
