@@ -270,7 +270,7 @@ def remove_entries(store: str, user_nsids: Iterable[str] = (), photo_ids: Iterab
     Returns {"entries_removed", "files_rewritten"}."""
     users, photos = set(user_nsids), {int(p) for p in photo_ids}
     removed = rewritten = 0
-    if not (users or photos) or not fs.exists(store):
+    if not (users or photos):
         return {"entries_removed": 0, "files_rewritten": 0}
     for directory in model_dirs(store):
         for path in part_paths(directory):
@@ -288,10 +288,11 @@ def remove_entries(store: str, user_nsids: Iterable[str] = (), photo_ids: Iterab
     return {"entries_removed": removed, "files_rewritten": rewritten}
 
 
-def verify_store(store: str) -> list[str]:
+def verify_store(store: str, user_nsids: Iterable[str] = (), photo_ids: Iterable[int] = ()) -> list[str]:
     """Problems of a store: a part file whose name is not its content hash, that does not read,
-    with rows out of order, or a model directory whose models.json does not hash to its name."""
-    problems = []
+    with rows out of order or holding an entry of one of these (opted-out) users / photos; a
+    model directory whose models.json does not hash to its name."""
+    problems, users, photos = [], set(user_nsids), {int(p) for p in photo_ids}
     for directory in model_dirs(store):
         name = directory.rsplit("/", 1)[1]
         try:
@@ -305,13 +306,17 @@ def verify_store(store: str) -> list[str]:
                 problems.append(f"{path}: content does not match its name (sha256 {hashlib.sha256(data).hexdigest()})")
                 continue
             try:
-                table = read_table(path, ["photo_id", "sha256"])
+                table = read_table(path, list(KEY_COLUMNS))
             except Exception as error:  # a corrupt file is a finding, not a crash
                 problems.append(f"{path}: does not read: {type(error).__name__}: {error}")
                 continue
-            keys = list(zip(table.column("photo_id").to_pylist(), table.column("sha256").to_pylist()))
+            ids, shas, nsids = (table.column(c).to_pylist() for c in KEY_COLUMNS)
+            keys = list(zip(ids, shas))
             if keys != sorted(keys):
                 problems.append(f"{path}: rows not sorted by (photo_id, sha256)")
+            opted_out = sorted({p for p, u in zip(ids, nsids) if p in photos or u in users})
+            if opted_out:
+                problems.append(f"{path}: holds entries of opted-out photos {opted_out[:10]}: run takedown")
     return problems
 
 

@@ -185,3 +185,33 @@ def test_rederive_from_a_store_without_these_models_is_a_clear_error(tmp_path):
 
 def _parts(store: str) -> list[str]:
     return [p for d in store_format.model_dirs(store) for p in store_format.part_paths(d)]
+
+
+def _store_entry(photo_id: int, user: str) -> store_format.Entry:
+    return store_format.Entry(photo_id=photo_id, sha256=f"{photo_id:064x}", user_nsid=user, height=2, width=2,
+                              annotator="lite", status=store_format.REJECTED, reason="model_error")
+
+
+def test_takedown_verify_and_stats_jobs_cover_the_default_store(dataset, capsys):
+    from beam_jobs import stats, takedown, verify
+    from tests.jobs_dataset import OTHER, VICTIM
+
+    store = store_format.default_store(str(dataset))
+    directory = store_format.ensure_models_file(store, {"annotator": "lite"})
+    store_format.write_part(directory, [_store_entry(1001, VICTIM), _store_entry(2001, OTHER)])
+    store_format.write_part(directory, [_store_entry(2002, OTHER)])
+    assert verify.run([f"--dataset={dataset}"])["ok"]
+    stats.run([f"--dataset={dataset}"])
+    assert "3 entries (0 annotated, 3 rejected), 2 files" in capsys.readouterr().out
+
+    report = takedown.run([f"--dataset={dataset}", f"--user_nsid={VICTIM}"])
+    assert report["annotation_store"] == {"entries_removed": 1, "files_rewritten": 1}
+    left = [row for p in _parts(store) for row in store_format.read_table(p).to_pylist()]
+    assert sorted(r["photo_id"] for r in left) == [2001, 2002]
+    assert not any(VICTIM.encode() in open(p, "rb").read() for p in _parts(store))
+    assert verify.run([f"--dataset={dataset}"])["ok"]
+
+    store_format.write_part(directory, [_store_entry(1002, VICTIM)])  # e.g. a stale writer
+    report = verify.run([f"--dataset={dataset}"])
+    assert not report["ok"]
+    assert any("opted-out photos [1002]" in p for p in report["problems"])

@@ -103,7 +103,7 @@ class _StoreLookupFn(StageDoFn):
         self._miss = Metrics.counter(METRICS_NAMESPACE, "annotate.store_miss")
 
     def setup(self) -> None:
-        self._index = store_format.read_index(self._directory) if store_format.fs.exists(self._directory) else {}
+        self._index = store_format.read_index(self._directory)
         self._cached_path, self._cached = None, {}
 
     def _entry(self, key: tuple[int, str]) -> store_format.Entry:
@@ -216,7 +216,7 @@ class AnnotateWithStore(beam.PTransform):
 def check_store_has(store: str, versions: Mapping[str, Any]) -> None:
     """Raise ValueError (one line, listing what the store holds) unless it has entries of `versions`."""
     wanted = store_format.model_dir(store, store_format.model_key(versions))
-    held = store_format.model_dirs(store) if store_format.fs.exists(store) else []
+    held = store_format.model_dirs(store)
     if wanted not in held:
         raise ValueError(f"--from_annotations={store} holds no annotations of these models "
                          f"({store_format.model_key(versions)}: {dict(versions)}); it holds: "
