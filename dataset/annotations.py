@@ -45,7 +45,7 @@ ANNOTATED = "annotated"
 REJECTED = "rejected"
 
 
-def _schema():
+def _schema() -> Any:
     import pyarrow as pa
 
     return pa.schema([("photo_id", pa.int64()), ("sha256", pa.string()), ("user_nsid", pa.string()),
@@ -182,7 +182,7 @@ def arrays_to_fields(arrays: Mapping[str, np.ndarray], height: int, width: int) 
 
 # ---- files ----
 
-def entries_table(entries: Iterable[Entry]):
+def entries_table(entries: Iterable[Entry]) -> Any:
     """A pyarrow Table of entries, sorted by (photo_id, sha256) so a file's bytes depend only on
     which entries it holds."""
     import pyarrow as pa
@@ -202,10 +202,12 @@ def table_bytes(table) -> bytes:
 
 
 def part_name(data: bytes) -> str:
+    """The name of a part file holding `data`: its content hash."""
     return f"{PART_PREFIX}{hashlib.sha256(data).hexdigest()[:32]}{PART_SUFFIX}"
 
 
 def model_dir(store: str, key: str) -> str:
+    """STORE/<key>: where the entries of one set of model versions live."""
     return fs.join(store, key)
 
 
@@ -231,6 +233,7 @@ def write_part(directory: str, entries: Iterable[Entry]) -> Optional[str]:
 
 
 def part_paths(directory: str) -> list[str]:
+    """The finished part files of a model directory (never a writer's temporary file), sorted."""
     return [p for p in fs.glob(fs.join(directory, f"{PART_PREFIX}*{PART_SUFFIX}"))
             if fs.TEMP_MARKER not in p]
 
@@ -240,7 +243,8 @@ def model_dirs(store: str) -> list[str]:
     return [p.rsplit("/", 1)[0] for p in fs.glob(fs.join(store, f"*/{MODELS_FILE}"))]
 
 
-def read_table(path: str, columns: Optional[list[str]] = None):
+def read_table(path: str, columns: Optional[list[str]] = None) -> Any:
+    """One part file as a pyarrow Table (only `columns` when given: the index reads no payload)."""
     import pyarrow.parquet as pq
 
     return pq.read_table(io.BytesIO(fs.read_bytes(path)), columns=columns)

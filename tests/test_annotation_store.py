@@ -215,3 +215,18 @@ def test_takedown_verify_and_stats_jobs_cover_the_default_store(dataset, capsys)
     report = verify.run([f"--dataset={dataset}"])
     assert not report["ok"]
     assert any("opted-out photos [1002]" in p for p in report["problems"])
+
+
+def test_with_annotation_store_picks_the_store_the_flags_name(tmp_path):
+    from transforms.annotation_store import NO_STORE, with_annotation_store
+
+    lite = Annotate(annotator="lite")
+    assert with_annotation_store(lite, str(tmp_path), NO_STORE) is lite
+    default = with_annotation_store(lite, str(tmp_path))
+    assert default._annotate is lite
+    assert default._directory.startswith(store_format.default_store(str(tmp_path)) + "/")
+    with pytest.raises(ValueError, match="it holds: nothing"):
+        with_annotation_store(lite, str(tmp_path), from_annotations=str(tmp_path / "empty"))
+    store_format.ensure_models_file(str(tmp_path / "shared"), annotate_versions(lite))
+    rederive = with_annotation_store(lite, str(tmp_path), from_annotations=str(tmp_path / "shared"))
+    assert rederive._annotate is None

@@ -18,6 +18,7 @@ entry for its (photo_id, sha256, models) becomes Rejected(stage='annotate', reas
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.metadata
 from typing import Any, Iterator, Mapping, Optional
@@ -36,6 +37,7 @@ PENDING_TAG = "pending"
 NOT_IN_STORE = "not_in_store"
 FLUSH_EVERY = 64
 NO_STORE = "none"
+CACHED_FILES = 32  # part files a lookup DoFn keeps decoded (each <= FLUSH_EVERY entries)
 
 
 def annotate_versions(annotate: Any) -> dict[str, Any]:
@@ -104,13 +106,18 @@ class _StoreLookupFn(StageDoFn):
 
     def setup(self) -> None:
         self._index = store_format.read_index(self._directory)
-        self._cached_path, self._cached = None, {}
+        self._files: collections.OrderedDict = collections.OrderedDict()
 
     def _entry(self, key: tuple[int, str]) -> store_format.Entry:
+        """The entry of `key`, from an LRU of the last CACHED_FILES part files read whole."""
         path = self._index[key]
-        if path != self._cached_path:
-            self._cached_path, self._cached = path, store_format.read_entries(path)
-        return self._cached[key]
+        if path in self._files:
+            self._files.move_to_end(path)
+        else:
+            self._files[path] = store_format.read_entries(path)
+            if len(self._files) > CACHED_FILES:
+                self._files.popitem(last=False)
+        return self._files[path][key]
 
     def process_element(self, photo: DecodedImage) -> Iterator:
         record = photo.record
