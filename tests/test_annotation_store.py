@@ -230,3 +230,47 @@ def test_with_annotation_store_picks_the_store_the_flags_name(tmp_path):
     store_format.ensure_models_file(str(tmp_path / "shared"), annotate_versions(lite))
     rederive = with_annotation_store(lite, str(tmp_path), from_annotations=str(tmp_path / "shared"))
     assert rederive._annotate is None
+
+
+def _rebuild_has_store_flags() -> bool:
+    import argparse
+
+    from beam_jobs import rebuild
+
+    parser = argparse.ArgumentParser()
+    rebuild.RebuildOptions._add_argparse_args(parser)
+    return {"annotation_store", "from_annotations"} <= set(vars(parser.parse_args([])))
+
+
+@pytest.mark.pipeline
+@pytest.mark.skipif(not _rebuild_has_store_flags(),
+                    reason="rebuild.py does not wire --annotation_store / --from_annotations yet")
+def test_rebuild_resumes_and_rederives_through_the_store(tmp_path):
+    import glob
+
+    from beam_jobs import demo, rebuild
+
+    yfcc, mirror = demo.build_sample(str(tmp_path / "sample"))
+
+    def run(output, *extra):
+        return rebuild.run([f"--yfcc={yfcc}", f"--output={output}", f"--image_source=mirror:{mirror}",
+                            "--annotator=lite", "--crawl_time=1637341702.1145487", *extra])
+
+    def shards(output):
+        return {os.path.relpath(p, output): open(p, "rb").read()
+                for p in sorted(glob.glob(f"{output}/*/*/out-*.*"))}
+
+    full = str(tmp_path / "full")
+    run(full)
+    store = store_format.default_store(full)
+    parts = _parts(store)
+    assert parts and store_format.verify_store(store) == []
+    run(full)  # every photo hits: no new part file
+    assert _parts(store) == parts
+
+    subset, rederived = str(tmp_path / "by"), str(tmp_path / "by_rederived")
+    run(subset, "--licenses=cc-by-2", "--annotation_store=none")
+    stats = run(rederived, "--licenses=cc-by-2", f"--from_annotations={store}")
+    assert shards(rederived) == shards(subset) and stats["totals"]["samples"] > 0
+    assert open(f"{rederived}/manifest.json", "rb").read() == open(f"{subset}/manifest.json", "rb").read()
+    assert not glob.glob(f"{subset}/annotations/*") and not glob.glob(f"{rederived}/annotations/*")
