@@ -21,7 +21,7 @@ from beam_jobs.common import JobOptions, run_main, split_job_flags
 from dataset import fs
 from dataset.layout import STATS_FILE
 from dataset.manifest import load_manifest
-from dataset.stats import funnel_steps, human_bytes, license_rows
+from dataset.stats import annotation_store_lines, funnel_steps, human_bytes, license_rows
 
 PIE_FILE = "license_pie.png"
 FUNNEL_FILE = "funnel.png"
@@ -159,6 +159,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     else:
         print(f"Funnel: no funnel counts in {STATS_FILE}")
 
+    for line in annotation_store_lines(dataset):
+        print(line)
     out = (args.plots_dir or dataset).rstrip("/")
     if args.plots_dir and "://" not in out:
         os.makedirs(out, exist_ok=True)

@@ -35,7 +35,8 @@ from dataset import fs
 from dataset.lock import run_lock
 from dataset.manifest import check_manifest_paths, load_manifest
 from dataset.search import Match
-from dataset.takedown import find_shard_matches, opt_out_update, rewrite_shard, update_run_files
+from dataset.takedown import (find_shard_matches, opt_out_update, remove_from_annotation_store,
+                              rewrite_shard, update_run_files)
 from transforms.opt_out import OptOut, read_opt_out
 from transforms.records import METRICS_NAMESPACE
 
@@ -59,6 +60,8 @@ class TakedownOptions(JobOptions):
         parser.add_argument("--record_unmatched", action="store_true", default=False,
                             help="Also add users/photos found in no sample to opt_out.txt, so "
                                  "future rebuilds skip them (by default nothing changes).")
+        parser.add_argument("--annotation_store", default=None,
+                            help="Annotation store to purge too (default: DATASET/annotations).")
         parser.add_argument("--report", default=None,
                             help="Where the job writes its JSON report (default: a temp file "
                                  "for local runs; required on remote runners).")
@@ -190,7 +193,9 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         _ = pipeline | "Takedown" >> Takedown(dataset, shards, request, report_path,
                                                takedown.record_unmatched)
     report = fs.read_json(report_path)
-    print(format_report(report))
+    report["annotation_store"] = remove_from_annotation_store(dataset, request, takedown.annotation_store)
+    print(format_report(report) + "\nannotation store: {entries_removed} entries removed, "
+          "{files_rewritten} files rewritten".format(**report["annotation_store"]))
     return report
 
 

@@ -5,8 +5,9 @@ the funnel from stats.json's "funnel" block (transforms.funnel's order).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
+from dataset.annotations import default_store, store_stats
 from dataset.schema import build_stats
 from transforms.funnel import funnel_rows
 
@@ -60,3 +61,13 @@ def human_bytes(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} TiB"
+
+
+def annotation_store_lines(dataset: str, store: Optional[str] = None) -> list[str]:
+    """One line per model key of the annotation store (default DATASET/annotations): entries,
+    annotated / rejected, files, bytes and the annotator; nothing when there is no store."""
+    stats = store_stats(store or default_store(dataset))
+    return [f"Annotation store {stats['store']}: model {key} ({model['versions'].get('annotator')}): "
+            f"{model['entries']} entries ({model['annotated']} annotated, {model['rejected']} rejected), "
+            f"{model['files']} files, {human_bytes(model['bytes'])}"
+            for key, model in sorted(stats["models"].items())]

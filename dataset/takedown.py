@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dataset import fs
+from dataset.annotations import default_store, remove_entries
 from dataset.layout import (MANIFEST_FILE, METADATA_FILE, OPT_OUT_FILE, STAGED_SUFFIX, STATS_FILE,
                             shard_parquet_path)
 from dataset.manifest import load_manifest, save_manifest
@@ -224,3 +225,9 @@ def update_run_files(dataset: str, request: OptOut, rewrites: list[dict[str, Any
             request.user_nsids & recorded.user_nsids, request.photo_ids & recorded.photo_ids)),
         "changed_files": sorted(changed),
     }
+
+
+def remove_from_annotation_store(dataset: str, request: OptOut, store: Optional[str] = None) -> dict[str, int]:
+    """Drop the request's users / photos from the annotation store (default DATASET/annotations),
+    rewriting the files that held them: {"entries_removed", "files_rewritten"}."""
+    return remove_entries(store or default_store(dataset), request.user_nsids, request.photo_ids)

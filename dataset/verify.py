@@ -20,12 +20,14 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from dataset import fs
-from dataset.layout import (EMBEDDING_MEMBERS, METADATA_FILE, REQUIRED_MEMBERS, STAGED_SUFFIX,
+from dataset.annotations import default_store, verify_store
+from dataset.layout import (EMBEDDING_MEMBERS, METADATA_FILE, OPT_OUT_FILE, REQUIRED_MEMBERS, STAGED_SUFFIX,
                             STATS_FILE, shard_glob, shard_location, shard_parquet_path)
 from dataset.manifest import expected_shard_files
 from dataset.ownership import BEAM_TEMP_PREFIX, empty_beam_temp_folders, is_temp_file
 from dataset.schema import KEY_COLUMN, build_stats
 from dataset.shards import read_parquet_rows, read_tar_shard
+from transforms.opt_out import parse_opt_out
 from transforms.records import CROP_HEIGHT, CROP_WIDTH, NUM_CSE_VERTICES
 
 MAX_SAMPLE_PROBLEMS = 20  # per shard; the rest are counted
@@ -337,6 +339,16 @@ def verify_run_files(dataset: str, manifest: dict, shard_reports: list[dict[str,
     else:
         problems.append(f"{STATS_FILE}: missing")
 
+    problems += annotation_store_problems(dataset)
     return {"dataset": dataset, "ok": not problems, "problems": problems, "shards": len(shards),
             "samples": sum(r["samples"] for r in shard_reports),
             "bytes": sum(r["bytes"] for r in shard_reports)}
+
+
+def annotation_store_problems(dataset: str, store: Optional[str] = None) -> list[str]:
+    """Problems of the annotation store (default DATASET/annotations): files against their
+    content-hash names, and entries of users / photos in DATASET/opt_out.txt."""
+    opt_out_path = fs.join(dataset, OPT_OUT_FILE)
+    opt_out = parse_opt_out(fs.read_text(opt_out_path) or "", opt_out_path)
+    return [f"annotation store: {p}" for p in verify_store(store or default_store(dataset),
+                                                         opt_out.user_nsids, opt_out.photo_ids)]

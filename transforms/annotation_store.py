@@ -1,0 +1,243 @@
+"""Annotate through the annotation store (dataset/annotations.py): models run only on misses.
+
+    DecodedImage ─► StoreLookup ─hit──────────────────────────────► AnnotatedPhoto / Rejected
+                        │ miss                                         (as stored)
+                        ▼
+                    Annotate (the wrapped transform) ─► StoreAnnotated (flush per bundle) ─► AnnotatedPhoto
+                                 └─ rejects ─ joined with the misses' sha256 ─► StoreRejects ─► Rejected
+
+`AnnotateWithStore(annotate, store, versions)` emits what `annotate` would (the hits' arrays are
+decoded losslessly, so select / crop / encode give the same bytes) and counts
+`fdh/annotate.store_hit` / `fdh/annotate.store_miss`. New entries are written at the end of every
+bundle (and every `FLUSH_EVERY` photos), so a killed run keeps what finished. The annotate-stage
+rejects carry no sha256: they are joined with the misses' (photo_id, sha256) by a small
+CoGroupByKey (about 100 bytes per miss), so they are stored when the stage ends.
+
+`AnnotateWithStore(None, store, versions)` is the re-derive: no model at all; a photo with no
+entry for its (photo_id, sha256, models) becomes Rejected(stage='annotate', reason='not_in_store').
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib.metadata
+from typing import Any, Iterator, Mapping, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from dataset import annotations as store_format
+from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, AnnotatedPhoto, DecodedImage, Detections, Rejected
+from transforms.rejects import reject
+from transforms.stage import StageDoFn, StageOutput
+
+STAGE = "annotate"
+MISS_TAG = "miss"
+PENDING_TAG = "pending"
+NOT_IN_STORE = "not_in_store"
+FLUSH_EVERY = 64
+NO_STORE = "none"
+CACHED_FILES = 32  # part files a lookup DoFn keeps decoded (each <= FLUSH_EVERY entries)
+
+
+def annotate_versions(annotate: Any) -> dict[str, Any]:
+    """The model versions that key an `s5_annotate.Annotate`'s entries: annotator, model asset
+    checksums (lock file / registry) or the mediapipe version, and every setting that changes
+    the detections. (Reads Annotate's settings; Annotate has no public accessor yet.)"""
+    if annotate._annotator == "lite":
+        return {"annotator": "lite", "mediapipe": importlib.metadata.version("mediapipe"),
+                "thresholds": dataclasses.asdict(annotate._lite_thresholds)}
+    settings = annotate._fdh_settings()
+    return {"annotator": "fdh", "assets": _asset_checksums(settings.asset_names(), settings.model_dir),
+            "no_embeddings": settings.no_embeddings, "min_person_height": settings.min_person_height,
+            "person_score": settings.person_score, "model_options": settings.model_options,
+            "random_weights": settings.random_weights}
+
+
+def _asset_checksums(names: list[str], model_dir: Optional[str]) -> dict[str, str]:
+    """{asset: sha256 from the model dir's lock file, else the registry's (prefix), else 'unverified'}."""
+    from transforms import assets
+
+    lock = assets.read_lock(model_dir or assets.default_cache_dir())
+    checksums = {}
+    for name in names:
+        asset = assets.get_asset(name)
+        checksums[name] = lock.get(name) or asset.sha256 or asset.sha256_prefix or "unverified"
+    return checksums
+
+
+def entry_of(annotated: AnnotatedPhoto) -> store_format.Entry:
+    """The store entry of a freshly annotated photo."""
+    photo = annotated.photo
+    arrays = store_format.detections_to_arrays(
+        {name: getattr(annotated, name) for name in store_format.DET_SETS})
+    return store_format.Entry(
+        photo_id=photo.record.photo_id, sha256=photo.sha256, user_nsid=photo.record.user_nsid,
+        height=int(photo.image.shape[0]), width=int(photo.image.shape[1]), annotator=annotated.annotator,
+        status=store_format.ANNOTATED, payload=store_format.pack_arrays(arrays))
+
+
+def reject_entry(rejected: Rejected, sha256: str, annotator: str) -> store_format.Entry:
+    """The store entry of an annotate-stage reject of the photo with that sha256."""
+    return store_format.Entry(
+        photo_id=int(rejected.photo_id), sha256=sha256, user_nsid=rejected.user_nsid or "", height=0,
+        width=0, annotator=annotator, status=store_format.REJECTED, reason=rejected.reason,
+        detail=rejected.detail)
+
+
+def annotated_from_entry(entry: store_format.Entry, photo: DecodedImage) -> AnnotatedPhoto:
+    """The AnnotatedPhoto a stored entry describes, on the (re-)decoded photo."""
+    fields = store_format.arrays_to_fields(store_format.unpack_arrays(entry.payload), entry.height, entry.width)
+    det_sets = {name: Detections(**fields[name]) if name in fields else None for name in store_format.DET_SETS}
+    return AnnotatedPhoto(photo=photo, annotator=entry.annotator, **det_sets)
+
+
+class _StoreLookupFn(StageDoFn):
+    """Hit: the stored AnnotatedPhoto or reject. Miss: the photo on MISS_TAG and its
+    (photo_id, sha256) on PENDING_TAG; store-only: a `not_in_store` reject."""
+
+    stage = STAGE
+
+    def __init__(self, directory: str, store_only: bool):
+        self._directory = directory
+        self._store_only = store_only
+        self._hit = Metrics.counter(METRICS_NAMESPACE, "annotate.store_hit")
+        self._miss = Metrics.counter(METRICS_NAMESPACE, "annotate.store_miss")
+
+    def setup(self) -> None:
+        self._index = store_format.read_index(self._directory)
+        self._files: collections.OrderedDict = collections.OrderedDict()
+
+    def _entry(self, key: tuple[int, str]) -> store_format.Entry:
+        """The entry of `key`, from an LRU of the last CACHED_FILES part files read whole."""
+        path = self._index[key]
+        if path in self._files:
+            self._files.move_to_end(path)
+        else:
+            self._files[path] = store_format.read_entries(path)
+            if len(self._files) > CACHED_FILES:
+                self._files.popitem(last=False)
+        return self._files[path][key]
+
+    def process_element(self, photo: DecodedImage) -> Iterator:
+        record = photo.record
+        key = (record.photo_id, photo.sha256)
+        if key not in self._index:
+            self._miss.inc()
+            if self._store_only:
+                yield reject(STAGE, NOT_IN_STORE, str(record.photo_id),
+                             f"no stored annotation for sha256 {photo.sha256[:16]}", record.photo_id,
+                             record.user_nsid)
+                return
+            yield beam.pvalue.TaggedOutput(PENDING_TAG, key)
+            yield beam.pvalue.TaggedOutput(MISS_TAG, photo)
+            return
+        self._hit.inc()
+        entry = self._entry(key)
+        if entry.status == store_format.REJECTED:
+            yield reject(STAGE, entry.reason, str(record.photo_id), entry.detail, record.photo_id,
+                         record.user_nsid)
+            return
+        yield annotated_from_entry(entry, photo)
+
+
+class _BufferedStoreFn(beam.DoFn):
+    """Pass elements through; write their entries as one part file per bundle (and every
+    FLUSH_EVERY entries), so a killed run keeps each finished bundle."""
+
+    def __init__(self, directory: str, versions: Mapping[str, Any]):
+        self._directory = directory
+        self._versions = dict(versions)
+        self._written = Metrics.counter(METRICS_NAMESPACE, "annotate.store_written")
+
+    def setup(self) -> None:
+        store_format.ensure_models_file(self._directory.rsplit("/", 1)[0], self._versions)
+
+    def start_bundle(self) -> None:
+        self._buffer: list[store_format.Entry] = []
+
+    def _add(self, entry: store_format.Entry) -> None:
+        self._buffer.append(entry)
+        if len(self._buffer) >= FLUSH_EVERY:
+            self.finish_bundle()
+
+    def finish_bundle(self) -> None:
+        store_format.write_part(self._directory, self._buffer)
+        self._written.inc(len(self._buffer))
+        self._buffer = []
+
+
+class _StoreAnnotatedFn(_BufferedStoreFn):
+    def process(self, annotated: AnnotatedPhoto) -> Iterator[AnnotatedPhoto]:
+        self._add(entry_of(annotated))
+        yield annotated
+
+
+class _StoreRejectsFn(_BufferedStoreFn):
+    """(photo_id, {"sha": [sha256], "rejects": [Rejected]}) -> the rejects, stored when the
+    photo's sha256 is known for sure (one distinct value)."""
+
+    def process(self, element: tuple[Any, Mapping[str, list]]) -> Iterator[Rejected]:
+        _, grouped = element
+        shas = set(grouped["sha"])
+        for rejected in grouped["rejects"]:
+            if len(shas) == 1 and rejected.stage == STAGE and rejected.photo_id is not None:
+                self._add(reject_entry(rejected, next(iter(shas)), self._versions["annotator"]))
+            yield rejected
+
+
+class AnnotateWithStore(beam.PTransform):
+    """DecodedImage -> StageOutput(AnnotatedPhoto, Rejected), through the store at `store`.
+
+    Args:
+      annotate: the annotate PTransform to run on misses (e.g. `s5_annotate.Annotate`); None:
+        re-derive from the store alone (misses become `annotate.not_in_store` rejects).
+      store: the store root (local or gs://), e.g. `dataset.annotations.default_store(OUT)`.
+      versions: the model versions (`annotate_versions(annotate)`); they pick the entries.
+    """
+
+    def __init__(self, annotate: Optional[beam.PTransform], store: str, versions: Mapping[str, Any]):
+        super().__init__()
+        self._annotate = annotate
+        self._versions = dict(versions)
+        self._directory = store_format.model_dir(store, store_format.model_key(self._versions))
+
+    def expand(self, photos: beam.PCollection) -> StageOutput:
+        looked = photos | "StoreLookup" >> beam.ParDo(
+            _StoreLookupFn(self._directory, self._annotate is None)).with_outputs(
+                REJECTS_TAG, MISS_TAG, PENDING_TAG, main="main")
+        if self._annotate is None:
+            return StageOutput(main=looked.main, rejects=looked[REJECTS_TAG])
+        fresh = looked[MISS_TAG] | "Annotate" >> self._annotate
+        stored = fresh.main | "StoreAnnotated" >> beam.ParDo(_StoreAnnotatedFn(self._directory, self._versions))
+        fresh_rejects = (
+            {"sha": looked[PENDING_TAG],
+             "rejects": fresh.rejects | "KeyRejects" >> beam.Map(lambda r: (r.photo_id, r))}
+            | "JoinRejectSha" >> beam.CoGroupByKey()
+            | "StoreRejects" >> beam.ParDo(_StoreRejectsFn(self._directory, self._versions)))
+        return StageOutput(
+            main=(looked.main, stored) | "AllAnnotated" >> beam.Flatten(),
+            rejects=(looked[REJECTS_TAG], fresh_rejects) | "AllAnnotateRejects" >> beam.Flatten())
+
+
+def check_store_has(store: str, versions: Mapping[str, Any]) -> None:
+    """Raise ValueError (one line, listing what the store holds) unless it has entries of `versions`."""
+    wanted = store_format.model_dir(store, store_format.model_key(versions))
+    held = store_format.model_dirs(store)
+    if wanted not in held:
+        raise ValueError(f"--from_annotations={store} holds no annotations of these models "
+                         f"({store_format.model_key(versions)}: {dict(versions)}); it holds: "
+                         + (", ".join(d.rsplit('/', 1)[1] for d in held) or "nothing"))
+
+
+def with_annotation_store(annotate: beam.PTransform, output: str, annotation_store: Optional[str] = None,
+                          from_annotations: Optional[str] = None) -> beam.PTransform:
+    """What `rebuild` runs in place of `annotate`: re-derive from `from_annotations` (no model);
+    else the store at `annotation_store` (default OUTPUT/annotations; 'none': no store)."""
+    versions = annotate_versions(annotate)
+    if from_annotations:
+        check_store_has(from_annotations, versions)
+        return AnnotateWithStore(None, from_annotations, versions)
+    if annotation_store == NO_STORE:
+        return annotate
+    return AnnotateWithStore(annotate, annotation_store or store_format.default_store(output), versions)
