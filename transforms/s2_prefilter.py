@@ -14,11 +14,15 @@ scan job: no element per record between reading and the rules).
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
@@ -28,11 +32,12 @@ from transforms.records import (FDH_LICENSES, LICENSES, METRICS_NAMESPACE, REJEC
                                 YfccRecord)
 from transforms.rejects import reject
 from transforms.s1_read import STAGE as READ_STAGE
-from transforms.s1_read import (LINE_COUNTS_TAG, RECORD_FIELDS, ReadCounters, ReadOutput, check_patterns_match,
+from transforms.s1_read import (LINE_COUNTS_TAG, as_output, block_lines, parse_block_per_row, parse_numbered_line, simple_rows, RECORD_FIELDS, ReadCounters, ReadOutput, check_patterns_match,
                                 file_path, open_matched_files, read_file, record_from_fields, record_to_fields,
                                 split_patterns)
 from transforms.stage import StageDoFn, StageOutput, stage_output
 from transforms.tags import clean_tag, find_tag
+from transforms.yfcc_format import decode_tags
 
 STAGE = "prefilter"
 DEFAULT_DROP_TAGS = ("no_cv",)
@@ -161,6 +166,144 @@ class _CandidateBatcher:
         return batches
 
 
+# Verdict codes of `block_verdicts`, one per simple row of a block.
+CANDIDATE, PER_ROW = 0, 1
+BLOCK_REASONS = (None, None, "video", "license_unknown", "license_not_allowed", "no_cv_tag",
+                 "user_opt_out", "photo_opt_out")
+(_VIDEO, _UNKNOWN, _NOT_ALLOWED, _TAG, _USER, _PHOTO) = range(2, 8)
+_LICENSE_NAMES = pa.array(list(LICENSES), pa.large_string())
+
+
+def _flags(array: pa.Array) -> np.ndarray:
+    """A boolean Arrow array as numpy (nulls as False)."""
+    return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
+
+
+def _tag_hits(tags: pa.Array, drop_tags: frozenset[str], rows: np.ndarray) -> np.ndarray:
+    """Which of `rows` of the raw user_tags column hold a drop tag (clean form), vectorised
+    for ASCII fields without escapes (their clean form: only letters and digits, lower case)."""
+    hits = np.zeros(len(tags), dtype=bool)
+    plain = _flags(pc.and_(pc.string_is_ascii(tags),
+                           pc.invert(pc.match_substring(tags, "%"))))
+    cleaned = pc.utf8_lower(pc.replace_substring_regex(tags, "[^A-Za-z0-9,]", ""))
+    for name in drop_tags:
+        hits |= _flags(pc.match_substring_regex(cleaned, f"(^|,){re.escape(name)}(,|$)"))
+    hits &= plain
+    for row in np.flatnonzero(rows & ~plain):  # escaped or non-ASCII tags: as the parser does
+        hits[row] = find_tag(decode_tags(tags[row].as_py()), drop_tags) is not None
+    return hits
+
+
+def block_verdicts(columns: dict[str, pa.Array], rules: PrefilterRules) -> np.ndarray:
+    """`PrefilterRules.check` on the simple rows of a block (`transforms.s1_read.simple_rows`),
+    vectorised: per row CANDIDATE, a code of BLOCK_REASONS, or PER_ROW when the raw text needs
+    decoding first (the caller then parses that line and applies `check`)."""
+    count = len(columns["photo_id"])
+    verdicts = np.zeros(count, dtype=np.int8)
+    open_rows = np.ones(count, dtype=bool)
+
+    def decide(mask: np.ndarray, code: int) -> None:
+        chosen = open_rows & mask
+        verdicts[chosen] = code
+        open_rows[chosen] = False
+
+    decide(_flags(pc.equal(columns["marker"], "1")), _VIDEO)
+    names = columns["license_name"]
+    license_index = pc.fill_null(pc.index_in(names, value_set=_LICENSE_NAMES), -1)
+    license_index = license_index.to_numpy(zero_copy_only=False)
+    unknown = license_index < 0
+    decide(unknown & _flags(pc.match_substring_regex(names, "[%+]")), PER_ROW)
+    decide(unknown, _UNKNOWN)
+    allowed = np.array([slug in rules.licenses for slug, _ in LICENSES.values()] + [False])
+    decide(~allowed[license_index], _NOT_ALLOWED)
+    if rules.drop_tags:
+        decide(_tag_hits(columns["user_tags"], rules.drop_tags, open_rows), _TAG)
+    if rules.opt_out:
+        nsids = columns["user_nsid"]
+        decide(_flags(pc.match_substring(nsids, "%")), PER_ROW)
+        decide(_flags(pc.is_in(nsids, value_set=pa.array(sorted(rules.opt_out.user_nsids),
+                                                          pa.large_string()))), _USER)
+        decide(_flags(pc.is_in(columns["photo_id"], value_set=pa.array(
+            sorted(rules.opt_out.photo_ids), pa.int64()))), _PHOTO)
+    return verdicts
+
+
+def verdict_detail(code: int, columns: dict[str, pa.Array], row: int,
+                   rules: PrefilterRules) -> str:
+    """The reject detail `PrefilterRules.check` gives for verdict `code` of simple row `row`."""
+    if code == _UNKNOWN:
+        return columns["license_name"][row].as_py()
+    if code == _NOT_ALLOWED:
+        return LICENSES[columns["license_name"][row].as_py()][0]
+    if code == _TAG:
+        return find_tag(decode_tags(columns["user_tags"][row].as_py()), rules.drop_tags)
+    return ""
+
+
+class CandidateIds(NamedTuple):
+    """The simple candidates of a block in counts-only mode: photo ids, line numbers and
+    licence slugs (index in VALID_LICENSE_SLUGS), as numpy arrays."""
+
+    photo_ids: np.ndarray
+    line_numbers: np.ndarray
+    license_codes: np.ndarray
+
+
+class BlockChecker:
+    """A `transforms.s1_read.BlockParser` that also applies the rules, vectorised.
+
+    Lines Arrow can split and check go through `simple_rows` + `block_verdicts`; every other
+    line (bad field count, odd numbers, escapes to decode, not UTF-8) through the per-row
+    parser, so rejects and their reasons are the same as line by line. Emits YfccRecords for
+    the DoFn to apply the rules to (per-row lines, and candidates when `keep_records`), the
+    rejects, and without `keep_records` one CandidateIds and one Counter of prefilter reject
+    reasons per block instead of the simple candidates and rejects.
+    """
+
+    def __init__(self, rules: PrefilterRules, keep_records: bool = True):
+        self._rules, self._keep_records = rules, keep_records
+
+    def __call__(self, block: bytes, path: str, lines_before: int) -> tuple[list, int, int]:
+        lines = block_lines(block)
+        if lines is None:
+            return parse_block_per_row(block, path, lines_before)
+        rows, columns = simple_rows(lines)
+        verdicts = block_verdicts(columns, self._rules)
+        per_row = np.ones(len(lines), dtype=bool)
+        per_row[rows] = verdicts == PER_ROW
+        if self._keep_records:
+            per_row[rows[verdicts == CANDIDATE]] = True
+        items = [self._parse(lines, row, path, lines_before) for row in np.flatnonzero(per_row)]
+        records = len(lines) - sum(type(item) is not YfccRecord for item in items)
+        items.extend(self._simple_outputs(rows, columns, verdicts, lines_before))
+        return items, len(lines), records
+
+    @staticmethod
+    def _parse(lines: pa.Array, row: int, path: str, lines_before: int) -> Any:
+        raw = lines[row].as_py().encode("utf-8")
+        return as_output(parse_numbered_line(raw[:-1] if raw.endswith(b"\r") else raw,
+                                             f"{path}:{lines_before + row + 1}"))
+
+    def _simple_outputs(self, rows: np.ndarray, columns: dict[str, pa.Array],
+                        verdicts: np.ndarray, lines_before: int) -> list:
+        rejected = np.flatnonzero(verdicts > PER_ROW)
+        if not self._keep_records:
+            candidates = np.flatnonzero(verdicts == CANDIDATE)
+            slugs = pc.index_in(columns["license_name"].take(pa.array(candidates)),
+                                value_set=_LICENSE_NAMES).to_numpy(zero_copy_only=False)
+            reasons = Counter(BLOCK_REASONS[code] for code in verdicts[rejected].tolist())
+            for reason, count in reasons.items():
+                Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.{reason}").inc(count)
+            return [CandidateIds(columns["photo_id"].to_numpy()[candidates],
+                                 rows[candidates] + lines_before + 1, slugs.astype(np.int8)),
+                    reasons]
+        photo_ids, nsids = columns["photo_id"], columns["user_nsid"]
+        return [reject(STAGE, BLOCK_REASONS[code], str(photo_ids[row].as_py()),
+                       verdict_detail(code, columns, row, self._rules),
+                       photo_id=photo_ids[row].as_py(), user_nsid=nsids[row].as_py())
+                for row, code in zip(rejected.tolist(), verdicts[rejected].tolist())]
+
+
 class _RulesConfig:
     """The picklable configuration of the rules; `create` reads the opt-out lists."""
 
@@ -244,7 +387,8 @@ class _ReadAndApplyRulesFn(_RulesStep, StageDoFn):
 
     def process_element(self, readable_file):
         on_record = self.on_record
-        for output in read_file(readable_file, self._compression_type, self._counters):
+        for output in read_file(readable_file, self._compression_type, self._counters,
+                                BlockChecker(self._rules)):
             if type(output) is YfccRecord:
                 yield from on_record(output)
             else:
@@ -401,3 +545,154 @@ class ReadAndPrefilter(beam.PTransform):
             read_rejects = read_rejects | "UnbatchRejects" >> beam.FlatMap(lambda batch: batch)
         rejects = (read_rejects, unique.rejects) | "MergeRejects" >> beam.Flatten()
         return ReadOutput(main=unique.main, rejects=rejects, line_counts=read[LINE_COUNTS_TAG])
+
+
+# Counts-only scan: what is counted, as ((kind, name), count) pairs (the scan_counts.json keys).
+COUNT_LINES, COUNT_CANDIDATES, COUNT_REJECTS = (
+    "lines_read", "candidates_per_license", "rejects_per_reason")
+# Candidate ids are shuffled for the duplicate check in batches of up to this many per bucket.
+ID_BATCH_SIZE = 16384
+
+
+class _CountReadAndRulesFn(_RulesStep, StageDoFn):
+    """Read one file and apply the rules like `_ReadAndApplyRulesFn`, but emit only counts
+    ((kind, name), n) and, on the 'ids' output, (bucket, (path, photo ids, line numbers,
+    licence codes)) batches of the candidates for the duplicate check: a few bytes per
+    candidate cross the shuffle, not the records."""
+
+    stage = READ_STAGE
+
+    def __init__(self, compression_type: str, config: _RulesConfig):
+        _RulesStep.__init__(self, config)
+        self._compression_type = compression_type
+        self._counters = ReadCounters()
+
+    def element_id(self, readable_file: Any) -> str:
+        return file_path(readable_file)
+
+    def process_element(self, readable_file):
+        counts: Counter = Counter()
+        batches = _IdBatches(file_path(readable_file))
+        try:
+            yield from self._count_file(readable_file, counts, batches)
+        finally:  # also when reading fails: the lines so far are counted (see read_file)
+            yield from batches.drain()
+            counts.update(batches.license_counts())
+            yield from counts.items()
+
+    def _count_file(self, readable_file, counts: Counter, batches: "_IdBatches"):
+        for output in read_file(readable_file, self._compression_type, self._counters,
+                                BlockChecker(self._rules, keep_records=False)):
+            kind = type(output)
+            if kind is CandidateIds:
+                yield from batches.add(output)
+            elif kind is Counter:
+                counts.update({(COUNT_REJECTS, f"{STAGE}.{reason}"): n
+                               for reason, n in output.items()})
+            elif kind is YfccRecord:
+                verdict = self._rules.check(output)
+                if verdict is None:
+                    yield from batches.add(candidate_ids_of(output))
+                else:
+                    reject(STAGE, verdict[0], "")  # counted, not kept
+                    counts[(COUNT_REJECTS, f"{STAGE}.{verdict[0]}")] += 1
+            elif output.tag == LINE_COUNTS_TAG:
+                counts[(COUNT_LINES, "")] += output.value[1]
+            else:
+                counts[(COUNT_REJECTS, f"{output.value.stage}.{output.value.reason}")] += 1
+
+
+def candidate_ids_of(record: YfccRecord) -> CandidateIds:
+    """A one-row CandidateIds of a record read line by line."""
+    _, _, line = record.source.rpartition(":")
+    return CandidateIds(np.array([record.photo_id], np.int64), np.array([int(line)], np.int64),
+                        np.array([VALID_LICENSE_SLUGS.index(record.license)], np.int8))
+
+
+class _IdBatches:
+    """Candidate ids of one file, gathered per bucket of photo ids into batches."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._parts: dict[int, list[CandidateIds]] = {}
+        self._sizes: Counter = Counter()
+        self._licenses = np.zeros(len(VALID_LICENSE_SLUGS), dtype=np.int64)
+
+    def add(self, ids: CandidateIds) -> Iterator[beam.pvalue.TaggedOutput]:
+        self._licenses += np.bincount(ids.license_codes, minlength=len(VALID_LICENSE_SLUGS))
+        buckets = ids.photo_ids % ID_BUCKETS
+        for bucket in np.unique(buckets).tolist():
+            chosen = buckets == bucket
+            self._parts.setdefault(bucket, []).append(CandidateIds(*(
+                column[chosen] for column in ids)))
+            self._sizes[bucket] += int(chosen.sum())
+            if self._sizes[bucket] >= ID_BATCH_SIZE:
+                yield self._emit(bucket)
+
+    def _emit(self, bucket: int) -> beam.pvalue.TaggedOutput:
+        parts = self._parts.pop(bucket)
+        del self._sizes[bucket]
+        columns = [np.concatenate(column).tobytes() for column in zip(*parts)]
+        return beam.pvalue.TaggedOutput("ids", (bucket, (self._path, *columns)))
+
+    def drain(self) -> Iterator[beam.pvalue.TaggedOutput]:
+        for bucket in list(self._parts):
+            yield self._emit(bucket)
+
+    def license_counts(self) -> dict[tuple[str, str], int]:
+        return {(COUNT_CANDIDATES, slug): int(n)
+                for slug, n in zip(VALID_LICENSE_SLUGS, self._licenses) if n}
+
+
+def count_duplicates(bucket_batches: tuple[int, Iterable[tuple]]) -> Iterator[tuple]:
+    """Count pairs for the repeated photo ids of one bucket: each duplicate (all but the
+    lowest source file:line) is a 'duplicate_photo_id' reject and one candidate less of its
+    licence. Only the ids are held, then the sources of repeated ids."""
+    _, batches = bucket_batches
+    batches = list(batches)
+    ids = [np.frombuffer(batch[1], np.int64) for batch in batches]
+    unique, counts = np.unique(np.concatenate(ids), return_counts=True)
+    repeated = set(unique[counts > 1].tolist())
+    if not repeated:
+        return
+    sources: dict[int, list[tuple[str, int, int]]] = {}
+    for (path, _, lines, licenses), photo_ids in zip(batches, ids):
+        lines, licenses = np.frombuffer(lines, np.int64), np.frombuffer(licenses, np.int8)
+        for row in np.flatnonzero(np.isin(photo_ids, list(repeated))).tolist():
+            sources.setdefault(int(photo_ids[row]), []).append(
+                (path, int(lines[row]), int(licenses[row])))
+    for same_photo in sources.values():
+        for _, _, license_code in sorted(same_photo)[1:]:
+            reject(STAGE, "duplicate_photo_id", "")
+            yield (COUNT_REJECTS, f"{STAGE}.duplicate_photo_id"), 1
+            yield (COUNT_CANDIDATES, VALID_LICENSE_SLUGS[license_code]), -1
+
+
+class CountReadAndPrefilter(beam.PTransform):
+    """`ReadAndPrefilter` that only counts: a PCollection of ((kind, name), count) pairs
+    (kind COUNT_LINES, COUNT_CANDIDATES or COUNT_REJECTS; to be summed per key), the same
+    totals as counting ReadAndPrefilter's outputs. Nothing but ids is shuffled."""
+
+    def __init__(self, patterns: Union[str, Sequence[str]],
+                 licenses: Iterable[str] = FDH_LICENSES, opt_out_paths: Iterable[str] = (),
+                 drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
+                 compression_type: str = CompressionTypes.AUTO, validate: bool = True):
+        super().__init__()
+        self._patterns = split_patterns(patterns)
+        self._compression_type = compression_type
+        self._validate = validate
+        self._config = _RulesConfig(licenses, opt_out_paths, drop_tags)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        if self._validate:
+            check_patterns_match(self._patterns)
+        self._config.create()  # reads the opt-out lists now: a missing or bad file fails early
+        read = (
+            open_matched_files(pbegin, self._patterns, self._compression_type)
+            | "CountLines" >> beam.ParDo(_CountReadAndRulesFn(self._compression_type, self._config))
+            .with_outputs("ids", REJECTS_TAG, main="main"))
+        duplicates = (read.ids | "GroupIdBucket" >> beam.GroupByKey()
+                      | "CountDuplicates" >> beam.FlatMap(count_duplicates))
+        errors = read[REJECTS_TAG] | "CountErrors" >> beam.Map(  # a file's 'read.error'
+            lambda rejected: ((COUNT_REJECTS, f"{rejected.stage}.{rejected.reason}"), 1))
+        return (read.main, duplicates, errors) | "AllCounts" >> beam.Flatten()
