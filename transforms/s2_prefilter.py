@@ -37,7 +37,7 @@ from transforms.s1_read import (LINE_COUNTS_TAG, as_output, block_lines, parse_b
                                 split_patterns)
 from transforms.stage import StageDoFn, StageOutput, stage_output
 from transforms.tags import clean_tag, find_tag
-from transforms.yfcc_format import decode_tags
+from transforms.yfcc_format import decode_nsid, decode_tags
 
 STAGE = "prefilter"
 DEFAULT_DROP_TAGS = ("no_cv",)
@@ -300,7 +300,7 @@ class BlockChecker:
         photo_ids, nsids = columns["photo_id"], columns["user_nsid"]
         return [reject(STAGE, BLOCK_REASONS[code], str(photo_ids[row].as_py()),
                        verdict_detail(code, columns, row, self._rules),
-                       photo_id=photo_ids[row].as_py(), user_nsid=nsids[row].as_py())
+                       photo_id=photo_ids[row].as_py(), user_nsid=decode_nsid(nsids[row].as_py()))
                 for row, code in zip(rejected.tolist(), verdicts[rejected].tolist())]
 
 
