@@ -167,6 +167,17 @@ _SIMPLE_NUMBERS = (("photo_id", _DIGITS), ("date_uploaded", _DIGITS), ("marker",
 BLOCK_COLUMNS = ("photo_id", "user_nsid", "user_tags", "license_name", "marker")
 
 
+def _matches(column: pa.Array, pattern: str) -> pa.Array:
+    """`pattern` (one of _SIMPLE_NUMBERS') matched against each value; digit checks without
+    the regex engine (3x faster)."""
+    if pattern in (_DIGITS, _OPTIONAL_DIGITS):
+        digits = pc.and_(pc.ascii_is_decimal(column), pc.less_equal(pc.binary_length(column), 18))
+        if pattern == _DIGITS:
+            return digits
+        return pc.or_(digits, pc.equal(column, ""))
+    return pc.match_substring_regex(column, pattern)
+
+
 def simple_rows(lines: pa.Array) -> tuple[np.ndarray, dict[str, pa.Array]]:
     """The lines of a block that `parse_line` accepts for sure, split in Arrow (no per-row
     Python): their indexes in `lines`, and their BLOCK_COLUMNS (raw text, photo_id as int64)."""
@@ -183,7 +194,7 @@ def simple_rows(lines: pa.Array) -> tuple[np.ndarray, dict[str, pa.Array]]:
             return pc.list_element(layout_fields, layout.index(name))
 
         checks = _SIMPLE_NUMBERS + ((("line_idx", _DIGITS),) if "line_idx" in layout else ())
-        simple = functools.reduce(pc.and_, (pc.match_substring_regex(column(name), pattern)
+        simple = functools.reduce(pc.and_, (_matches(column(name), pattern)
                                             for name, pattern in checks))
         indexes.append(rows[simple.to_numpy(zero_copy_only=False)])
         parts.append({name: column(name).filter(simple) for name in BLOCK_COLUMNS})

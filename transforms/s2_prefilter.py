@@ -14,9 +14,11 @@ scan job: no element per record between reading and the rules).
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass
+from urllib.parse import quote
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
@@ -179,18 +181,60 @@ def _flags(array: pa.Array) -> np.ndarray:
     return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
 
 
+@functools.lru_cache(maxsize=1)
+def _lowering_to_ascii() -> dict[str, list[str]]:
+    """Non-ASCII characters whose lower case holds an ASCII letter or digit (the Kelvin sign
+    for 'k', dotted capital I for 'i'), by that ASCII character."""
+    found: dict[str, list[str]] = {}
+    for code in range(0x80, 0x110000):
+        char = chr(code)
+        for lowered in set(char.lower()):
+            if lowered.isascii() and lowered.isalnum():
+                found.setdefault(lowered, []).append(char)
+    return found
+
+
+def _spellings(char: str) -> list[str]:
+    """How ASCII letter or digit `char` may appear in a raw, lower-cased YFCC tag field: as is,
+    %-escaped, or as a non-ASCII character (raw or %-escaped UTF-8) that lowers to it."""
+    forms = {char, f"%{ord(char):02x}", f"%{ord(char.upper()):02x}"}
+    for other in _lowering_to_ascii().get(char, []):
+        forms.update({other, other.lower(), quote(other, safe="").lower()})
+    return sorted(forms, key=len, reverse=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _maybe_tag_pattern(name: str) -> Optional[str]:
+    """A regex that every lower-cased raw tag field holding tag `name` (clean form) matches:
+    the name's characters in order, in any spelling, anything between them. None when the
+    name is not all ASCII letters and digits (then every escaped field is checked per row)."""
+    if not (name.isascii() and name.isalnum()):
+        return None
+    return ".*".join("(?:" + "|".join(map(re.escape, _spellings(char))) + ")" for char in name)
+
+
 def _tag_hits(tags: pa.Array, drop_tags: frozenset[str], rows: np.ndarray) -> np.ndarray:
     """Which of `rows` of the raw user_tags column hold a drop tag (clean form), vectorised
-    for ASCII fields without escapes (their clean form: only letters and digits, lower case)."""
+    for ASCII fields without escapes (their clean form: only letters and digits, lower case);
+    other fields are decoded and checked per row when a loose pattern says they may hold one."""
     hits = np.zeros(len(tags), dtype=bool)
-    plain = _flags(pc.and_(pc.string_is_ascii(tags),
-                           pc.invert(pc.match_substring(tags, "%"))))
+    chosen = np.flatnonzero(rows & _flags(pc.not_equal(tags, "")))
+    tags = tags.take(pa.array(chosen))
+    plain = _flags(pc.and_(pc.string_is_ascii(tags), pc.invert(pc.match_substring(tags, "%"))))
     cleaned = pc.utf8_lower(pc.replace_substring_regex(tags, "[^A-Za-z0-9,]", ""))
+    chosen_hits = np.zeros(len(tags), dtype=bool)
     for name in drop_tags:
-        hits |= _flags(pc.match_substring_regex(cleaned, f"(^|,){re.escape(name)}(,|$)"))
-    hits &= plain
-    for row in np.flatnonzero(rows & ~plain):  # escaped or non-ASCII tags: as the parser does
-        hits[row] = find_tag(decode_tags(tags[row].as_py()), drop_tags) is not None
+        chosen_hits |= _flags(pc.match_substring_regex(cleaned, f"(^|,){re.escape(name)}(,|$)"))
+    chosen_hits &= plain
+    maybe = np.flatnonzero(~plain)
+    patterns = [_maybe_tag_pattern(name) for name in drop_tags]
+    if len(maybe) and None not in patterns:
+        lowered = pc.utf8_lower(tags.take(pa.array(maybe)))
+        maybe = maybe[functools.reduce(np.logical_or, (
+            _flags(pc.match_substring_regex(lowered, pattern)) for pattern in patterns))]
+    for row in maybe.tolist():  # escaped or non-ASCII tags: as the parser does
+        chosen_hits[row] = find_tag(decode_tags(tags[row].as_py()), drop_tags) is not None
+    hits[chosen] = chosen_hits
     return hits
 
 
