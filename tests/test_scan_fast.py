@@ -10,7 +10,7 @@ from tests.yfcc_lines import random_records, record_line, write_lines
 from transforms.opt_out import OptOut
 from transforms.records import Rejected, YfccRecord
 from transforms.s1_read import iter_blocks, parse_block_per_row, parse_numbered_line
-from transforms.s2_prefilter import (VALID_LICENSE_SLUGS, BlockChecker, CandidateIds,
+from transforms.s2_prefilter import (USABLE_LICENSE_SLUGS, VALID_LICENSE_SLUGS, BlockChecker, CandidateIds,
                                      PrefilterRules)
 from transforms.yfcc_format import format_line
 
@@ -60,9 +60,9 @@ def _all_lines() -> list[bytes]:
 
 RULES = [
     PrefilterRules.create(),
-    PrefilterRules.create(["cc-by-2", "cc-by-nd-2"], ["people", "no_cv"],
+    PrefilterRules.create(["cc-by-2", "cc-by-nc-2"], ["people", "no_cv"],
                           OptOut(frozenset({"888@N08"}), frozenset({9}))),
-    PrefilterRules.create(list(VALID_LICENSE_SLUGS), []),
+    PrefilterRules.create(list(USABLE_LICENSE_SLUGS), []),
 ]
 
 
@@ -159,7 +159,7 @@ def test_counts_only_scan_writes_the_counts_of_a_full_scan_and_nothing_else(tmp_
     write_lines(tmp_path / "a.txt.gz", lines[:400])
     write_lines(tmp_path / "b.txt", lines[400:])
     (tmp_path / "opt_out.txt").write_text("user:888@N08\nphoto:9\n")
-    flags = [f"--yfcc={tmp_path}/a.txt.gz,{tmp_path}/b.txt", "--licenses=cc-by-2,cc-by-nd-2",
+    flags = [f"--yfcc={tmp_path}/a.txt.gz,{tmp_path}/b.txt", "--licenses=cc-by-2,cc-by-nc-2",
              "--drop_tags=people,no_cv", f"--opt_out={tmp_path}/opt_out.txt"]
     full = scan.run(flags + [f"--output={tmp_path}/full"])
     counts = scan.run(flags + [f"--output={tmp_path}/counts", "--counts_only"])
@@ -167,4 +167,4 @@ def test_counts_only_scan_writes_the_counts_of_a_full_scan_and_nothing_else(tmp_
     assert full["rejects_per_reason"]["prefilter.duplicate_photo_id"] >= 5  # across files
     assert sorted(path.name for path in (tmp_path / "counts").iterdir()) == [
         scan.COUNTS_FILENAME]
-    assert set(counts["candidates_per_license"]) == {"cc-by-2", "cc-by-nd-2"}
+    assert set(counts["candidates_per_license"]) == {"cc-by-2", "cc-by-nc-2"}

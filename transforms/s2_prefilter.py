@@ -44,16 +44,32 @@ from transforms.yfcc_format import decode_nsid, decode_tags
 STAGE = "prefilter"
 DEFAULT_DROP_TAGS = ("no_cv",)
 VALID_LICENSE_SLUGS = tuple(slug for slug, _ in LICENSES.values())
+USABLE_LICENSE_SLUGS = tuple(slug for slug in VALID_LICENSE_SLUGS if "-nd-" not in slug)
+
+
+# Licences a dataset of crops cannot use, with the reason (FDH publishes none of them).
+REFUSED_LICENSES = {
+    **{slug: "a NoDerivs licence forbids derivatives, and crops are derivatives"
+       for slug in VALID_LICENSE_SLUGS if "-nd-" in slug},
+    **{slug: "all rights reserved: no licence to copy, let alone derive crops"
+       for slug in ("all-rights-reserved", "arr", "copyright")},
+}
 
 
 def validate_licenses(licenses: Iterable[str]) -> tuple[str, ...]:
-    """Check licence slugs (e.g. 'cc-by-2'); raise ValueError listing the valid ones."""
+    """Check licence slugs (e.g. 'cc-by-2'); raise ValueError listing the valid ones, or
+    saying why a NoDerivs / all-rights-reserved licence cannot be used."""
     licenses = tuple(licenses)
+    refused = [f"{slug} ({REFUSED_LICENSES[slug.lower()]})" for slug in licenses
+               if slug.lower() in REFUSED_LICENSES]
+    if refused:
+        raise ValueError(f"licence(s) refused: {'; '.join(refused)}; usable licences are "
+                         f"{', '.join(USABLE_LICENSE_SLUGS)}")
     unknown = [slug for slug in licenses if slug not in VALID_LICENSE_SLUGS]
     if unknown or not licenses:
         raise ValueError(
-            f"unknown licence(s) {unknown or '(none given)'}; valid licences are "
-            f"{', '.join(VALID_LICENSE_SLUGS)} (FDH publishes {', '.join(FDH_LICENSES)})")
+            f"unknown licence(s) {unknown or '(none given)'}; usable licences are "
+            f"{', '.join(USABLE_LICENSE_SLUGS)} (FDH publishes {', '.join(FDH_LICENSES)})")
     return licenses
 
 
@@ -275,6 +291,8 @@ def block_verdicts(columns: dict[str, pa.Array], rules: PrefilterRules) -> np.nd
 def verdict_detail(code: int, columns: dict[str, pa.Array], row: int,
                    rules: PrefilterRules) -> str:
     """The reject detail `PrefilterRules.check` gives for verdict `code` of simple row `row`."""
+    if code == _VIDEO:
+        return ""
     if code == _UNKNOWN:
         return columns["license_name"][row].as_py()
     if code == _NOT_ALLOWED:
@@ -317,14 +335,16 @@ class BlockChecker:
         per_row[rows] = verdicts == PER_ROW
         if self._keep_records:
             per_row[rows[verdicts == CANDIDATE]] = True
-        items = [self._parse(lines, row, path, lines_before) for row in np.flatnonzero(per_row)]
+        parsed = np.flatnonzero(per_row)
+        items = [self._parse(line, row, path, lines_before) for row, line in
+                 zip(parsed.tolist(), lines.take(pa.array(parsed)).to_pylist())]
         records = len(lines) - sum(type(item) is not YfccRecord for item in items)
         items.extend(self._simple_outputs(rows, columns, verdicts, lines_before))
         return items, len(lines), records
 
     @staticmethod
-    def _parse(lines: pa.Array, row: int, path: str, lines_before: int) -> Any:
-        raw = lines[row].as_py().encode("utf-8")
+    def _parse(line: str, row: int, path: str, lines_before: int) -> Any:
+        raw = line.encode("utf-8")
         return as_output(parse_numbered_line(raw[:-1] if raw.endswith(b"\r") else raw,
                                              f"{path}:{lines_before + row + 1}"))
 
@@ -341,11 +361,14 @@ class BlockChecker:
             return [CandidateIds(columns["photo_id"].to_numpy()[candidates],
                                  rows[candidates] + lines_before + 1, slugs.astype(np.int8)),
                     reasons]
-        photo_ids, nsids = columns["photo_id"], columns["user_nsid"]
-        return [reject(STAGE, BLOCK_REASONS[code], str(photo_ids[row].as_py()),
+        chosen = pa.array(rejected)
+        photo_ids = columns["photo_id"].take(chosen).to_pylist()
+        nsids = columns["user_nsid"].take(chosen).to_pylist()
+        return [reject(STAGE, BLOCK_REASONS[code], str(photo_id),
                        verdict_detail(code, columns, row, self._rules),
-                       photo_id=photo_ids[row].as_py(), user_nsid=decode_nsid(nsids[row].as_py()))
-                for row, code in zip(rejected.tolist(), verdicts[rejected].tolist())]
+                       photo_id=photo_id, user_nsid=decode_nsid(nsid))
+                for row, code, photo_id, nsid in zip(rejected.tolist(), verdicts[rejected].tolist(),
+                                                     photo_ids, nsids)]
 
 
 class _RulesConfig:
@@ -594,8 +617,9 @@ class ReadAndPrefilter(beam.PTransform):
 # Counts-only scan: what is counted, as ((kind, name), count) pairs (the scan_counts.json keys).
 COUNT_LINES, COUNT_CANDIDATES, COUNT_REJECTS = (
     "lines_read", "candidates_per_license", "rejects_per_reason")
-# Candidate ids are shuffled for the duplicate check in batches of up to this many per bucket.
-ID_BATCH_SIZE = 16384
+# Candidate ids are buffered per file up to this many per bucket on average, then shuffled for
+# the duplicate check in one batch per bucket.
+ID_BATCH_SIZE = 512
 
 
 class _CountReadAndRulesFn(_RulesStep, StageDoFn):
@@ -654,34 +678,34 @@ def candidate_ids_of(record: YfccRecord) -> CandidateIds:
 
 
 class _IdBatches:
-    """Candidate ids of one file, gathered per bucket of photo ids into batches."""
+    """Candidate ids of one file, buffered (at most ID_BATCH_SIZE * ID_BUCKETS), then sent as
+    one batch per bucket of photo ids."""
 
     def __init__(self, path: str):
         self._path = path
-        self._parts: dict[int, list[CandidateIds]] = {}
-        self._sizes: Counter = Counter()
+        self._parts: list[CandidateIds] = []
+        self._size = 0
         self._licenses = np.zeros(len(VALID_LICENSE_SLUGS), dtype=np.int64)
 
     def add(self, ids: CandidateIds) -> Iterator[beam.pvalue.TaggedOutput]:
         self._licenses += np.bincount(ids.license_codes, minlength=len(VALID_LICENSE_SLUGS))
-        buckets = ids.photo_ids % ID_BUCKETS
-        for bucket in np.unique(buckets).tolist():
-            chosen = buckets == bucket
-            self._parts.setdefault(bucket, []).append(CandidateIds(*(
-                column[chosen] for column in ids)))
-            self._sizes[bucket] += int(chosen.sum())
-            if self._sizes[bucket] >= ID_BATCH_SIZE:
-                yield self._emit(bucket)
-
-    def _emit(self, bucket: int) -> beam.pvalue.TaggedOutput:
-        parts = self._parts.pop(bucket)
-        del self._sizes[bucket]
-        columns = [np.concatenate(column).tobytes() for column in zip(*parts)]
-        return beam.pvalue.TaggedOutput("ids", (bucket, (self._path, *columns)))
+        self._parts.append(ids)
+        self._size += len(ids.photo_ids)
+        if self._size >= ID_BATCH_SIZE * ID_BUCKETS:
+            yield from self.drain()
 
     def drain(self) -> Iterator[beam.pvalue.TaggedOutput]:
-        for bucket in list(self._parts):
-            yield self._emit(bucket)
+        if not self._parts:
+            return
+        columns = [np.concatenate(column) for column in zip(*self._parts)]
+        self._parts, self._size = [], 0
+        buckets = columns[0] % ID_BUCKETS
+        order = np.argsort(buckets, kind="stable")
+        columns, buckets = [column[order] for column in columns], buckets[order]
+        starts = np.flatnonzero(np.diff(buckets, prepend=-1))
+        for start, end in zip(starts.tolist(), starts[1:].tolist() + [len(buckets)]):
+            yield beam.pvalue.TaggedOutput("ids", (int(buckets[start]), (self._path, *(
+                column[start:end].tobytes() for column in columns))))
 
     def license_counts(self) -> dict[tuple[str, str], int]:
         return {(COUNT_CANDIDATES, slug): int(n)
