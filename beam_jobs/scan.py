@@ -26,6 +26,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.common import JobOptions, make_pipeline, run_main, split_job_flags, split_list
+from beam_jobs.progress import input_size, report_progress
 from transforms.records import FDH_LICENSES, Rejected
 from transforms.rejects import REJECTS_SCHEMA, reject_counts_key, rejected_to_row
 from transforms.s2_prefilter import (COUNT_CANDIDATES, COUNT_LINES, COUNT_REJECTS, DEFAULT_DROP_TAGS,
@@ -223,7 +224,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         build_scan(pipeline, yfcc, output, licenses, split_list(scan.opt_out), drop_tags,
                    scan.num_shards or 0)
-    pipeline.run().wait_until_finish()
+    with report_progress("scan", input_size(yfcc)):
+        pipeline.run().wait_until_finish()
     counts = read_json(f"{output}/{COUNTS_FILENAME}")
     if counts[LINES] != counts["candidates"] + counts["rejects"]:
         raise RuntimeError(f"accounting broken: {counts[LINES]} lines read != "

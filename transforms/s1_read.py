@@ -30,6 +30,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from transforms import live_counts
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, Rejected, YfccRecord
 from transforms.rejects import reject
 from transforms.stage import StageDoFn
@@ -288,6 +289,15 @@ class ReadCounters:
         self._records.inc(records)
 
 
+def _raw_position(stream: Any) -> int:
+    """How far into the file (compressed bytes) a stream has read, for progress; 0 if unknown."""
+    raw = getattr(stream, "fileobj", None) or getattr(stream, "_fp", None) or stream
+    try:
+        return raw.tell()
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 # A block parser: (block of whole lines, file path, lines before it) -> (items to emit, lines in
 # the block, records in the block); see `read_file`.
 BlockParser = Callable[[bytes, str, int], tuple[list, int, int]]
@@ -324,11 +334,16 @@ def read_file(readable_file: fileio.ReadableFile, compression_type: str,
     try:
         with open_checked(readable_file, compression_type) as stream:
             if parse_block is not None:
+                position = _raw_position(stream)
                 for block in iter_blocks(stream):
                     items, block_lines_read, block_records = parse_block(block, path, lines)
                     yield from items
                     lines += block_lines_read
                     records += block_records
+                    read_bytes, position = position, _raw_position(stream)
+                    live_counts.add_all({"read.lines": block_lines_read,
+                                         "read.bytes": position - read_bytes,
+                                         "rejects.read": block_lines_read - block_records})
             else:
                 for item in parse_numbered_lines(iter_lines(stream), path):
                     lines += 1

@@ -29,6 +29,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from transforms import live_counts
 from transforms.opt_out import OptOut, read_opt_out
 from transforms.records import (FDH_LICENSES, LICENSES, METRICS_NAMESPACE, REJECTS_TAG, Rejected,
                                 YfccRecord)
@@ -176,11 +177,14 @@ class _CandidateBatcher:
         if len(batch) < BATCH_SIZE:
             return None
         self._passed.inc(len(batch))
+        live_counts.add("prefilter.passed", len(batch))
         return bucket, self._batches.pop(bucket)
 
     def drain(self) -> list[tuple[int, list[tuple]]]:
         batches, self._batches = list(self._batches.items()), {}
-        self._passed.inc(sum(len(batch) for _, batch in batches))
+        passed = sum(len(batch) for _, batch in batches)
+        self._passed.inc(passed)
+        live_counts.add("prefilter.passed", passed)
         return batches
 
 
@@ -429,12 +433,18 @@ def batch_rejects(outputs: Iterable[Any], size: int = REJECTS_BATCH_SIZE) -> Ite
         if isinstance(output, beam.pvalue.TaggedOutput) and output.tag == REJECTS_TAG:
             rejects.append(output.value)
             if len(rejects) == size:
+                live_counts.add("rejects.prefilter", _prefilter_count(rejects))
                 yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
                 rejects = []
         else:
             yield output
     if rejects:
+        live_counts.add("rejects.prefilter", _prefilter_count(rejects))
         yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
+
+
+def _prefilter_count(rejects: list[Rejected]) -> int:
+    return sum(rejected.stage == STAGE for rejected in rejects)
 
 
 class _ReadAndApplyRulesFn(_RulesStep, StageDoFn):
@@ -653,16 +663,20 @@ class _CountReadAndRulesFn(_RulesStep, StageDoFn):
                                 BlockChecker(self._rules, keep_records=False)):
             kind = type(output)
             if kind is CandidateIds:
+                live_counts.add("prefilter.passed", len(output.photo_ids))
                 yield from batches.add(output)
             elif kind is Counter:
                 counts.update({(COUNT_REJECTS, f"{STAGE}.{reason}"): n
                                for reason, n in output.items()})
+                live_counts.add("rejects.prefilter", sum(output.values()))
             elif kind is YfccRecord:
                 verdict = self._rules.check(output)
                 if verdict is None:
+                    live_counts.add("prefilter.passed")
                     yield from batches.add(candidate_ids_of(output))
                 else:
                     reject(STAGE, verdict[0], "")  # counted, not kept
+                    live_counts.add("rejects.prefilter")
                     counts[(COUNT_REJECTS, f"{STAGE}.{verdict[0]}")] += 1
             elif output.tag == LINE_COUNTS_TAG:
                 counts[(COUNT_LINES, "")] += output.value[1]
