@@ -33,6 +33,7 @@ EXTRAS = {
         "matplotlib>=3.7",
         "gcp-storage-emulator>=2024.0",
         "import-linter>=2.1",
+        "duckdb>=1.0",  # the README's Parquet query (tests/test_readme.py)
     ],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
