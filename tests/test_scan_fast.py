@@ -73,14 +73,19 @@ def _per_row(lines: list[bytes], rules: PrefilterRules) -> tuple[list, list]:
         item = parse_numbered_line(raw[:-1] if raw.endswith(b"\r") else raw, f"{PATH}:{number}")
         if type(item) is Rejected:
             rejects.append((item.record_id, item.stage, item.reason, item.detail, None, None))
-            continue
-        verdict = rules.check(item)
-        if verdict is None:
-            candidates.append(item)
         else:
-            rejects.append((str(item.photo_id), "prefilter", verdict[0], verdict[1],
-                            item.photo_id, item.user_nsid))
+            _apply_rules(item, rules, rejects, candidates)
     return rejects, candidates
+
+
+def _apply_rules(record: YfccRecord, rules: PrefilterRules, rejects: list, candidates: list):
+    """Append the record to `candidates`, or its reject (as a tuple) to `rejects`."""
+    verdict = rules.check(record)
+    if verdict is None:
+        candidates.append(record)
+    else:
+        rejects.append((str(record.photo_id), "prefilter", verdict[0], verdict[1],
+                        record.photo_id, record.user_nsid))
 
 
 def _blocks(lines: list[bytes], chunk_bytes: int) -> list[bytes]:
@@ -95,12 +100,7 @@ def _run_checker(checker, blocks: list[bytes], rules: PrefilterRules):
         lines_read += count
         for item in items:
             if type(item) is YfccRecord:
-                verdict = rules.check(item)
-                if verdict is None:
-                    candidates.append(item)
-                else:
-                    rejects.append((str(item.photo_id), "prefilter", verdict[0], verdict[1],
-                                    item.photo_id, item.user_nsid))
+                _apply_rules(item, rules, rejects, candidates)
             elif type(item) is CandidateIds:
                 ids.extend(zip(item.photo_ids.tolist(), item.line_numbers.tolist(),
                                item.license_codes.tolist()))

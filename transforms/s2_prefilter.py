@@ -608,12 +608,16 @@ class ReadAndPrefilter(beam.PTransform):
         self._config = _RulesConfig(licenses, opt_out_paths, drop_tags)
         self._batch_size = batch_size
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
+    def _matched_files(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        """The input files, opened; the patterns and opt-out lists checked first (fail early)."""
         if self._validate:
             check_patterns_match(self._patterns)
         self._config.create()  # reads the opt-out lists now: a missing or bad file fails early
+        return open_matched_files(pbegin, self._patterns, self._compression_type)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
         read = (
-            open_matched_files(pbegin, self._patterns, self._compression_type)
+            self._matched_files(pbegin)
             | "ReadLines" >> beam.ParDo(_ReadAndApplyRulesFn(self._compression_type, self._config))
             .with_output_types(Any).with_outputs(REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
         unique = read.main | "DropDuplicates" >> _DropDuplicates(self._batch_size)
@@ -632,21 +636,14 @@ COUNT_LINES, COUNT_CANDIDATES, COUNT_REJECTS = (
 ID_BATCH_SIZE = 512
 
 
-class _CountReadAndRulesFn(_RulesStep, StageDoFn):
+class _CountReadAndRulesFn(_ReadAndApplyRulesFn):
     """Read one file and apply the rules like `_ReadAndApplyRulesFn`, but emit only counts
     ((kind, name), n) and, on the 'ids' output, (bucket, (path, photo ids, line numbers,
     licence codes)) batches of the candidates for the duplicate check: a few bytes per
-    candidate cross the shuffle, not the records."""
+    candidate cross the shuffle, not the records. A 'read.error' reject is emitted alone."""
 
-    stage = READ_STAGE
-
-    def __init__(self, compression_type: str, config: _RulesConfig):
-        _RulesStep.__init__(self, config)
-        self._compression_type = compression_type
-        self._counters = ReadCounters()
-
-    def element_id(self, readable_file: Any) -> str:
-        return file_path(readable_file)
+    def process(self, readable_file):
+        return StageDoFn.process(self, readable_file)
 
     def process_element(self, readable_file):
         counts: Counter = Counter()
@@ -750,27 +747,15 @@ def count_duplicates(bucket_batches: tuple[int, Iterable[tuple]]) -> Iterator[tu
             yield (COUNT_CANDIDATES, VALID_LICENSE_SLUGS[license_code]), -1
 
 
-class CountReadAndPrefilter(beam.PTransform):
-    """`ReadAndPrefilter` that only counts: a PCollection of ((kind, name), count) pairs
-    (kind COUNT_LINES, COUNT_CANDIDATES or COUNT_REJECTS; to be summed per key), the same
-    totals as counting ReadAndPrefilter's outputs. Nothing but ids is shuffled."""
-
-    def __init__(self, patterns: Union[str, Sequence[str]],
-                 licenses: Iterable[str] = FDH_LICENSES, opt_out_paths: Iterable[str] = (),
-                 drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
-                 compression_type: str = CompressionTypes.AUTO, validate: bool = True):
-        super().__init__()
-        self._patterns = split_patterns(patterns)
-        self._compression_type = compression_type
-        self._validate = validate
-        self._config = _RulesConfig(licenses, opt_out_paths, drop_tags)
+class CountReadAndPrefilter(ReadAndPrefilter):
+    """`ReadAndPrefilter` (same arguments, no batch_size) that only counts: a PCollection of
+    ((kind, name), count) pairs (kind COUNT_LINES, COUNT_CANDIDATES or COUNT_REJECTS; to be
+    summed per key), the same totals as counting ReadAndPrefilter's outputs. Nothing but ids
+    is shuffled."""
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        if self._validate:
-            check_patterns_match(self._patterns)
-        self._config.create()  # reads the opt-out lists now: a missing or bad file fails early
         read = (
-            open_matched_files(pbegin, self._patterns, self._compression_type)
+            self._matched_files(pbegin)
             | "CountLines" >> beam.ParDo(_CountReadAndRulesFn(self._compression_type, self._config))
             .with_outputs("ids", REJECTS_TAG, main="main"))
         duplicates = (read.ids | "GroupIdBucket" >> beam.GroupByKey()
