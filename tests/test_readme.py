@@ -48,7 +48,8 @@ def workdir(tmp_path_factory) -> Path:
 def test_readme_block_runs(workdir, language, code):
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    command = [sys.executable, "-c", code] if language == "python" else ["bash", "-euo", "pipefail", "-c", code]
+    command = ([sys.executable, "-c", code] if language == "python"
+               else ["bash", "-euo", "pipefail", "-c", code])
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"README {language} block failed:\n{code}\n{done.stdout}\n{done.stderr}"
     assert done.stdout.strip(), f"README {language} block printed nothing:\n{code}"

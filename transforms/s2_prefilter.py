@@ -18,8 +18,8 @@ import functools
 import re
 from collections import Counter
 from dataclasses import dataclass
-from urllib.parse import quote
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from urllib.parse import quote
 
 import apache_beam as beam
 import numpy as np
@@ -35,8 +35,10 @@ from transforms.records import (FDH_LICENSES, LICENSES, METRICS_NAMESPACE, REJEC
                                 YfccRecord)
 from transforms.rejects import reject
 from transforms.s1_read import STAGE as READ_STAGE
-from transforms.s1_read import (LINE_COUNTS_TAG, as_output, block_lines, parse_block_per_row, parse_numbered_line, simple_rows, RECORD_FIELDS, ReadCounters, ReadOutput, check_patterns_match,
-                                file_path, open_matched_files, read_file, record_from_fields, record_to_fields,
+from transforms.s1_read import (LINE_COUNTS_TAG, RECORD_FIELDS, ReadCounters, ReadOutput,
+                                as_output, block_lines, check_patterns_match, file_path,
+                                open_matched_files, parse_block_per_row, parse_numbered_line,
+                                read_file, record_from_fields, record_to_fields, simple_rows,
                                 split_patterns)
 from transforms.stage import StageDoFn, StageOutput, stage_output
 from transforms.tags import clean_tag, find_tag
