@@ -168,7 +168,7 @@ def contact_sheet(dataset_dir: str, out_path: str, columns: int = 6) -> int:
 # The legend strip above the tiles: what the marks on a crop mean.
 LEGEND_HEIGHT, LEGEND_WIDTH = 64, 420
 LEGEND = (
-    ("tint", (235, 110, 110), "red tint: outside the person mask (maskrcnn_mask.png)"),
+    ("tint", (235, 110, 110), "red tint: the person (where maskrcnn_mask.png is 0)"),
     ("dot", (0, 255, 0), "green circles: visible keypoints (keypoints.npy)"),
     ("text", (0, 0, 0), "under each crop: sample key (photoid_person), licence"),
 )
