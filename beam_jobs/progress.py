@@ -79,6 +79,7 @@ class ProgressReporter:
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
         self._start = 0.0
         self._bar = None
+        self._reports = 0
 
     def start(self) -> "ProgressReporter":
         live_counts.reset()
@@ -96,6 +97,7 @@ class ProgressReporter:
 
     def report(self) -> None:
         """Print (or draw) the progress now."""
+        self._reports += 1
         totals, elapsed = live_counts.snapshot(), time.monotonic() - self._start
         if self._bar is not None:
             self._bar.n = totals.get("read.bytes", 0)
@@ -106,21 +108,24 @@ class ProgressReporter:
                   file=self._stream, flush=True)
 
     def stop(self) -> None:
-        """Stop the thread and print the final totals once."""
+        """Stop the thread; print the final totals when progress was shown (a run shorter
+        than one interval stays quiet)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        self.report()
+        if self._reports:
+            self.report()
         if self._bar is not None:
             self._bar.close()
 
 
 @contextlib.contextmanager
-def report_progress(label: str, total_bytes: int = 0,
-                    interval_s: float = DEFAULT_INTERVAL_S,
+def report_progress(label: str, total_bytes: int = 0, interval_s: Optional[float] = None,
                     stream: Optional[IO[str]] = None) -> Iterator[ProgressReporter]:
-    """Report progress while the body runs (a local pipeline's run + wait_until_finish)."""
-    reporter = ProgressReporter(label, total_bytes, interval_s, stream).start()
+    """Report progress while the body runs (a local pipeline's run + wait_until_finish),
+    every `interval_s` seconds (default DEFAULT_INTERVAL_S)."""
+    reporter = ProgressReporter(label, total_bytes, interval_s or DEFAULT_INTERVAL_S,
+                                stream).start()
     try:
         yield reporter
     finally:

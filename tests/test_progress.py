@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from beam_jobs import scan
+from beam_jobs import progress, scan
 from beam_jobs.progress import ProgressReporter, progress_line
 from tests.yfcc_lines import random_records, write_lines
 from transforms import live_counts
@@ -33,10 +33,17 @@ def test_reporter_prints_plain_lines_while_running_and_a_last_one():
 
 
 @pytest.mark.pipeline
-def test_scan_reports_progress_on_stderr(tmp_path, capsys):
+def test_scan_reports_progress_on_stderr(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(progress, "DEFAULT_INTERVAL_S", 0.05)
     write_lines(tmp_path / "y.txt", [format_line(r) for r in random_records(300, seed=2)])
     counts = scan.run([f"--yfcc={tmp_path}/y.txt", f"--output={tmp_path}/out", "--counts_only"])
     err = capsys.readouterr().err
-    progress = [line for line in err.splitlines() if line.startswith("scan: ")]
-    assert progress and "(100%)" in progress[-1]
-    assert f"{counts['lines_read']:,} lines" in progress[-1]
+    shown = [line for line in err.splitlines() if line.startswith("scan: ")]
+    assert shown and "(100%)" in shown[-1]
+    assert f"{counts['lines_read']:,} lines" in shown[-1]
+
+
+def test_a_run_shorter_than_the_interval_prints_nothing():
+    stream = io.StringIO()
+    ProgressReporter("job", 10, interval_s=60, stream=stream).start().stop()
+    assert stream.getvalue() == ""
