@@ -7,8 +7,10 @@ EXTRAS ?= gcp,models,lite,demo,test
 DEMO_OUT ?= demo_out
 
 BENCH_VENV ?= .venv-bench
+# The demo needs only the lite annotator and the plotting libraries: a venv of its own, no torch.
+DEMO_VENV ?= .venv-demo
 
-.PHONY: all venv test test-fast lint-imports demo bench clean
+.PHONY: all venv demo-venv test test-fast lint-imports demo bench clean
 
 all: test
 
@@ -31,8 +33,17 @@ test-fast: venv
 lint-imports: venv
 	$(VENV)/bin/lint-imports
 
-demo: venv
-	$(PY) -m beam_jobs.demo --output=$(DEMO_OUT)
+$(DEMO_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/pip install -q --upgrade pip wheel setuptools
+	$(DEMO_VENV)/bin/pip install -q -e '.[demo]'
+	touch $@
+
+demo-venv: $(DEMO_VENV)/.installed
+
+demo: demo-venv
+	$(DEMO_VENV)/bin/python -m beam_jobs.demo --output=$(DEMO_OUT)
+	@du -sh $(DEMO_VENV) | sed 's/^/demo environment: /'
 
 # img2dataset (the fetch benchmark's baseline) pins old dependencies: it gets a venv of its own.
 $(BENCH_VENV)/.installed:

@@ -21,8 +21,9 @@ EXTRAS = {
     # The offline CPU annotator: mediapipe 0.10.21 is the last release that ships its pose and
     # segmentation models inside the wheel (it pins numpy<2).
     "lite": ["mediapipe==0.10.21"],
-    # The built-in sample photos and the contact sheet / licence pie.
-    "demo": ["scikit-image>=0.21", "matplotlib>=3.7"],
+    # `make demo`: the lite annotator (mediapipe) + the sample photos and the contact sheet /
+    # licence pie; no torch (its own venv, .venv-demo, about 1 GB).
+    "demo": ["mediapipe==0.10.21", "scikit-image>=0.21", "matplotlib>=3.7"],
     "test": [
         "pytest>=7",
         "pytest-timeout>=2",
@@ -32,6 +33,7 @@ EXTRAS = {
         "matplotlib>=3.7",
         "gcp-storage-emulator>=2024.0",
         "import-linter>=2.1",
+        "duckdb>=1.0",  # the README's Parquet query (tests/test_readme.py)
     ],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})

@@ -155,11 +155,36 @@ def contact_sheet(dataset_dir: str, out_path: str, columns: int = 6) -> int:
             tiles.append(tile)
     columns = max(1, min(columns, len(tiles)))
     rows = max(1, (len(tiles) + columns - 1) // columns)
-    sheet = Image.new("RGB", (columns * (CROP_WIDTH + 4), rows * (CROP_HEIGHT + 32)), "white")
+    width = max(columns * (CROP_WIDTH + 4), LEGEND_WIDTH)
+    sheet = Image.new("RGB", (width, LEGEND_HEIGHT + rows * (CROP_HEIGHT + 32)), "white")
+    draw_legend(ImageDraw.Draw(sheet))
     for index, tile in enumerate(tiles):
-        sheet.paste(tile, ((index % columns) * (CROP_WIDTH + 4), (index // columns) * (CROP_HEIGHT + 32)))
+        sheet.paste(tile, ((index % columns) * (CROP_WIDTH + 4),
+                           LEGEND_HEIGHT + (index // columns) * (CROP_HEIGHT + 32)))
     sheet.save(out_path)
     return len(tiles)
+
+
+# The legend strip above the tiles: what the marks on a crop mean.
+LEGEND_HEIGHT, LEGEND_WIDTH = 64, 420
+LEGEND = (
+    ("tint", (235, 110, 110), "red tint: the person (where maskrcnn_mask.png is 0)"),
+    ("dot", (0, 255, 0), "green circles: visible keypoints (keypoints.npy)"),
+    ("text", (0, 0, 0), "under each crop: sample key (photoid_person), licence"),
+)
+
+
+def draw_legend(draw: ImageDraw.ImageDraw) -> None:
+    """Draw LEGEND at the top left: a swatch and a line of text per mark."""
+    for row, (kind, color, text) in enumerate(LEGEND):
+        top = 6 + 19 * row
+        if kind == "tint":
+            draw.rectangle((6, top, 18, top + 12), fill=color)
+        elif kind == "dot":
+            draw.ellipse((6, top, 18, top + 12), outline=color, width=2)
+        else:
+            draw.text((6, top), "Aa", fill=color)
+        draw.text((26, top), text, fill=(0, 0, 0))
 
 
 def run_job(module: str, *args: str) -> None:

@@ -26,15 +26,17 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.common import JobOptions, make_pipeline, run_main, split_job_flags, split_list
+from beam_jobs.progress import input_size, report_progress
 from transforms.records import FDH_LICENSES, Rejected
 from transforms.rejects import REJECTS_SCHEMA, reject_counts_key, rejected_to_row
-from transforms.s2_prefilter import DEFAULT_DROP_TAGS, ReadAndPrefilter, validate_licenses
+from transforms.s2_prefilter import (COUNT_CANDIDATES, COUNT_LINES, COUNT_REJECTS, DEFAULT_DROP_TAGS,
+                                     CountReadAndPrefilter, ReadAndPrefilter, validate_licenses)
 from transforms.yfcc_format import YFCC_RECORD_SCHEMA, records_to_table
 
 COUNTS_FILENAME = "scan_counts.json"
 CANDIDATES_DIR = "candidates"
 # Count keys: (kind, name) pairs summed in the pipeline, then folded into the JSON layout.
-LINES, CANDIDATE, REJECT = "lines_read", "candidates_per_license", "rejects_per_reason"
+LINES, CANDIDATE, REJECT = COUNT_LINES, COUNT_CANDIDATES, COUNT_REJECTS
 
 
 class ScanOptions(JobOptions):
@@ -63,6 +65,10 @@ class ScanOptions(JobOptions):
             help="Comma-separated user tags whose photos are dropped, compared in Flickr's clean "
                  "form (case, spaces and punctuation ignored: no_cv = no cv = NOCV) "
                  f"(default: {','.join(DEFAULT_DROP_TAGS)}).")
+        parser.add_argument(
+            "--counts_only", action="store_true",
+            help=f"Write only {COUNTS_FILENAME} (no candidates/ nor rejects/): the fastest way "
+                 "to plan a rebuild; only photo ids cross the duplicate check.")
         parser.add_argument(
             "--num_shards", type=int,
             help="Number of candidate/reject Parquet files (default: chosen by the runner).")
@@ -119,7 +125,8 @@ def build_counts(pairs: Iterable[tuple[tuple[str, str], int]]) -> dict[str, Any]
         else:
             counts[kind][name] = counts[kind].get(name, 0) + value
     counts["candidates"] = sum(counts[CANDIDATE].values())
-    counts[CANDIDATE] = dict(sorted(counts[CANDIDATE].items()))
+    # A licence whose every candidate was a duplicate sums to 0 in counts-only mode.
+    counts[CANDIDATE] = dict(sorted((slug, n) for slug, n in counts[CANDIDATE].items() if n))
     counts[REJECT] = dict(sorted(counts[REJECT].items()))
     counts["rejects"] = sum(counts[REJECT].values())
     return counts
@@ -166,8 +173,22 @@ def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
     reject_counts = reject_batches | "WriteRejects" >> _WriteAndCount(
         _rejects_to_table, REJECTS_SCHEMA, f"{output}/rejects/rejects", num_shards,
         lambda rejected: (REJECT, reject_counts_key(rejected)))
+    write_counts(count_pairs(read.line_counts, candidate_counts, reject_counts), output)
+
+
+def build_counts_only_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
+                           licenses: Sequence[str] = FDH_LICENSES, opt_out: Sequence[str] = (),
+                           drop_tags: Sequence[str] = DEFAULT_DROP_TAGS) -> None:
+    """Add the steps of a counts-only scan (only scan_counts.json) to `pipeline`."""
+    pairs = pipeline | "CountReadAndPrefilter" >> CountReadAndPrefilter(
+        list(yfcc), licenses, opt_out, drop_tags)
+    write_counts(pairs | "Sum" >> beam.CombinePerKey(sum), output)
+
+
+def write_counts(pairs: beam.PCollection, output: str) -> None:
+    """Fold summed ((kind, name), count) pairs into OUTPUT/scan_counts.json."""
     counts_path = f"{output}/{COUNTS_FILENAME}"
-    _ = (count_pairs(read.line_counts, candidate_counts, reject_counts)
+    _ = (pairs
          | "Gather" >> beam.combiners.ToList()
          | "Fold" >> beam.Map(build_counts)
          | "WriteCounts" >> beam.Map(lambda counts: write_json(counts_path, counts)))
@@ -197,9 +218,14 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
     remove_previous_outputs(output)
     pipeline = make_pipeline(options)
-    build_scan(pipeline, yfcc, output, licenses, split_list(scan.opt_out), drop_tags,
-               scan.num_shards or 0)
-    pipeline.run().wait_until_finish()
+    if scan.counts_only:
+        build_counts_only_scan(pipeline, yfcc, output, licenses, split_list(scan.opt_out),
+                               drop_tags)
+    else:
+        build_scan(pipeline, yfcc, output, licenses, split_list(scan.opt_out), drop_tags,
+                   scan.num_shards or 0)
+    with report_progress("scan", input_size(yfcc)):
+        pipeline.run().wait_until_finish()
     counts = read_json(f"{output}/{COUNTS_FILENAME}")
     if counts[LINES] != counts["candidates"] + counts["rejects"]:
         raise RuntimeError(f"accounting broken: {counts[LINES]} lines read != "

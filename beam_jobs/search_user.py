@@ -22,6 +22,7 @@ import sys
 from typing import Optional, Sequence
 
 from beam_jobs.common import JobOptions, run_main, split_job_flags
+from beam_jobs.nsid import check_nsids
 from dataset.search import Match, match_line, search
 from transforms.opt_out import OptOut
 
@@ -59,7 +60,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if not args.user_nsid and not args.photo_id:
         print("error: give at least one --user_nsid or --photo_id", file=sys.stderr)
         return EXIT_ERROR
-    query = OptOut(frozenset(args.user_nsid), frozenset(args.photo_id))
+    query = OptOut(frozenset(check_nsids(args.user_nsid)), frozenset(args.photo_id))
     source = args.dataset
     try:
         matches = search(source, query)

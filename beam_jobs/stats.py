@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from collections import Counter
 from typing import Any, Optional, Sequence
 
 from beam_jobs.common import JobOptions, run_main, split_job_flags
@@ -39,9 +40,16 @@ class StatsOptions(JobOptions):
                                  "(default: the dataset dir).")
 
 
+def without_single_split_totals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The licence rows less the 'all' row of a licence with one split (it would repeat it)."""
+    splits = Counter(r["license"] for r in rows if r["split"] != "all")
+    return [r for r in rows
+            if not (r["split"] == "all" and r["license"] != "total" and splits[r["license"]] == 1)]
+
+
 def license_table(shards: Sequence[dict[str, Any]]) -> str:
-    """The licence x split table as text."""
-    rows = license_rows(shards)
+    """The licence x split table as text (sizes in B/KiB/MiB/..., never '0.0 MiB')."""
+    rows = without_single_split_totals(license_rows(shards))
     return format_table(
         ("licence", "split", "shards", "samples", "size", "share"),
         [(r["license"], r["split"], r["shards"], f"{r['samples']:,}",

@@ -31,6 +31,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_jobs.common import JobOptions, make_pipeline, report_path_for, run_main, split_job_flags
+from beam_jobs.nsid import check_nsids
 from dataset import fs
 from dataset.lock import run_lock
 from dataset.manifest import check_manifest_paths, load_manifest
@@ -143,7 +144,7 @@ class Takedown(beam.PTransform):
 
 def load_request(options: TakedownOptions) -> OptOut:
     """The users/photos to remove from flags and --from_file; raises ValueError if none."""
-    request = OptOut(frozenset(options.user_nsid), frozenset(options.photo_id))
+    request = OptOut(frozenset(check_nsids(options.user_nsid)), frozenset(options.photo_id))
     if options.from_file:
         request = request.merge(read_opt_out(options.from_file))
     if not request:

@@ -16,7 +16,10 @@ on one core, in this run:
   the cheapest Beam job over the same lines (ReadFromText | Map(len) | sum), and against pandas;
   also "less start-up": the rate once running (the time of a 1,000-line run subtracted), which
   is what a long Dataflow job sees per worker core.
-* peak RSS of the core in a fresh process for each of --rss_lines (must stay flat: streaming).
+* the same for `scan --counts_only` (Arrow blocks, only counts written): target >= 2x pandas.
+* peak RSS of the core in a fresh process for each of --rss_lines (must stay flat: streaming),
+  and of the scan job for each of --scan_rss_lines (counts-only; with --scan_rss_full also the
+  full scan): target last/first <= 1.2x.
 """
 from __future__ import annotations
 
@@ -67,11 +70,12 @@ def time_core(path: str) -> float:
     return _best_of(3, parse)
 
 
-def time_pipeline(path: str, output: str) -> float:
+def time_pipeline(path: str, output: str, counts_only: bool = False) -> float:
     from beam_jobs import scan
 
     start = time.perf_counter()
-    counts = scan.run([f"--yfcc={path}", f"--output={output}", "--num_shards=1"])
+    counts = scan.run([f"--yfcc={path}", f"--output={output}", "--num_shards=1"]
+                      + (["--counts_only"] if counts_only else []))
     elapsed = time.perf_counter() - start
     assert counts["lines_read"] == counts["candidates"] + counts["rejects"]
     return elapsed
@@ -117,13 +121,38 @@ def peak_rss_mib_of_core(path: str) -> float:
     return float(done.stdout.split()[-1])
 
 
-def write_first_lines(path: str, lines: list[str], count: int) -> str:
-    """A file of `count` lines: `lines` repeated as needed (ids repeat; the core does not care)."""
+def write_first_lines(path: str, lines: list[str], count: int, unique_ids: bool = False) -> str:
+    """A file of `count` lines: `lines` repeated as needed (ids repeat unless `unique_ids`: then
+    the photo id of a 23-column line is its line number)."""
     with open(path, "w", encoding="utf-8") as handle:
         for index in range(count):
-            handle.write(lines[index % len(lines)])
+            line = lines[index % len(lines)]
+            if unique_ids:
+                line = f"{index + 1}\t{line.partition(chr(9))[2]}"
+            handle.write(line)
             handle.write("\n")
     return path
+
+
+def peak_rss_mib_of_scan(path: str, output: str, counts_only: bool) -> float:
+    """Peak RSS (MiB) of a fresh process that runs the scan job on `path` (one worker)."""
+    done = subprocess.run([sys.executable, __file__, "--rss_scan_child", path, output]
+                          + (["--counts_only"] if counts_only else []),
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def print_scan_rss(workdir: str, lines: list[str], counts: list[int], full: bool) -> None:
+    """The scan job's peak RSS at each line count, counts-only and with `full` also writing
+    candidates and rejects (flat = bounded)."""
+    paths = [write_first_lines(os.path.join(workdir, f"scan-rss-{count}.txt"), lines, count,
+                               unique_ids=True) for count in counts]
+    for counts_only in (True, False)[:2 if full else 1]:
+        peaks = [peak_rss_mib_of_scan(path, os.path.join(workdir, "rss-out"), counts_only)
+                 for path in paths]
+        print(f"scan{' --counts_only' if counts_only else ''} peak RSS: " + ", ".join(
+            f"{count:,} lines {peak:.0f} MiB" for count, peak in zip(counts, peaks))
+            + f"   (last/first {peaks[-1] / peaks[0]:.2f}x; target <= 1.2x)")
 
 
 def main() -> None:
@@ -134,10 +163,21 @@ def main() -> None:
                         help="one layout per file, as YFCC ships it (pandas needs one)")
     parser.add_argument("--rss_lines", default="100000,400000",
                         help="comma-separated line counts for the peak RSS check ('' skips it)")
+    parser.add_argument("--scan_rss_lines", default="200000,2000000",
+                        help="comma-separated line counts for the scan job's peak RSS check "
+                             "('' skips it)")
+    parser.add_argument("--scan_rss_full", action="store_true",
+                        help="also measure the full scan's peak RSS (slow)")
     parser.add_argument("--rss_child", help=argparse.SUPPRESS)
+    parser.add_argument("--rss_scan_child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--counts_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:  # child process of peak_rss_mib_of_core
         parse_file(args.rss_child)
+        print(peak_rss_mib())
+        return
+    if args.rss_scan_child:  # child process of peak_rss_mib_of_scan
+        time_pipeline(*args.rss_scan_child, counts_only=args.counts_only)
         print(peak_rss_mib())
         return
 
@@ -187,6 +227,17 @@ def main() -> None:
                   f"ratio vs Beam floor {marginal / floor_marginal:.2f}x, vs pandas "
                   f"{marginal / pandas_rate:.2f}x; 100M lines = "
                   f"{1e8 / marginal / 3600:,.1f} core-hours")
+            counts_s = time_pipeline(small, os.path.join(workdir, "out"), counts_only=True)
+            counts_start_s = time_pipeline(tiny, os.path.join(workdir, "out"), counts_only=True)
+            counts_rate = count / counts_s
+            counts_marginal = (count - STARTUP_LINES) / (counts_s - counts_start_s)
+            print(f"scan --counts_only, 1 worker    {counts_rate:>10,.0f} lines/s   "
+                  f"ratio vs pandas {counts_rate / pandas_rate:.2f}x   (target >= 2x)")
+            print(f"  less start-up ({counts_start_s:.1f} s)        {counts_marginal:>10,.0f} "
+                  f"lines/s   ratio vs pandas {counts_marginal / pandas_rate:.2f}x")
+        scan_rss_counts = [int(part) for part in args.scan_rss_lines.split(",") if part]
+        if scan_rss_counts and args.columns == 23:
+            print_scan_rss(workdir, lines, scan_rss_counts, args.scan_rss_full)
         rss_counts = [int(part) for part in args.rss_lines.split(",") if part]
         if rss_counts:
             peaks = [peak_rss_mib_of_core(write_first_lines(

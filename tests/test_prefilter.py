@@ -47,8 +47,19 @@ def test_non_cc_licence_is_unknown():
 def test_allowlist_can_be_narrowed_or_widened():
     only_by = PrefilterRules.create(["cc-by-2"])
     assert only_by.check(make_record(1, license="cc-by-sa-2"))[0] == "license_not_allowed"
-    with_nd = PrefilterRules.create(["cc-by-nd-2"])
-    assert with_nd.check(make_record(1, license="cc-by-nd-2")) is None
+    only_nc = PrefilterRules.create(["cc-by-nc-2"])
+    assert only_nc.check(make_record(1, license="cc-by-nc-2")) is None
+
+
+@pytest.mark.parametrize("slug,reason", [
+    ("cc-by-nd-2", "crops are derivatives"), ("cc-by-nc-nd-2", "crops are derivatives"),
+    ("all-rights-reserved", "all rights reserved"), ("ARR", "all rights reserved")])
+def test_noderivs_and_all_rights_reserved_licences_are_refused_with_the_reason(slug, reason):
+    with pytest.raises(ValueError, match=reason) as error:
+        validate_licenses(["cc-by-2", slug])
+    assert slug in str(error.value) and "cc-by-nc-sa-2" in str(error.value)
+    with pytest.raises(ValueError, match=reason):
+        Prefilter(licenses=[slug])
 
 
 def test_invalid_licences_fail_early_listing_valid_ones():

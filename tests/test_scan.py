@@ -87,14 +87,14 @@ def test_scan_end_to_end(tmp_path, capsys):
 def test_scan_agrees_with_the_pure_rules_on_random_input(tmp_path):
     records = list(random_records(1500, seed=11))
     lines = [format_line(record, 23 if record.photo_id % 2 else 25) for record in records]
-    rules = PrefilterRules.create(["cc-by-2", "cc-by-nd-2"], ["people", "no_cv"])
+    rules = PrefilterRules.create(["cc-by-2", "cc-by-nc-2"], ["people", "no_cv"])
     # A kept photo of the second file repeated in the first one, and a short line.
     lines[100] = next(line for line in lines[700:] if rules.check(parse_line(line)) is None)
     lines[300] = lines[300].replace("\t", " ", 3)
     write_lines(tmp_path / "r-0.txt.gz", lines[:700])
     write_lines(tmp_path / "r-1.txt", lines[700:])
     counts = scan.run([f"--yfcc={tmp_path}/r-*", f"--output={tmp_path}/out", "--num_shards=2",
-                       "--licenses=cc-by-2,cc-by-nd-2", "--drop_tags=people,no_cv"])
+                       "--licenses=cc-by-2,cc-by-nc-2", "--drop_tags=people,no_cv"])
 
     parsed = [parse_line(line) for line in lines]
     kept = {r.photo_id: r for r in parsed if hasattr(r, "photo_id") and rules.check(r) is None}

@@ -14,39 +14,65 @@ scan job: no element per record between reading and the rules).
 """
 from __future__ import annotations
 
+import functools
+import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from urllib.parse import quote
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from transforms import live_counts
 from transforms.opt_out import OptOut, read_opt_out
 from transforms.records import (FDH_LICENSES, LICENSES, METRICS_NAMESPACE, REJECTS_TAG, Rejected,
                                 YfccRecord)
 from transforms.rejects import reject
 from transforms.s1_read import STAGE as READ_STAGE
-from transforms.s1_read import (LINE_COUNTS_TAG, RECORD_FIELDS, ReadCounters, ReadOutput, check_patterns_match,
-                                file_path, open_matched_files, read_file, record_from_fields, record_to_fields,
+from transforms.s1_read import (LINE_COUNTS_TAG, RECORD_FIELDS, ReadCounters, ReadOutput,
+                                as_output, block_lines, check_patterns_match, file_path,
+                                open_matched_files, parse_block_per_row, parse_numbered_line,
+                                read_file, record_from_fields, record_to_fields, simple_rows,
                                 split_patterns)
 from transforms.stage import StageDoFn, StageOutput, stage_output
 from transforms.tags import clean_tag, find_tag
+from transforms.yfcc_format import decode_nsid, decode_tags
 
 STAGE = "prefilter"
 DEFAULT_DROP_TAGS = ("no_cv",)
 VALID_LICENSE_SLUGS = tuple(slug for slug, _ in LICENSES.values())
+USABLE_LICENSE_SLUGS = tuple(slug for slug in VALID_LICENSE_SLUGS if "-nd-" not in slug)
+
+
+# Licences a dataset of crops cannot use, with the reason (FDH publishes none of them).
+REFUSED_LICENSES = {
+    **{slug: "a NoDerivs licence forbids derivatives, and crops are derivatives"
+       for slug in VALID_LICENSE_SLUGS if "-nd-" in slug},
+    **{slug: "all rights reserved: no licence to copy, let alone derive crops"
+       for slug in ("all-rights-reserved", "arr", "copyright")},
+}
 
 
 def validate_licenses(licenses: Iterable[str]) -> tuple[str, ...]:
-    """Check licence slugs (e.g. 'cc-by-2'); raise ValueError listing the valid ones."""
+    """Check licence slugs (e.g. 'cc-by-2'); raise ValueError listing the valid ones, or
+    saying why a NoDerivs / all-rights-reserved licence cannot be used."""
     licenses = tuple(licenses)
+    refused = [f"{slug} ({REFUSED_LICENSES[slug.lower()]})" for slug in licenses
+               if slug.lower() in REFUSED_LICENSES]
+    if refused:
+        raise ValueError(f"licence(s) refused: {'; '.join(refused)}; usable licences are "
+                         f"{', '.join(USABLE_LICENSE_SLUGS)}")
     unknown = [slug for slug in licenses if slug not in VALID_LICENSE_SLUGS]
     if unknown or not licenses:
         raise ValueError(
-            f"unknown licence(s) {unknown or '(none given)'}; valid licences are "
-            f"{', '.join(VALID_LICENSE_SLUGS)} (FDH publishes {', '.join(FDH_LICENSES)})")
+            f"unknown licence(s) {unknown or '(none given)'}; usable licences are "
+            f"{', '.join(USABLE_LICENSE_SLUGS)} (FDH publishes {', '.join(FDH_LICENSES)})")
     return licenses
 
 
@@ -153,12 +179,202 @@ class _CandidateBatcher:
         if len(batch) < BATCH_SIZE:
             return None
         self._passed.inc(len(batch))
+        live_counts.add("prefilter.passed", len(batch))
         return bucket, self._batches.pop(bucket)
 
     def drain(self) -> list[tuple[int, list[tuple]]]:
         batches, self._batches = list(self._batches.items()), {}
-        self._passed.inc(sum(len(batch) for _, batch in batches))
+        passed = sum(len(batch) for _, batch in batches)
+        self._passed.inc(passed)
+        live_counts.add("prefilter.passed", passed)
         return batches
+
+
+# Verdict codes of `block_verdicts`, one per simple row of a block.
+CANDIDATE, PER_ROW = 0, 1
+BLOCK_REASONS = (None, None, "video", "license_unknown", "license_not_allowed", "no_cv_tag",
+                 "user_opt_out", "photo_opt_out")
+(_VIDEO, _UNKNOWN, _NOT_ALLOWED, _TAG, _USER, _PHOTO) = range(2, 8)
+_LICENSE_NAMES = pa.array(list(LICENSES), pa.large_string())
+
+
+def _flags(array: pa.Array) -> np.ndarray:
+    """A boolean Arrow array as numpy (nulls as False)."""
+    return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _lowering_to_ascii() -> dict[str, list[str]]:
+    """Non-ASCII characters whose lower case holds an ASCII letter or digit (the Kelvin sign
+    for 'k', dotted capital I for 'i'), by that ASCII character."""
+    found: dict[str, list[str]] = {}
+    for code in range(0x80, 0x110000):
+        char = chr(code)
+        for lowered in set(char.lower()):
+            if lowered.isascii() and lowered.isalnum():
+                found.setdefault(lowered, []).append(char)
+    return found
+
+
+def _spellings(char: str) -> list[str]:
+    """How ASCII letter or digit `char` may appear in a raw, lower-cased YFCC tag field: as is,
+    %-escaped, or as a non-ASCII character (raw or %-escaped UTF-8) that lowers to it."""
+    forms = {char, f"%{ord(char):02x}", f"%{ord(char.upper()):02x}"}
+    for other in _lowering_to_ascii().get(char, []):
+        forms.update({other, other.lower(), quote(other, safe="").lower()})
+    return sorted(forms, key=len, reverse=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _maybe_tag_pattern(name: str) -> Optional[str]:
+    """A regex that every lower-cased raw tag field holding tag `name` (clean form) matches:
+    the name's characters in order, in any spelling, anything between them. None when the
+    name is not all ASCII letters and digits (then every escaped field is checked per row)."""
+    if not (name.isascii() and name.isalnum()):
+        return None
+    return ".*".join("(?:" + "|".join(map(re.escape, _spellings(char))) + ")" for char in name)
+
+
+def _tag_hits(tags: pa.Array, drop_tags: frozenset[str], rows: np.ndarray) -> np.ndarray:
+    """Which of `rows` of the raw user_tags column hold a drop tag (clean form), vectorised
+    for ASCII fields without escapes (their clean form: only letters and digits, lower case);
+    other fields are decoded and checked per row when a loose pattern says they may hold one."""
+    hits = np.zeros(len(tags), dtype=bool)
+    chosen = np.flatnonzero(rows & _flags(pc.not_equal(tags, "")))
+    tags = tags.take(pa.array(chosen))
+    plain = _flags(pc.and_(pc.string_is_ascii(tags), pc.invert(pc.match_substring(tags, "%"))))
+    cleaned = pc.utf8_lower(pc.replace_substring_regex(tags, "[^A-Za-z0-9,]", ""))
+    chosen_hits = np.zeros(len(tags), dtype=bool)
+    for name in drop_tags:
+        chosen_hits |= _flags(pc.match_substring_regex(cleaned, f"(^|,){re.escape(name)}(,|$)"))
+    chosen_hits &= plain
+    maybe = np.flatnonzero(~plain)
+    patterns = [_maybe_tag_pattern(name) for name in drop_tags]
+    if len(maybe) and None not in patterns:
+        lowered = pc.utf8_lower(tags.take(pa.array(maybe)))
+        maybe = maybe[functools.reduce(np.logical_or, (
+            _flags(pc.match_substring_regex(lowered, pattern)) for pattern in patterns))]
+    for row in maybe.tolist():  # escaped or non-ASCII tags: as the parser does
+        chosen_hits[row] = find_tag(decode_tags(tags[row].as_py()), drop_tags) is not None
+    hits[chosen] = chosen_hits
+    return hits
+
+
+def block_verdicts(columns: dict[str, pa.Array], rules: PrefilterRules) -> np.ndarray:
+    """`PrefilterRules.check` on the simple rows of a block (`transforms.s1_read.simple_rows`),
+    vectorised: per row CANDIDATE, a code of BLOCK_REASONS, or PER_ROW when the raw text needs
+    decoding first (the caller then parses that line and applies `check`)."""
+    count = len(columns["photo_id"])
+    verdicts = np.zeros(count, dtype=np.int8)
+    open_rows = np.ones(count, dtype=bool)
+
+    def decide(mask: np.ndarray, code: int) -> None:
+        chosen = open_rows & mask
+        verdicts[chosen] = code
+        open_rows[chosen] = False
+
+    decide(_flags(pc.equal(columns["marker"], "1")), _VIDEO)
+    names = columns["license_name"]
+    license_index = pc.fill_null(pc.index_in(names, value_set=_LICENSE_NAMES), -1)
+    license_index = license_index.to_numpy(zero_copy_only=False)
+    unknown = license_index < 0
+    decide(unknown & _flags(pc.match_substring_regex(names, "[%+]")), PER_ROW)
+    decide(unknown, _UNKNOWN)
+    allowed = np.array([slug in rules.licenses for slug, _ in LICENSES.values()] + [False])
+    decide(~allowed[license_index], _NOT_ALLOWED)
+    if rules.drop_tags:
+        decide(_tag_hits(columns["user_tags"], rules.drop_tags, open_rows), _TAG)
+    if rules.opt_out:
+        nsids = columns["user_nsid"]
+        decide(_flags(pc.match_substring(nsids, "%")), PER_ROW)
+        decide(_flags(pc.is_in(nsids, value_set=pa.array(sorted(rules.opt_out.user_nsids),
+                                                          pa.large_string()))), _USER)
+        decide(_flags(pc.is_in(columns["photo_id"], value_set=pa.array(
+            sorted(rules.opt_out.photo_ids), pa.int64()))), _PHOTO)
+    return verdicts
+
+
+def verdict_detail(code: int, columns: dict[str, pa.Array], row: int,
+                   rules: PrefilterRules) -> str:
+    """The reject detail `PrefilterRules.check` gives for verdict `code` of simple row `row`."""
+    if code == _VIDEO:
+        return ""
+    if code == _UNKNOWN:
+        return columns["license_name"][row].as_py()
+    if code == _NOT_ALLOWED:
+        return LICENSES[columns["license_name"][row].as_py()][0]
+    if code == _TAG:
+        return find_tag(decode_tags(columns["user_tags"][row].as_py()), rules.drop_tags)
+    return ""
+
+
+class CandidateIds(NamedTuple):
+    """The simple candidates of a block in counts-only mode: photo ids, line numbers and
+    licence slugs (index in VALID_LICENSE_SLUGS), as numpy arrays."""
+
+    photo_ids: np.ndarray
+    line_numbers: np.ndarray
+    license_codes: np.ndarray
+
+
+class BlockChecker:
+    """A `transforms.s1_read.BlockParser` that also applies the rules, vectorised.
+
+    Lines Arrow can split and check go through `simple_rows` + `block_verdicts`; every other
+    line (bad field count, odd numbers, escapes to decode, not UTF-8) through the per-row
+    parser, so rejects and their reasons are the same as line by line. Emits YfccRecords for
+    the DoFn to apply the rules to (per-row lines, and candidates when `keep_records`), the
+    rejects, and without `keep_records` one CandidateIds and one Counter of prefilter reject
+    reasons per block instead of the simple candidates and rejects.
+    """
+
+    def __init__(self, rules: PrefilterRules, keep_records: bool = True):
+        self._rules, self._keep_records = rules, keep_records
+
+    def __call__(self, block: bytes, path: str, lines_before: int) -> tuple[list, int, int]:
+        lines = block_lines(block)
+        if lines is None:
+            return parse_block_per_row(block, path, lines_before)
+        rows, columns = simple_rows(lines)
+        verdicts = block_verdicts(columns, self._rules)
+        per_row = np.ones(len(lines), dtype=bool)
+        per_row[rows] = verdicts == PER_ROW
+        if self._keep_records:
+            per_row[rows[verdicts == CANDIDATE]] = True
+        parsed = np.flatnonzero(per_row)
+        items = [self._parse(line, row, path, lines_before) for row, line in
+                 zip(parsed.tolist(), lines.take(pa.array(parsed)).to_pylist())]
+        records = len(lines) - sum(type(item) is not YfccRecord for item in items)
+        items.extend(self._simple_outputs(rows, columns, verdicts, lines_before))
+        return items, len(lines), records
+
+    @staticmethod
+    def _parse(line: str, row: int, path: str, lines_before: int) -> Any:
+        raw = line.encode("utf-8")
+        return as_output(parse_numbered_line(raw[:-1] if raw.endswith(b"\r") else raw,
+                                             f"{path}:{lines_before + row + 1}"))
+
+    def _simple_outputs(self, rows: np.ndarray, columns: dict[str, pa.Array],
+                        verdicts: np.ndarray, lines_before: int) -> list:
+        rejected = np.flatnonzero(verdicts > PER_ROW)
+        if not self._keep_records:
+            candidates = np.flatnonzero(verdicts == CANDIDATE)
+            slugs = pc.index_in(columns["license_name"].take(pa.array(candidates)),
+                                value_set=_LICENSE_NAMES).to_numpy(zero_copy_only=False)
+            reasons = Counter(BLOCK_REASONS[code] for code in verdicts[rejected].tolist())
+            for reason, count in reasons.items():
+                Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.{reason}").inc(count)
+            return [CandidateIds(columns["photo_id"].to_numpy()[candidates],
+                                 rows[candidates] + lines_before + 1, slugs.astype(np.int8)),
+                    reasons]
+        chosen = pa.array(rejected)
+        photo_ids = columns["photo_id"].take(chosen).to_pylist()
+        nsids = columns["user_nsid"].take(chosen).to_pylist()
+        return [reject(STAGE, BLOCK_REASONS[code], str(photo_id),
+                       verdict_detail(code, columns, row, self._rules),
+                       photo_id=photo_id, user_nsid=decode_nsid(nsid))
+                for row, code, photo_id, nsid in zip(rejected.tolist(), verdicts[rejected].tolist(),
+                                                     photo_ids, nsids)]
 
 
 class _RulesConfig:
@@ -219,12 +435,18 @@ def batch_rejects(outputs: Iterable[Any], size: int = REJECTS_BATCH_SIZE) -> Ite
         if isinstance(output, beam.pvalue.TaggedOutput) and output.tag == REJECTS_TAG:
             rejects.append(output.value)
             if len(rejects) == size:
+                live_counts.add("rejects.prefilter", _prefilter_count(rejects))
                 yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
                 rejects = []
         else:
             yield output
     if rejects:
+        live_counts.add("rejects.prefilter", _prefilter_count(rejects))
         yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
+
+
+def _prefilter_count(rejects: list[Rejected]) -> int:
+    return sum(rejected.stage == STAGE for rejected in rejects)
 
 
 class _ReadAndApplyRulesFn(_RulesStep, StageDoFn):
@@ -244,7 +466,8 @@ class _ReadAndApplyRulesFn(_RulesStep, StageDoFn):
 
     def process_element(self, readable_file):
         on_record = self.on_record
-        for output in read_file(readable_file, self._compression_type, self._counters):
+        for output in read_file(readable_file, self._compression_type, self._counters,
+                                BlockChecker(self._rules)):
             if type(output) is YfccRecord:
                 yield from on_record(output)
             else:
@@ -387,12 +610,16 @@ class ReadAndPrefilter(beam.PTransform):
         self._config = _RulesConfig(licenses, opt_out_paths, drop_tags)
         self._batch_size = batch_size
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
+    def _matched_files(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        """The input files, opened; the patterns and opt-out lists checked first (fail early)."""
         if self._validate:
             check_patterns_match(self._patterns)
         self._config.create()  # reads the opt-out lists now: a missing or bad file fails early
+        return open_matched_files(pbegin, self._patterns, self._compression_type)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
         read = (
-            open_matched_files(pbegin, self._patterns, self._compression_type)
+            self._matched_files(pbegin)
             | "ReadLines" >> beam.ParDo(_ReadAndApplyRulesFn(self._compression_type, self._config))
             .with_output_types(Any).with_outputs(REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
         unique = read.main | "DropDuplicates" >> _DropDuplicates(self._batch_size)
@@ -401,3 +628,140 @@ class ReadAndPrefilter(beam.PTransform):
             read_rejects = read_rejects | "UnbatchRejects" >> beam.FlatMap(lambda batch: batch)
         rejects = (read_rejects, unique.rejects) | "MergeRejects" >> beam.Flatten()
         return ReadOutput(main=unique.main, rejects=rejects, line_counts=read[LINE_COUNTS_TAG])
+
+
+# Counts-only scan: what is counted, as ((kind, name), count) pairs (the scan_counts.json keys).
+COUNT_LINES, COUNT_CANDIDATES, COUNT_REJECTS = (
+    "lines_read", "candidates_per_license", "rejects_per_reason")
+# Candidate ids are buffered per file up to this many per bucket on average, then shuffled for
+# the duplicate check in one batch per bucket.
+ID_BATCH_SIZE = 512
+
+
+class _CountReadAndRulesFn(_ReadAndApplyRulesFn):
+    """Read one file and apply the rules like `_ReadAndApplyRulesFn`, but emit only counts
+    ((kind, name), n) and, on the 'ids' output, (bucket, (path, photo ids, line numbers,
+    licence codes)) batches of the candidates for the duplicate check: a few bytes per
+    candidate cross the shuffle, not the records. A 'read.error' reject is emitted alone."""
+
+    def process(self, readable_file):
+        return StageDoFn.process(self, readable_file)
+
+    def process_element(self, readable_file):
+        counts: Counter = Counter()
+        batches = _IdBatches(file_path(readable_file))
+        try:
+            yield from self._count_file(readable_file, counts, batches)
+        finally:  # also when reading fails: the lines so far are counted (see read_file)
+            yield from batches.drain()
+            counts.update(batches.license_counts())
+            yield from counts.items()
+
+    def _count_file(self, readable_file, counts: Counter, batches: "_IdBatches"):
+        for output in read_file(readable_file, self._compression_type, self._counters,
+                                BlockChecker(self._rules, keep_records=False)):
+            kind = type(output)
+            if kind is CandidateIds:
+                live_counts.add("prefilter.passed", len(output.photo_ids))
+                yield from batches.add(output)
+            elif kind is Counter:
+                counts.update({(COUNT_REJECTS, f"{STAGE}.{reason}"): n
+                               for reason, n in output.items()})
+                live_counts.add("rejects.prefilter", sum(output.values()))
+            elif kind is YfccRecord:
+                verdict = self._rules.check(output)
+                if verdict is None:
+                    live_counts.add("prefilter.passed")
+                    yield from batches.add(candidate_ids_of(output))
+                else:
+                    reject(STAGE, verdict[0], "")  # counted, not kept
+                    live_counts.add("rejects.prefilter")
+                    counts[(COUNT_REJECTS, f"{STAGE}.{verdict[0]}")] += 1
+            elif output.tag == LINE_COUNTS_TAG:
+                counts[(COUNT_LINES, "")] += output.value[1]
+            else:
+                counts[(COUNT_REJECTS, f"{output.value.stage}.{output.value.reason}")] += 1
+
+
+def candidate_ids_of(record: YfccRecord) -> CandidateIds:
+    """A one-row CandidateIds of a record read line by line."""
+    _, _, line = record.source.rpartition(":")
+    return CandidateIds(np.array([record.photo_id], np.int64), np.array([int(line)], np.int64),
+                        np.array([VALID_LICENSE_SLUGS.index(record.license)], np.int8))
+
+
+class _IdBatches:
+    """Candidate ids of one file, buffered (at most ID_BATCH_SIZE * ID_BUCKETS), then sent as
+    one batch per bucket of photo ids."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._parts: list[CandidateIds] = []
+        self._size = 0
+        self._licenses = np.zeros(len(VALID_LICENSE_SLUGS), dtype=np.int64)
+
+    def add(self, ids: CandidateIds) -> Iterator[beam.pvalue.TaggedOutput]:
+        self._licenses += np.bincount(ids.license_codes, minlength=len(VALID_LICENSE_SLUGS))
+        self._parts.append(ids)
+        self._size += len(ids.photo_ids)
+        if self._size >= ID_BATCH_SIZE * ID_BUCKETS:
+            yield from self.drain()
+
+    def drain(self) -> Iterator[beam.pvalue.TaggedOutput]:
+        if not self._parts:
+            return
+        columns = [np.concatenate(column) for column in zip(*self._parts)]
+        self._parts, self._size = [], 0
+        buckets = columns[0] % ID_BUCKETS
+        order = np.argsort(buckets, kind="stable")
+        columns, buckets = [column[order] for column in columns], buckets[order]
+        starts = np.flatnonzero(np.diff(buckets, prepend=-1))
+        for start, end in zip(starts.tolist(), starts[1:].tolist() + [len(buckets)]):
+            yield beam.pvalue.TaggedOutput("ids", (int(buckets[start]), (self._path, *(
+                column[start:end].tobytes() for column in columns))))
+
+    def license_counts(self) -> dict[tuple[str, str], int]:
+        return {(COUNT_CANDIDATES, slug): int(n)
+                for slug, n in zip(VALID_LICENSE_SLUGS, self._licenses) if n}
+
+
+def count_duplicates(bucket_batches: tuple[int, Iterable[tuple]]) -> Iterator[tuple]:
+    """Count pairs for the repeated photo ids of one bucket: each duplicate (all but the
+    lowest source file:line) is a 'duplicate_photo_id' reject and one candidate less of its
+    licence. Only the ids are held, then the sources of repeated ids."""
+    _, batches = bucket_batches
+    batches = list(batches)
+    ids = [np.frombuffer(batch[1], np.int64) for batch in batches]
+    unique, counts = np.unique(np.concatenate(ids), return_counts=True)
+    repeated = set(unique[counts > 1].tolist())
+    if not repeated:
+        return
+    sources: dict[int, list[tuple[str, int, int]]] = {}
+    for (path, _, lines, licenses), photo_ids in zip(batches, ids):
+        lines, licenses = np.frombuffer(lines, np.int64), np.frombuffer(licenses, np.int8)
+        for row in np.flatnonzero(np.isin(photo_ids, list(repeated))).tolist():
+            sources.setdefault(int(photo_ids[row]), []).append(
+                (path, int(lines[row]), int(licenses[row])))
+    for same_photo in sources.values():
+        for _, _, license_code in sorted(same_photo)[1:]:
+            reject(STAGE, "duplicate_photo_id", "")
+            yield (COUNT_REJECTS, f"{STAGE}.duplicate_photo_id"), 1
+            yield (COUNT_CANDIDATES, VALID_LICENSE_SLUGS[license_code]), -1
+
+
+class CountReadAndPrefilter(ReadAndPrefilter):
+    """`ReadAndPrefilter` (same arguments, no batch_size) that only counts: a PCollection of
+    ((kind, name), count) pairs (kind COUNT_LINES, COUNT_CANDIDATES or COUNT_REJECTS; to be
+    summed per key), the same totals as counting ReadAndPrefilter's outputs. Nothing but ids
+    is shuffled."""
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        read = (
+            self._matched_files(pbegin)
+            | "CountLines" >> beam.ParDo(_CountReadAndRulesFn(self._compression_type, self._config))
+            .with_outputs("ids", REJECTS_TAG, main="main"))
+        duplicates = (read.ids | "GroupIdBucket" >> beam.GroupByKey()
+                      | "CountDuplicates" >> beam.FlatMap(count_duplicates))
+        errors = read[REJECTS_TAG] | "CountErrors" >> beam.Map(  # a file's 'read.error'
+            lambda rejected: ((COUNT_REJECTS, f"{rejected.stage}.{rejected.reason}"), 1))
+        return (read.main, duplicates, errors) | "AllCounts" >> beam.Flatten()

@@ -34,6 +34,7 @@ DATA_COLUMNS = (
 COLUMNS_23 = ("photo_id",) + DATA_COLUMNS
 COLUMNS_25 = ("line_idx", "photo_id", "photo_hash") + DATA_COLUMNS
 NULL_DATE = "null"
+INT64_MAX = (1 << 63) - 1
 
 # The YFCC hash prints each of the 16 md5 bytes as '%x', without zero padding: one format
 # operation over the digest's bytes (2x faster than joining per-byte strings).
@@ -78,6 +79,11 @@ def decode_text(value: str) -> str:
     return value
 
 
+def decode_nsid(value: str) -> str:
+    """The user NSID column as read: %-decoded only when it holds a '%' ('+' stays)."""
+    return value if "%" not in value else _unquote_plus(value)
+
+
 def decode_tags(value: str) -> tuple[str, ...]:
     """Split a comma-separated tag field, then decode each tag (an encoded comma stays inside)."""
     if not value:
@@ -93,7 +99,10 @@ def _int(value: str) -> int:
     # int() also takes ' 1', '+1', '1_0' and non-ASCII digits; a YFCC number is ASCII digits.
     if not (value.isdigit() and value.isascii()):
         raise ValueError(f"not a non-negative integer: {value[:40]!r}")
-    return int(value)
+    number = int(value)
+    if number > INT64_MAX:  # the Parquet columns are int64
+        raise ValueError(f"out of the int64 range: {value[:40]!r}")
+    return number
 
 
 def _record_builder():
@@ -139,7 +148,8 @@ def parse_line(line: str, source: str = "") -> Union[YfccRecord, LineError]:
      machine_tags, longitude, latitude, accuracy, page_url, download_url, license_name,
      license_url, server_id, farm_id, secret, secret_original, extension, marker) = data
 
-    if not (photo_id_text.isdigit() and photo_id_text.isascii()):
+    if not (photo_id_text.isdigit() and photo_id_text.isascii()
+            and int(photo_id_text) <= INT64_MAX):
         return LineError("bad_photo_id", f"photo id {photo_id_text[:40]!r}")
     column = "line_idx"
     try:
@@ -196,7 +206,7 @@ def parse_line(line: str, source: str = "") -> Union[YfccRecord, LineError]:
     return build_record({
         "photo_id": int(photo_id_text),
         "photo_hash": hash_text.lower() if hash_text else photo_hash(download_url),
-        "user_nsid": user_nsid if "%" not in user_nsid else _unquote_plus(user_nsid),
+        "user_nsid": decode_nsid(user_nsid),
         "user_nickname": decoded[0],
         "date_taken": date_taken,
         "date_uploaded": uploaded,

@@ -76,6 +76,9 @@ class Annotate(beam.PTransform):
         device = device.upper()
         if device not in DEVICES:
             raise ValueError(f"--device must be one of {DEVICES}, got {device!r}")
+        if device == "GPU" and annotator == "lite":
+            raise ValueError("--device=GPU does nothing with --annotator=lite (MediaPipe runs "
+                             "on the CPU): drop --device, or use --annotator=fdh for the GPU")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self._annotator = annotator

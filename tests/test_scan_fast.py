@@ -1,0 +1,170 @@
+"""The block (Arrow) read + prefilter gives what the per-row parser + rules give, line for line."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from beam_jobs import scan
+from tests.yfcc_lines import random_records, record_line, write_lines
+from transforms.opt_out import OptOut
+from transforms.records import Rejected, YfccRecord
+from transforms.s1_read import iter_blocks, parse_block_per_row, parse_numbered_line
+from transforms.s2_prefilter import (USABLE_LICENSE_SLUGS, VALID_LICENSE_SLUGS, BlockChecker, CandidateIds,
+                                     PrefilterRules)
+from transforms.yfcc_format import format_line
+
+PATH = "/data/yfcc.txt"
+
+
+def _nasty_lines() -> list[bytes]:
+    """Lines the Arrow path must hand to the per-row parser, or judge exactly as it does."""
+    good = record_line(900, user_tags=("people",))
+    fields = good.split("\t")
+
+    def with_field(index: int, value: str) -> bytes:
+        changed = list(fields)
+        changed[index] = value
+        return "\t".join(changed).encode("utf-8")
+
+    lines = [b"", b"   ", b"\t", b"bad\tline", (good + "\r").encode(), good.encode() + b"\xff",
+             "\t".join(fields[:22]).encode(), "\t".join(fields + ["x"]).encode()]
+    # Numbers: photo id, date uploaded, longitude, latitude, accuracy, marker.
+    for index, values in ((0, [" 1", "+1", "1_0", "١٢", "12345678901234567890", "x"]),
+                          (4, ["", "-1", "1.5"]),
+                          (10, ["1e5", "nan", "inf", "-0.5", "+1.0", ".5", "1.", "-"]),
+                          (11, ["-90", "1E-3", "Infinity"]), (12, ["-1", "16", "1.0"]),
+                          (22, ["2", "00", "01", "1", " 0", ""])):
+        lines += [with_field(index, value) for value in values]
+    # Licences: encoded, unknown, not CC.
+    lines += [with_field(15, value) for value in (
+        "Attribution+License", "Attribution%2DNoDerivs+License", "All Rights Reserved",
+        "All+Rights+Reserved", "attribution license", "")]
+    # Tags in every spelling, escaped, non-ASCII, with encoded commas and tabs.
+    lines += [with_field(8, value) for value in (
+        "No_CV", "no+cv", "NO-CV", "nocv2", "knocv", "%6Eo_cv", "people,no%2Ccv", "n%C3%B6cv",
+        "nöcv", "%4E%4F%43%56", "a,,b", "x%09no_cv", "no.cv,people", "%zz,no_cv", "ｎｏｃｖ",
+        "people")]
+    # Owners: opted out as written and %-encoded.
+    lines += [with_field(1, value) for value in ("888@N08", "888%40N08", "999@N09", "8%")]
+    lines += [with_field(0, "9"), with_field(0, "77")]
+    return lines
+
+
+def _all_lines() -> list[bytes]:
+    records = list(random_records(600, seed=5))
+    randoms = [format_line(record, 23 if record.photo_id % 3 else 25).encode()
+               for record in records]
+    return randoms + _nasty_lines() + randoms[:5]  # the last five repeat photo ids
+
+
+RULES = [
+    PrefilterRules.create(),
+    PrefilterRules.create(["cc-by-2", "cc-by-nc-2"], ["people", "no_cv"],
+                          OptOut(frozenset({"888@N08"}), frozenset({9}))),
+    PrefilterRules.create(list(USABLE_LICENSE_SLUGS), []),
+]
+
+
+def _per_row(lines: list[bytes], rules: PrefilterRules) -> tuple[list, list]:
+    """The reference: each line parsed, then the rules; (rejects as tuples, candidates)."""
+    rejects, candidates = [], []
+    for number, raw in enumerate(lines, start=1):
+        item = parse_numbered_line(raw[:-1] if raw.endswith(b"\r") else raw, f"{PATH}:{number}")
+        if type(item) is Rejected:
+            rejects.append((item.record_id, item.stage, item.reason, item.detail, None, None))
+        else:
+            _apply_rules(item, rules, rejects, candidates)
+    return rejects, candidates
+
+
+def _apply_rules(record: YfccRecord, rules: PrefilterRules, rejects: list, candidates: list):
+    """Append the record to `candidates`, or its reject (as a tuple) to `rejects`."""
+    verdict = rules.check(record)
+    if verdict is None:
+        candidates.append(record)
+    else:
+        rejects.append((str(record.photo_id), "prefilter", verdict[0], verdict[1],
+                        record.photo_id, record.user_nsid))
+
+
+def _blocks(lines: list[bytes], chunk_bytes: int) -> list[bytes]:
+    import io
+    return list(iter_blocks(io.BytesIO(b"\n".join(lines) + b"\n"), chunk_bytes))
+
+
+def _run_checker(checker, blocks: list[bytes], rules: PrefilterRules):
+    rejects, candidates, ids, reasons, lines_read = [], [], [], Counter(), 0
+    for block in blocks:
+        items, count, _ = checker(block, PATH, lines_read)
+        lines_read += count
+        for item in items:
+            if type(item) is YfccRecord:
+                _apply_rules(item, rules, rejects, candidates)
+            elif type(item) is CandidateIds:
+                ids.extend(zip(item.photo_ids.tolist(), item.line_numbers.tolist(),
+                               item.license_codes.tolist()))
+            elif type(item) is Counter:
+                reasons.update(item)
+            else:
+                value = item.value
+                rejects.append((value.record_id, value.stage, value.reason, value.detail,
+                                value.photo_id, value.user_nsid))
+    return lines_read, rejects, candidates, ids, reasons
+
+
+@pytest.mark.parametrize("rules", RULES, ids=["fdh", "narrow-opt-out", "all-cc"])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 4096])
+def test_block_checker_equals_the_per_row_parser_and_rules(rules, chunk_bytes):
+    lines = _all_lines()
+    want_rejects, want_candidates = _per_row(lines, rules)
+    assert len(want_candidates) > 100 and len(want_rejects) > 30  # both paths exercised
+    lines_read, rejects, candidates, _, _ = _run_checker(
+        BlockChecker(rules), _blocks(lines, chunk_bytes), rules)
+    assert lines_read == len(lines)
+    assert Counter(rejects) == Counter(want_rejects)
+    key = lambda record: record.source  # noqa: E731
+    assert sorted(candidates, key=key) == sorted(want_candidates, key=key)
+
+
+@pytest.mark.parametrize("rules", RULES, ids=["fdh", "narrow-opt-out", "all-cc"])
+def test_counts_only_checker_counts_what_the_per_row_path_keeps_and_rejects(rules):
+    lines = _all_lines()
+    want_rejects, want_candidates = _per_row(lines, rules)
+    lines_read, rejects, candidates, ids, reasons = _run_checker(
+        BlockChecker(rules, keep_records=False), _blocks(lines, 8192), rules)
+    got_reasons = Counter(f"{stage}.{reason}" for _, stage, reason, *_ in rejects)
+    got_reasons.update({f"prefilter.{reason}": n for reason, n in reasons.items()})
+    assert got_reasons == Counter(f"{stage}.{reason}" for _, stage, reason, *_ in want_rejects)
+    got_ids = ids + [(record.photo_id, int(record.source.rpartition(":")[2]),
+                      VALID_LICENSE_SLUGS.index(record.license)) for record in candidates]
+    assert sorted(got_ids) == sorted(
+        (record.photo_id, int(record.source.rpartition(":")[2]),
+         VALID_LICENSE_SLUGS.index(record.license)) for record in want_candidates)
+    assert lines_read == len(lines)
+
+
+def test_a_block_that_is_not_utf8_is_parsed_line_by_line():
+    lines = [record_line(1).encode(), b"\xff\xfe", record_line(2).encode()]
+    block = b"\n".join(lines) + b"\n"
+    checked = BlockChecker(PrefilterRules.create())(block, PATH, 10)
+    assert checked[1:] == parse_block_per_row(block, PATH, 10)[1:] == (3, 2)
+    assert [getattr(item, "source", None) for item in checked[0]] == [
+        f"{PATH}:11", None, f"{PATH}:13"]
+
+
+@pytest.mark.pipeline
+def test_counts_only_scan_writes_the_counts_of_a_full_scan_and_nothing_else(tmp_path):
+    lines = _all_lines()
+    write_lines(tmp_path / "a.txt.gz", lines[:400])
+    write_lines(tmp_path / "b.txt", lines[400:])
+    (tmp_path / "opt_out.txt").write_text("user:888@N08\nphoto:9\n")
+    flags = [f"--yfcc={tmp_path}/a.txt.gz,{tmp_path}/b.txt", "--licenses=cc-by-2,cc-by-nc-2",
+             "--drop_tags=people,no_cv", f"--opt_out={tmp_path}/opt_out.txt"]
+    full = scan.run(flags + [f"--output={tmp_path}/full"])
+    counts = scan.run(flags + [f"--output={tmp_path}/counts", "--counts_only"])
+    assert counts == full
+    assert full["rejects_per_reason"]["prefilter.duplicate_photo_id"] >= 5  # across files
+    assert sorted(path.name for path in (tmp_path / "counts").iterdir()) == [
+        scan.COUNTS_FILENAME]
+    assert set(counts["candidates_per_license"]) == {"cc-by-2", "cc-by-nc-2"}
