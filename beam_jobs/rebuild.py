@@ -33,6 +33,13 @@ from apache_beam.options.pipeline_options import PipelineOptions, WorkerOptions
 from beam_jobs.common import (JobOptions, UsageError, is_local, make_pipeline, run_main,
                               split_job_flags, split_list)
 from beam_jobs.launch_checks import check_remote_launch
+from beam_jobs.progress import input_size, report_progress
+from dataset.lock import run_lock
+from dataset.ownership import OVERWRITE_HELP, check_output_ownership, remove_empty_beam_temp_folders
+from dataset.stats import human_bytes
+from transforms.annotation_store import with_annotation_store
+from transforms.reject_limits import FLAG_HELP as MAX_REJECT_RATE_HELP
+from transforms.reject_limits import check_reject_rates, parse_max_reject_rates
 from transforms.funnel import accounting_errors, funnel_rows, step_key
 from transforms.opt_out import OPT_OUT_FILENAME
 from transforms.records import FDH_LICENSES
@@ -120,6 +127,16 @@ class RebuildOptions(JobOptions):
                                  "time-dependent value in the output (default: the existing "
                                  "manifest's when rebuilding into an output, else the launch time; "
                                  "pass it to get byte-identical outputs in another directory)")
+        parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+        parser.add_argument("--max_reject_rate", default=None, help=MAX_REJECT_RATE_HELP)
+        parser.add_argument("--annotation_store", default=None,
+                            help="annotation store (local or gs://; default OUTPUT/annotations; "
+                                 "'none': no store): photos already annotated by the same models "
+                                 "skip them")
+        parser.add_argument("--from_annotations", default=None,
+                            help="re-derive on CPU from this annotation store: no model runs; "
+                                 "photos are fetched again and used only when their sha256 is the "
+                                 "stored one")
         parser.add_argument("--random_weights", action="store_true",
                             help="TESTS ONLY: torchvision models with random weights (plumbing)")
 
@@ -141,9 +158,18 @@ def _sum_line_counts(line_counts):
 
 def run_config(options: RebuildOptions) -> dict:
     """Every flag of the job and its value, for manifest.json's "config" (except --output, so
-    that a rebuild into another directory gives the same bytes, and --verbose)."""
+    that a rebuild into another directory gives the same bytes, --verbose, and the flags that do
+    not change what is built: --overwrite, --max_reject_rate, the annotation store's)."""
     return {name: value for name, value in sorted(options.as_dict().items())
-            if name not in ("output", "verbose")}
+            if name not in ("output", "verbose", "overwrite", "max_reject_rate",
+                            "annotation_store", "from_annotations")}
+
+
+def content_config(options: RebuildOptions) -> dict:
+    """run_config with the licences and the embeddings choice as the run resolves them."""
+    licenses = split_list(options.licenses) or list(FDH_LICENSES)
+    return {**run_config(options), "licenses": ",".join(licenses),
+            "no_embeddings": options.no_embeddings or options.annotator == "lite"}
 
 
 def _checkout_sha() -> Optional[str]:
@@ -200,7 +226,10 @@ def gpu_stage(options: RebuildOptions, write_shards: WriteShards, no_embeddings:
     annotate = Annotate(annotator=options.annotator, model_dir=options.model_dir,
                         device=options.device, max_batch_size=options.max_batch_size,
                         no_embeddings=no_embeddings, random_weights=options.random_weights,
-                        require_detectron2_here=is_local(options), check_here=is_local(options))
+                        require_detectron2_here=is_local(options) and not options.from_annotations,
+                        check_here=is_local(options))
+    annotate = with_annotation_store(annotate, options.output.rstrip("/"), options.annotation_store,
+                                     options.from_annotations)
     part_table = options.model_dir if options.annotator == "fdh" and not no_embeddings else None
     return GpuStage(annotate, SelectPersons(part_table=part_table), CropPersons(),
                     AssignSplit(val_fraction=options.val_fraction, by=options.split_by),
@@ -243,8 +272,7 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
               # complete before its consumer runs).
               | "AfterRejects" >> beam.Map(lambda counts, _: counts,
                                            beam.pvalue.AsList(rejects_written)))
-    config = {**run_config(options), "licenses": ",".join(licenses), "no_embeddings": no_embeddings,
-              **write_shards.config}
+    config = {**content_config(options), **write_shards.config}
     _ = {"shards": written.main, "counts": funnel} | "WriteRunOutputs" >> WriteRunOutputs(
         output, config=config, versions=launch_versions(options), crawl_time=options.crawl_time)
 
@@ -257,7 +285,7 @@ def summarize(output: str) -> str:
     lines.append(f"  samples kept: {stats.get('totals', {}).get('samples', 0)}")
     for license_slug in sorted(written):
         cells = ", ".join(f"{split} {cell['samples']} ({cell['shards']} shards, "
-                          f"{cell['bytes'] / 2**20:.1f} MiB)"
+                          f"{human_bytes(cell['bytes'])})"
                           for split, cell in sorted(written[license_slug].items()))
         lines.append(f"    {license_slug:<14} {cells}")
     funnel = stats.get("funnel", {})
@@ -274,16 +302,25 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     rebuild_options, options = split_job_flags(RebuildOptions, argv, __doc__)
     if not rebuild_options.yfcc or not rebuild_options.output:
         raise UsageError("rebuild needs --yfcc=PATH[,PATH...] and --output=DIR (see --help)")
+    parse_max_reject_rates(rebuild_options.max_reject_rate)  # a bad value fails here, exit 2
     check_remote_launch(rebuild_options, options)
-    if rebuild_options.crawl_time is None:
-        rebuild_options.crawl_time = resolve_crawl_time(rebuild_options.output, None, default=time.time())
-    pipeline = make_pipeline(options)
-    build(pipeline, rebuild_options)
-    result = pipeline.run()
-    result.wait_until_finish()
-    if is_local(options) or FileSystems.exists(f"{rebuild_options.output.rstrip('/')}/{STATS_FILE}"):
-        print(summarize(rebuild_options.output))
-        return load_json(rebuild_options.output, STATS_FILE)
+    output = rebuild_options.output.rstrip("/")
+    with run_lock(output, "rebuild"):
+        check_output_ownership(output, content_config(rebuild_options), rebuild_options.overwrite)
+        if rebuild_options.crawl_time is None:
+            rebuild_options.crawl_time = resolve_crawl_time(output, None, default=time.time())
+        pipeline = make_pipeline(options)
+        build(pipeline, rebuild_options)
+        with report_progress("rebuild", input_size(split_list(rebuild_options.yfcc))):
+            result = pipeline.run()
+            result.wait_until_finish()
+        remove_empty_beam_temp_folders(output)
+    if is_local(options) or FileSystems.exists(f"{output}/{STATS_FILE}"):
+        print(summarize(output))
+        stats = load_json(output, STATS_FILE)
+        check_reject_rates(stats.get("funnel", {}), rebuild_options.max_reject_rate,
+                           f"{output}/rejects/*.parquet")
+        return stats
     return {}
 
 

@@ -15,6 +15,7 @@ import os
 from typing import Any, Iterable, Mapping, Optional
 
 from dataset import fs
+from dataset.annotations import STORE_DIRNAME
 from dataset.layout import (MANIFEST_FILE, METADATA_FILE, OPT_OUT_FILE, REJECTS_DIR,
                             STAGED_SUFFIX, STATS_FILE, is_shard_file, shard_parquet_path)
 
@@ -59,7 +60,8 @@ def manifest_files(manifest: Mapping[str, Any]) -> set[str]:
 def _is_run_file(relative: str) -> bool:
     """A file some run of the project's jobs writes in a dataset (not a shard)."""
     return (relative in RUN_FILES or relative == LOCK_FILE or is_temp_file(relative)
-            or relative.startswith(REJECTS_DIR + "/") or relative.endswith(STAGED_SUFFIX))
+            or relative.startswith((REJECTS_DIR + "/", STORE_DIRNAME + "/"))
+            or relative.endswith(STAGED_SUFFIX))
 
 
 def foreign_files(output: str, manifest: Optional[Mapping[str, Any]]) -> list[str]:
