@@ -3,7 +3,8 @@
 A small world (two licences, both splits, several shards, one NoDerivs reject) is written through
 the Beam writer (`AssignSplit | WriteShards | WriteRunOutputs`), then edited by the takedown job
 and stripped by the strip_embeddings job. The sha256 of every output file must equal the digests
-recorded on the base commit ec5f786, before the move. The manifest's `versions` block is pinned
+recorded on the base commit ec5f786, before the move (re-recorded once when the
+keys became integers, issue 12). The manifest's `versions` block is pinned
 (every `code_versions()` key overridden), so the digests do not depend on installed versions.
 """
 from __future__ import annotations

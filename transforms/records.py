@@ -66,9 +66,30 @@ LICENSES = {
 FDH_LICENSES = ("cc-by-2", "cc-by-sa-2", "cc-by-nc-2", "cc-by-nc-sa-2")
 
 
+# Persons per photo that a sample key can number: key = photo_id * KEY_PERSONS_PER_PHOTO + index.
+KEY_PERSONS_PER_PHOTO = 1000
+
+
 def sample_key(photo_id: int, person_index: int) -> str:
-    """Stable sample key: the photo id and the person's index in that photo; never has a dot."""
-    return f"{int(photo_id)}_{int(person_index)}"
+    """FDH-compatible sample key: the decimal integer photo_id * 1000 + person_index.
+
+    FDH's keys are integers (its download_no_embeddings.py calls `int(key)`), so ours are too:
+    unique per person (person_index < 1000 is checked), deterministic, digits only (no dot, no
+    slash). `photo_id_of_key` inverts it. The sample's `id` field stays the Flickr photo id,
+    shared by every person of the photo.
+    """
+    photo_id, person_index = int(photo_id), int(person_index)
+    if photo_id < 0:
+        raise ValueError(f"photo id must be >= 0, got {photo_id}")
+    if not 0 <= person_index < KEY_PERSONS_PER_PHOTO:
+        raise ValueError(f"person index {person_index} outside [0, {KEY_PERSONS_PER_PHOTO}): "
+                         f"the integer sample key cannot number it")
+    return str(photo_id * KEY_PERSONS_PER_PHOTO + person_index)
+
+
+def photo_id_of_key(key: str) -> tuple[int, int]:
+    """(photo_id, person_index) of a `sample_key`."""
+    return divmod(int(key), KEY_PERSONS_PER_PHOTO)
 
 
 @dataclass(frozen=True)
