@@ -174,6 +174,9 @@ class Detections:
     masks: Optional[np.ndarray] = None  # bool (N, H, W)
     keypoints: Optional[np.ndarray] = None  # float32 (N, 17, 3): x, y, score
     vertices: Optional[np.ndarray] = None  # int16 (N, H, W) CSE vertex ids, valid where masks
+    # CSE only: per detection a transforms.cse_vertices.CseEmbedding (box-frame S and E), which
+    # the crop stage maps into crop coordinates as DP2 does; None when not kept.
+    embeddings: Optional[list[Any]] = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -215,6 +218,7 @@ class Person:
     score: float  # detection score
     e_mask: Optional[np.ndarray] = None  # bool (H, W): where the CSE has an embedding
     vertices: Optional[np.ndarray] = None  # int16 (H, W) CSE vertex ids, 0 outside e_mask
+    cse: Optional[Any] = None  # transforms.cse_vertices.CseEmbedding of its CSE detection
     extra: dict[str, Any] = field(default_factory=dict)  # scores and matching details
 
 

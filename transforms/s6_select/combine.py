@@ -6,7 +6,9 @@
     passes the threshold; never sorted by IoU, as DP2). Unpaired detections are dropped (reported
     as 'no_cse_match' / 'no_mask_match'). A pair's person mask is the union of both masks; its box
     is the union of the mask's box and the CSE box; e_mask is the CSE coarse segmentation and
-    vertices the CSE vertex ids there (0 elsewhere). Persons are numbered in pair order.
+    vertices the CSE vertex ids there (0 elsewhere), both image-space (the FDH rule reads them);
+    `cse` carries the detection's box-frame S and E for the crop stage (DP2's mapping into the
+    crop). Persons are numbered in pair order.
   * Keypoint detections are assigned to persons one-to-one by box IoU (keypoint R-CNN box vs the
     person box), maximising the total IoU (Hungarian assignment, scipy), keeping only pairs with
     IoU >= `min_keypoint_box_iou` (0.5). A person left without keypoints is dropped ('no_keypoints').
@@ -196,6 +198,7 @@ def combine_fdh(annotated: AnnotatedPhoto, iou_threshold: float = IOU_COMBINE_TH
             score=float(mask_dets.scores[i]),
             e_mask=e_mask,
             vertices=vertices,
+            cse=None if cse_dets.embeddings is None else cse_dets.embeddings[j],
             extra={"mask_det": i, "cse_det": j, "mask_cse_iou": float(iou[i, j]),
                    "cse_score": float(cse_dets.scores[j])},
         ))
@@ -246,6 +249,9 @@ def annotation_problem(annotated: AnnotatedPhoto) -> Optional[str]:
     if annotated.annotator == "lite":
         return check(annotated.keypoint_dets, "keypoint_dets", ("keypoints", "masks"))
     if annotated.annotator == "fdh":
+        cse = annotated.cse_dets
+        if cse is not None and cse.embeddings is not None and len(cse.embeddings) != len(cse):
+            return f"cse_dets: {len(cse.embeddings)} embeddings for {len(cse)} detections"
         return (check(annotated.keypoint_dets, "keypoint_dets", ("keypoints",))
                 or check(annotated.mask_dets, "mask_dets", ("masks",), optional=True)
                 or check(annotated.cse_dets, "cse_dets", ("masks", "vertices"), optional=True))
