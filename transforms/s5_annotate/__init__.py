@@ -23,7 +23,7 @@ from typing import Optional
 import apache_beam as beam
 
 from transforms.records import REJECTS_TAG
-from transforms.s5_annotate.cascade import (DEFAULT_MIN_PERSON_HEIGHT, DEFAULT_PERSON_SCORE, FdhSettings,
+from transforms.s5_annotate.cascade import (DEFAULT_PERSON_SCORE, MIN_BOX_AREA, FdhSettings,
                                             expand_fdh)
 from transforms.s5_annotate.cse import require_detectron2
 from transforms.s5_annotate.handlers import check_device, check_weights_present
@@ -44,8 +44,9 @@ class Annotate(beam.PTransform):
       device: 'CPU' or 'GPU'. GPU fails loudly when CUDA is missing (never falls back to CPU).
       max_batch_size: images per model call.
       no_embeddings: skip DensePose CSE (no detectron2 needed; FDH's no-embeddings variant).
-      min_person_height: cascade: the heavy models only run on photos with a keypoint-R-CNN person
-        at least this many pixels tall (and scoring >= person_score).
+      min_box_area / person_score: cascade gate: the heavy models only run on photos with a
+        keypoint-R-CNN person scoring >= person_score (DP2's 0.3) whose box grown by 10 % and
+        expanded to 1.8 has >= min_box_area (DP2's 32*32) pixels.
       gpu_type: Dataflow accelerator type (e.g. 'nvidia-tesla-t4'): with device 'GPU', adds the
         resource hint `accelerator=type:...;count:1;install-nvidia-driver` to this whole
         transform (and so to nothing else in the job): photos cross to the GPU workers once, and
@@ -67,7 +68,7 @@ class Annotate(beam.PTransform):
 
     def __init__(self, annotator: str = "fdh", model_dir: Optional[str] = None, device: str = "CPU",
                  max_batch_size: int = 4, no_embeddings: bool = False,
-                 min_person_height: int = DEFAULT_MIN_PERSON_HEIGHT,
+                 min_box_area: int = MIN_BOX_AREA,
                  person_score: float = DEFAULT_PERSON_SCORE, gpu_type: Optional[str] = None,
                  random_weights: bool = False, model_options: Optional[dict] = None,
                  lite_thresholds: Optional[dict] = None, large_model: Optional[bool] = None,
@@ -86,7 +87,7 @@ class Annotate(beam.PTransform):
         self._device = device
         self._max_batch_size = max_batch_size
         self._no_embeddings = no_embeddings
-        self._min_person_height = min_person_height
+        self._min_box_area = min_box_area
         self._person_score = person_score
         if device == "GPU" and gpu_type and annotator == "fdh":
             self.with_resource_hints(accelerator=f"type:{gpu_type};count:1;install-nvidia-driver")
@@ -111,7 +112,7 @@ class Annotate(beam.PTransform):
     def _fdh_settings(self) -> FdhSettings:
         return FdhSettings(
             model_dir=self._model_dir, device=self._device, max_batch_size=self._max_batch_size,
-            no_embeddings=self._no_embeddings, min_person_height=self._min_person_height,
+            no_embeddings=self._no_embeddings, min_box_area=self._min_box_area,
             person_score=self._person_score,
             random_weights=self._random_weights, model_options=self._model_options,
             large_model=self._large_model, model_copies=self._model_copies)
