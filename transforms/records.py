@@ -34,7 +34,10 @@ HEAD_KEYPOINTS = (0, 1, 2, 3, 4)
 # Default keypoint score threshold per annotator, when none is configured: torchvision keypoint
 # R-CNN scores are heatmap logits (> 0: more likely visible than not); the lite annotator's are
 # BlazePose visibilities in [0, 1], 0.5 as in its own settings.
-DEFAULT_SCORE_THRESHOLDS = {"fdh": 0.0, "lite": 0.5}
+# 'fdh_detectron2' (DP2's detectron2 detectors): keypoint scores are probabilities, visible at 0.5
+# (DP2 compute_oks.py: "Same as used for annotating FDH").
+DEFAULT_SCORE_THRESHOLDS = {"fdh": 0.0, "fdh_detectron2": 0.5, "lite": 0.5}
+FDH_ANNOTATORS = ("fdh", "fdh_detectron2")  # annotator names of the FDH cascade, per --detector
 
 
 def score_threshold_for(annotator: str, configured: Optional[float]) -> float:

@@ -34,6 +34,7 @@ from transforms.crop_geometry import MIN_BOX_AREA, grown_aspect_box, is_too_smal
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, AnnotatedPhoto, DecodedImage, Detections
 from transforms.rejects import reject
 from transforms.stage import StageDoFn, StageOutput
+from transforms.s5_annotate import detectron2_models as d2
 from transforms.s5_annotate.cse import CSE_MODEL_ASSET, PHI_ASSET, DensePoseCseHandler
 from transforms.s5_annotate.handlers import (DEFAULT_MASK_MODEL, KEYPOINT_MODEL, MODELS, ModelError,
                                              TorchvisionDetectionHandler)
@@ -77,13 +78,17 @@ class FdhSettings:
     model_options: dict = field(default_factory=dict)  # torchvision handler kwargs; 'mask_model'
     large_model: bool = False
     model_copies: Optional[int] = None
+    detector: str = "torchvision"  # or 'detectron2': DP2's own detectors (detectron2_models.py)
 
     @property
     def mask_model(self) -> str:
         return self.model_options.get("mask_model", DEFAULT_MASK_MODEL)
 
     def asset_names(self) -> list[str]:
-        names = [MODELS[KEYPOINT_MODEL][0], MODELS[self.mask_model][0]]
+        if self.detector == "detectron2":
+            names = [d2.KEYPOINT_MODEL, d2.MASK_MODEL]
+        else:
+            names = [MODELS[KEYPOINT_MODEL][0], MODELS[self.mask_model][0]]
         if not self.no_embeddings:
             names += [CSE_MODEL_ASSET, PHI_ASSET]
         return names
@@ -95,6 +100,29 @@ class FdhSettings:
             model_name, model_dir=self.model_dir, device=self.device,
             random_weights=self.random_weights, max_batch_size=self.max_batch_size,
             large_model=self.large_model, model_copies=self.model_copies, **options)
+
+    @property
+    def annotator_name(self) -> str:
+        """'fdh' (torchvision detectors) or 'fdh_detectron2' (its keypoint scores are probabilities)."""
+        return "fdh_detectron2" if self.detector == "detectron2" else ANNOTATOR_NAME
+
+    def keypoint_handler(self):
+        """The keypoint step: DP2's KeypointMaskRCNN (detectron2) or torchvision's keypoint R-CNN."""
+        if self.detector == "detectron2":
+            return self.detectron2_handler(d2.KEYPOINT_MODEL)
+        return self.torchvision_handler(KEYPOINT_MODEL)
+
+    def mask_handler(self):
+        """The mask step: DP2's X101 Mask R-CNN (detectron2) or the torchvision `mask_model`."""
+        if self.detector == "detectron2":
+            return self.detectron2_handler(d2.MASK_MODEL)
+        return self.torchvision_handler(self.mask_model)
+
+    def detectron2_handler(self, model_name: str):
+        return d2.Detectron2DetectionHandler(
+            model_name, model_dir=self.model_dir, device=self.device, max_batch_size=self.max_batch_size,
+            large_model=self.large_model, model_copies=self.model_copies,
+            random_weights=self.random_weights)
 
     def cse_handler(self):
         return DensePoseCseHandler(
@@ -115,8 +143,11 @@ class StartAnnotationFn(StageDoFn):
 
     stage = STAGE
 
+    def __init__(self, annotator: str = ANNOTATOR_NAME):
+        self._annotator = annotator
+
     def process_element(self, photo: DecodedImage) -> Iterator:
-        yield AnnotatedPhoto(photo=photo, annotator=ANNOTATOR_NAME,
+        yield AnnotatedPhoto(photo=photo, annotator=self._annotator,
                              keypoint_dets=Detections.empty()), photo.image
 
 
@@ -194,14 +225,13 @@ def _run_model(pcoll, label: str, handler):
 
 def expand_fdh(photos: beam.PCollection, settings: FdhSettings) -> StageOutput:
     """Compose the cascade on a PCollection[DecodedImage]."""
-    started = photos | "StartAnnotation" >> beam.ParDo(StartAnnotationFn()).with_outputs(
+    started = photos | "StartAnnotation" >> beam.ParDo(StartAnnotationFn(settings.annotator_name)).with_outputs(
         REJECTS_TAG, main="main")
-    keypoints = _run_model(started.main, "KeypointRCNN", settings.torchvision_handler(KEYPOINT_MODEL))
+    keypoints = _run_model(started.main, "KeypointRCNN", settings.keypoint_handler())
     after_keypoints = keypoints | "AttachKeypoints" >> beam.ParDo(AttachKeypointsFn(
         settings.person_score, settings.min_box_area, settings.no_embeddings)).with_outputs(
         DENSE_TAG, REJECTS_TAG, main="done")
-    masks = _run_model(after_keypoints[DENSE_TAG], "MaskRCNN",
-                       settings.torchvision_handler(settings.mask_model))
+    masks = _run_model(after_keypoints[DENSE_TAG], "MaskRCNN", settings.mask_handler())
     after_masks = masks | "AttachMasks" >> beam.ParDo(AttachMasksFn(settings.no_embeddings)).with_outputs(
         DENSE_TAG, REJECTS_TAG, main="done")
     done = [after_keypoints.done, after_masks.done]

@@ -124,6 +124,27 @@ def cse_instances_to_detections(instances: Any, image_hw: tuple[int, int], embed
                       masks=masks, vertices=vertices, embeddings=embeddings)
 
 
+def detectron2_inputs(images: Sequence[np.ndarray], input_format: str, min_size: int, max_size: int,
+                      device) -> list[dict]:
+    """RGB uint8 images -> detectron2 model inputs as DP2 prepares them: channel order of the
+    model's INPUT.FORMAT, shortest edge resized to `min_size` (longest <= `max_size`) with
+    torchvision bilinear + antialias, original height/width kept for the outputs."""
+    import torch
+    from detectron2.data.transforms import ResizeShortestEdge
+    from torchvision.transforms.functional import InterpolationMode, resize
+
+    inputs = []
+    for image in images:
+        height, width = image.shape[:2]
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)
+        if input_format == "BGR":
+            tensor = tensor.flip(0)
+        new_h, new_w = ResizeShortestEdge.get_output_shape(height, width, min_size, max_size)
+        tensor = resize(tensor, [new_h, new_w], InterpolationMode.BILINEAR, antialias=True)
+        inputs.append({"image": tensor, "height": height, "width": width})
+    return inputs
+
+
 class CsePredictor:
     """A loaded detectron2 DensePose CSE model plus its embed_map; `detect(RGB uint8 images)`.
 
@@ -137,20 +158,9 @@ class CsePredictor:
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         import torch
-        from detectron2.data.transforms import ResizeShortestEdge
-        from torchvision.transforms.functional import InterpolationMode, resize
 
-        device = self.embed_map.device
-        inputs = []
-        for image in images:
-            height, width = image.shape[:2]
-            tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)
-            if self.cfg.INPUT.FORMAT == "BGR":
-                tensor = tensor.flip(0)
-            new_h, new_w = ResizeShortestEdge.get_output_shape(
-                height, width, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST)
-            tensor = resize(tensor, [new_h, new_w], InterpolationMode.BILINEAR, antialias=True)
-            inputs.append({"image": tensor, "height": height, "width": width})
+        inputs = detectron2_inputs(images, self.cfg.INPUT.FORMAT, self.cfg.INPUT.MIN_SIZE_TEST,
+                                   self.cfg.INPUT.MAX_SIZE_TEST, self.embed_map.device)
         with torch.inference_mode():
             outputs = self.model(inputs)
         return [cse_instances_to_detections(output["instances"], image.shape[:2], self.embed_map)
