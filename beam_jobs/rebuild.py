@@ -74,6 +74,9 @@ class RebuildOptions(JobOptions):
         parser.add_argument("--annotator", default="fdh", choices=("fdh", "lite"),
                             help="fdh: keypoint R-CNN + mask R-CNN + DensePose CSE (GPU); lite: "
                                  "mediapipe pose + segmentation on the CPU, no CSE (demo, tests)")
+        parser.add_argument("--detector", default="torchvision", choices=("torchvision", "detectron2"),
+                            help="fdh annotator's detectors: detectron2 = DP2's own (FDH-faithful, "
+                                 "needs detectron2); torchvision = other models, NOT FDH-faithful")
         parser.add_argument("--no_embeddings", action="store_true",
                             help="write FDH's no-embeddings variant (no vertices.npy / e_mask.png; "
                                  "no detectron2 needed)")
@@ -227,7 +230,7 @@ def gpu_stage(options: RebuildOptions, write_shards: WriteShards, no_embeddings:
                         device=options.device, max_batch_size=options.max_batch_size,
                         no_embeddings=no_embeddings, random_weights=options.random_weights,
                         require_detectron2_here=is_local(options) and not options.from_annotations,
-                        check_here=is_local(options))
+                        check_here=is_local(options), detector=options.detector)
     annotate = with_annotation_store(annotate, options.output.rstrip("/"), options.annotation_store,
                                      options.from_annotations)
     part_table = options.model_dir if options.annotator == "fdh" and not no_embeddings else None

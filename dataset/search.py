@@ -36,7 +36,7 @@ class Match:
 def photo_id_of(key: str, entry: Mapping[str, Any]) -> Optional[int]:
     """The Flickr photo id of a metadata.json entry: its `id` field, else the key's prefix.
 
-    Our keys are `{photo_id}_{person_index}` (records.sample_key); FDH's `id` is the photo id.
+    Our keys are the integers photo_id * 1000 + person_index (records.sample_key); FDH's `id` is the photo id.
     """
     for candidate in (entry.get("id"), key.split("_", 1)[0]):
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.factories import make_sample, replace
-from transforms.records import LICENSES
+from transforms.records import LICENSES, sample_key
 from tests.beam_writer import write_with_beam
 
 VICTIM = "11111111@N01"
@@ -53,7 +53,7 @@ def dataset_samples():
 
 def keys_of(user: str) -> list[str]:
     """Sample keys of a user in LAYOUT, sorted."""
-    return sorted(f"{p}_{i}" for p, n, u, _, _ in LAYOUT if u == user for i in range(n))
+    return sorted(sample_key(p, i) for p, n, u, _, _ in LAYOUT if u == user for i in range(n))
 
 
 def build_dataset(root: Path, no_embeddings: bool = False) -> Path:

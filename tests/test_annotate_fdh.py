@@ -22,6 +22,7 @@ from tests.factories import make_record
 from transforms import assets
 from transforms.records import REJECTS_TAG, AnnotatedPhoto, DecodedImage, Detections
 from transforms.s5_annotate import Annotate
+from transforms.s5_annotate import cascade
 from transforms.s5_annotate.cascade import DENSE_TAG, AttachKeypointsFn, needs_dense_models
 from transforms.s5_annotate.cse import Detectron2MissingError
 from transforms.s5_annotate.handlers import (ModelError, TorchvisionDetectionHandler, check_device,
@@ -79,21 +80,42 @@ def test_to_detections_keeps_people_and_uses_keypoint_scores():
 def test_cascade_rule():
     def dets(box, score):
         return Detections(boxes=np.array([box], np.float32), scores=np.array([score], np.float32))
-    assert needs_dense_models(dets([0, 0, 10, 50], 0.9), 0.5, 32)
-    assert not needs_dense_models(dets([0, 0, 10, 20], 0.9), 0.5, 32)  # too short
-    assert not needs_dense_models(dets([0, 0, 10, 50], 0.3), 0.5, 32)  # too unsure
-    assert not needs_dense_models(Detections.empty(), 0.0, 0)
+    image_hw = (480, 640)
+    assert needs_dense_models(dets([0, 0, 10, 50], 0.9), 0.3, image_hw)
+    assert not needs_dense_models(dets([0, 0, 10, 20], 0.9), 0.3, image_hw)  # crop box 11x21: too small
+    assert not needs_dense_models(dets([0, 0, 10, 50], 0.29), 0.3, image_hw)  # under DP2's 0.3
+    assert needs_dense_models(dets([0, 0, 10, 50], 0.3), 0.3, image_hw)  # DP2 keeps 0.3
+    assert not needs_dense_models(dets([5, 5, 5, 50], 0.9), 0.3, image_hw)  # empty box
+    assert not needs_dense_models(Detections.empty(), 0.0, image_hw)
+
+
+def test_cascade_annotates_a_short_wide_person_that_dp2_keeps():
+    """Issue 12: a 25 px tall, 60 px wide person. The old gate (>= 32 px tall, score >= 0.5) skipped
+    the photo; DP2 keeps the person (crop box 63 x 113 = 7,119 px^2 >= 32*32 after growth and aspect)."""
+    from transforms.crop_geometry import box_area, crop_box_for_person, is_too_small
+
+    box = [200, 300, 260, 325]  # x0, y0, x1, y1: 60 wide, 25 tall
+    crop_box = crop_box_for_person(box, (480, 640), mask_pixels=60 * 25 // 2)
+    assert box_area(crop_box) == 7119 and not is_too_small(crop_box)  # what select will keep
+    dets = Detections(boxes=np.array([box], np.float32), scores=np.array([0.35], np.float32))
+    assert needs_dense_models(dets, cascade.DEFAULT_PERSON_SCORE, (480, 640))
+    photo = _photo(9, 480, 640)
+    start = AnnotatedPhoto(photo=photo, annotator="fdh", keypoint_dets=Detections.empty())
+    fn = AttachKeypointsFn(person_score=cascade.DEFAULT_PERSON_SCORE, min_box_area=cascade.MIN_BOX_AREA,
+                           no_embeddings=False)
+    (routed,) = list(fn.process((start, dets)))
+    assert routed.tag == DENSE_TAG
 
 
 def test_attach_keypoints_routes_skips_and_rejects():
     photo = _photo(7, 40, 30)
     start = AnnotatedPhoto(photo=photo, annotator="fdh", keypoint_dets=Detections.empty())
-    fn = AttachKeypointsFn(person_score=0.5, min_person_height=32, no_embeddings=False)
+    fn = AttachKeypointsFn(person_score=0.5, min_box_area=32 * 32, no_embeddings=False)
     small = Detections(boxes=np.array([[0, 0, 10, 20]], np.float32), scores=np.array([0.9], np.float32))
     (skipped,) = list(fn.process((start, small)))
     assert skipped.keypoint_dets is small
     assert skipped.mask_dets.masks.shape == (0, 40, 30) and skipped.cse_dets.vertices.shape == (0, 40, 30)
-    tall = Detections(boxes=np.array([[0, 0, 10, 39]], np.float32), scores=np.array([0.9], np.float32))
+    tall = Detections(boxes=np.array([[0, 0, 25, 39]], np.float32), scores=np.array([0.9], np.float32))
     (routed,) = list(fn.process((start, tall)))
     assert routed.tag == DENSE_TAG and routed.value[0].keypoint_dets is tall
     (rejected,) = list(fn.process((start, ModelError("boom"))))
@@ -110,14 +132,14 @@ def test_annotate_fdh_pipeline_random_weights():
     pipeline = make_pipeline(PipelineOptions([]))
     outputs = pipeline | beam.Create(photos + [bad]) | Annotate(
         annotator="fdh", no_embeddings=True, random_weights=True, max_batch_size=2,
-        person_score=0.0, min_person_height=0, model_options=dict(TINY, mask_model="maskrcnn_resnet50_fpn"))
+        person_score=0.0, min_box_area=0, model_options=dict(TINY, mask_model="maskrcnn_resnet50_fpn"))
 
     def check(annotated: AnnotatedPhoto):
         height, width = annotated.photo.image.shape[:2]
         kp, masks = annotated.keypoint_dets, annotated.mask_dets
         assert kp.keypoints.shape == (len(kp), 17, 3)
         assert masks.masks.shape == (len(masks), height, width) and masks.masks.dtype == bool
-        dense = needs_dense_models(kp, 0.0, 0)
+        dense = needs_dense_models(kp, 0.0, (height, width), 0)
         return annotated.photo.record.photo_id, annotated.annotator, annotated.cse_dets, dense
 
     # Thresholds 0 and a score threshold of 0 make every photo with any detection go dense.

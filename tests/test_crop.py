@@ -126,7 +126,7 @@ def test_make_sample_from_a_painted_figure():
                     keypoints=keypoints, score=0.95, e_mask=mask, vertices=vertices)
     box = crop_box_for_person(person.box, (400, 300), int(mask.sum()))
     sample = make_sample(photo, person, box, keypoint_score_threshold=0.0, annotator="fdh")
-    assert sample.key == "1000_3" and sample.crop_box == box
+    assert sample.key == "1000003" and sample.crop_box == box
     assert sample.image.shape == (288, 160, 3) and sample.image.dtype == np.uint8
     assert sample.vertices.dtype == np.int16 and sample.vertices.shape == (288, 160)
     x0, y0, x1, y1 = box

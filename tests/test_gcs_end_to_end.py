@@ -98,11 +98,11 @@ def test_verify_takedown_search_and_rebuild_again_on_gcs(rebuilt, gcs_emulator):
     found = gcs_emulator.run_job("beam_jobs.search_user", f"--dataset={out}",
                                  f"--user_nsid={TAKEN_DOWN_USER}")
     assert found.returncode == 0, (found.stdout, found.stderr)
-    assert found.stdout == "Image 9000002_0 includes your username\n"
+    assert found.stdout == "Image 9000002000 includes your username\n"
 
     removed = _ok(gcs_emulator.run_job("beam_jobs.takedown", f"--dataset={out}",
                                        f"--user_nsid={TAKEN_DOWN_USER}"))
-    assert "9000002_0" in removed
+    assert "9000002000" in removed
     assert "2 samples" in _ok(gcs_emulator.run_job("beam_jobs.verify", f"--dataset={out}"))
     assert f"user:{TAKEN_DOWN_USER}" in gcs_emulator.read("out/opt_out.txt").decode().splitlines()
     manifest = json.loads(gcs_emulator.read("out/manifest.json"))
@@ -117,7 +117,7 @@ def test_verify_takedown_search_and_rebuild_again_on_gcs(rebuilt, gcs_emulator):
         assert "No image" in gone.stderr
     kept = gcs_emulator.run_job("beam_jobs.search_user", f"--dataset={out}/cc-by*/*/*.parquet",
                                 f"--user_nsid={KEPT_USER}")
-    assert kept.returncode == 0 and kept.stdout == "Image 9000001_0 includes your username\n"
+    assert kept.returncode == 0 and kept.stdout == "Image 9000001000 includes your username\n"
 
     # A rebuild into the same gs:// output honours its opt_out.txt and drops the emptied shard.
     _ok(gcs_emulator.run_job("beam_jobs.rebuild", *_rebuild_args(

@@ -20,7 +20,7 @@ from transforms import s6_select, s7_crop
 from transforms.funnel import accounting_errors
 from transforms.records import CROP_HEIGHT, CROP_WIDTH
 
-PEOPLE = {"9000001_0", "9000002_0", "9000003_0"}  # astronaut, Grace Hopper, cameraman
+PEOPLE = {"9000001000", "9000002000", "9000003000"}  # astronaut, Grace Hopper, cameraman
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from beam_jobs.search_user import EXIT_ERROR, EXIT_FOUND, EXIT_NO_MATCH, run
 from tests.jobs_dataset import OTHER, TWO_PERSON_PHOTO, UNKNOWN, VICTIM, build_dataset, keys_of
 from dataset.search import metadata_matches, parquet_files, parquet_matches
 from transforms.opt_out import OptOut
+from transforms.records import sample_key
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_one_parquet_file_holds_only_its_own_samples(dataset):
     manifest = json.loads((dataset / "manifest.json").read_text())
     entry = next(e for e in manifest["shards"] if e["license"] == "cc-by-sa-2")
     result = search(dataset / entry["parquet"], f"--user_nsid={VICTIM}")
-    assert result.stdout == "Image 1004_0 includes your username\n"
+    assert result.stdout == "Image 1004000 includes your username\n"
 
 
 def test_photo_id_search_finds_every_person_of_the_photo(dataset):
@@ -85,7 +86,7 @@ def test_photo_id_search_finds_every_person_of_the_photo(dataset):
         result = search(source, f"--photo_id={TWO_PERSON_PHOTO}")
         assert result.exit_code == EXIT_FOUND
         assert result.stdout.splitlines() == [
-            f"Image {TWO_PERSON_PHOTO}_{i} includes your photo {TWO_PERSON_PHOTO}" for i in (0, 1)]
+            f"Image {sample_key(TWO_PERSON_PHOTO, i)} includes your photo {TWO_PERSON_PHOTO}" for i in (0, 1)]
 
 
 def test_no_match_has_its_own_exit_code_and_a_message(dataset):

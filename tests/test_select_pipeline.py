@@ -39,10 +39,10 @@ def test_select_and_crop_pipeline(tmp_path):
         selected = photos | SelectPersons(part_table=table, keypoint_score_threshold=0.5)
         cropped = selected.main | CropPersons(keypoint_score_threshold=0.5)
         assert_that(cropped.main | "Keys" >> beam.Map(lambda s: (s.key, s.image.shape, s.annotator)),
-                    equal_to([("1_0", (288, 160, 3), "fdh"), ("4_0", (288, 160, 3), "lite"),
-                              ("5_0", (288, 160, 3), "lite")]), label="samples")
+                    equal_to([("1000", (288, 160, 3), "fdh"), ("4000", (288, 160, 3), "lite"),
+                              ("5000", (288, 160, 3), "lite")]), label="samples")
         assert_that(selected.rejects | "Why" >> beam.Map(lambda r: (r.record_id, r.reason)),
-                    equal_to([("1_1", "head_rule"), ("2", "no_person"), ("3", "bad_annotation")]),
+                    equal_to([("1001", "head_rule"), ("2", "no_person"), ("3", "bad_annotation")]),
                     label="select_rejects")
         assert_that(cropped.rejects | "CropWhy" >> beam.Map(lambda r: r.reason), equal_to([]),
                     label="crop_rejects")
@@ -72,7 +72,7 @@ def test_crop_rejects_too_small_and_bad_person():
         out = (p | beam.Create([SelectedPhoto(photo, "lite", persons)])) | CropPersons()
         assert_that(out.main, equal_to([]), label="none")
         assert_that(out.rejects | beam.Map(lambda r: (r.stage, r.reason, r.record_id)),
-                    equal_to([("crop", "too_small", "9_0"), ("crop", "bad_person", "9_1")]),
+                    equal_to([("crop", "too_small", "9000"), ("crop", "bad_person", "9001")]),
                     label="rejects")
 
 
@@ -98,4 +98,4 @@ def test_tiny_person_is_dropped_by_select_before_the_rule():
     with make_pipeline(PipelineOptions([])) as p:
         out = (p | beam.Create([annotated])) | SelectPersons()
         assert_that(out.rejects | beam.Map(lambda r: (r.reason, r.record_id)),
-                    equal_to([("too_small", "11_0"), ("no_person", "11")]))
+                    equal_to([("too_small", "11000"), ("no_person", "11")]))

@@ -182,7 +182,7 @@ def test_crop_error_is_a_reject_and_other_photos_flow():
 
     def build(pipeline):
         out = pipeline | beam.Create([selected(1, mask), selected(2, None)]) | CropPersons()
-        assert_that(out.main | beam.Map(lambda s: s.key), equal_to(["1_0"]), label="samples")
+        assert_that(out.main | beam.Map(lambda s: s.key), equal_to(["1000"]), label="samples")
         assert_that(_error_summary(out.rejects), equal_to([("crop", "2", "AttributeError")]))
 
     assert _run(build)["crop.error"] == 1
@@ -196,7 +196,7 @@ def test_split_error_is_a_reject_and_other_samples_flow():
     def build(pipeline):
         out = (pipeline | beam.Create([make_sample(1, with_embeddings=False), broken])
                | AssignSplit(by="user_nsid"))
-        assert_that(out.main | beam.Map(lambda s: s.key), equal_to(["1_0"]), label="split")
+        assert_that(out.main | beam.Map(lambda s: s.key), equal_to(["1000"]), label="split")
         assert_that(out.rejects | beam.Map(lambda r: (r.stage, r.reason, r.detail.split(":")[0])),
                     equal_to([("split", "error", "TypeError")]))
 

@@ -10,6 +10,7 @@ from tests.jobs_dataset import OTHER, THIRD, TWO_PERSON_PHOTO, UNKNOWN, VICTIM, 
 from dataset import layout, shards, search
 from dataset import takedown as takedown_core
 from transforms.opt_out import OptOut, read_opt_out
+from transforms.records import sample_key
 
 
 def members_by_key(dataset) -> dict[str, dict[str, bytes]]:
@@ -94,7 +95,7 @@ def test_takedown_by_photo_id_and_from_file(dataset, tmp_path):
     (dataset / "opt_out.txt").write_text("photo:777\n")  # an earlier entry stays
     report = takedown.run([f"--dataset={dataset}", f"--photo_id={TWO_PERSON_PHOTO}",
                            f"--from_file={requests}"])
-    expected = sorted([f"{TWO_PERSON_PHOTO}_0", f"{TWO_PERSON_PHOTO}_1"] + keys_of(THIRD))
+    expected = sorted([sample_key(TWO_PERSON_PHOTO, 0), sample_key(TWO_PERSON_PHOTO, 1)] + keys_of(THIRD))
     assert [m["key"] for m in report["removed"]] == expected
     metadata = json.loads((dataset / "metadata.json").read_text())
     assert not set(expected) & metadata.keys()

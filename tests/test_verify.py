@@ -31,7 +31,7 @@ def run_verify(dataset, capsys, *flags) -> tuple[int, str]:
 def test_clean_dataset_passes_with_one_ok_line(dataset, capsys):
     code, out = run_verify(dataset, capsys)
     assert code == 0
-    assert out.splitlines() == [f"OK: {dataset}: 9 shards, 12 samples, 2.8 MiB verified"]
+    assert out.splitlines() == [f"OK: {dataset}: 8 shards, 12 samples, 2.8 MiB verified"]
 
 
 def test_flipped_byte_is_caught(dataset, capsys):
@@ -72,22 +72,22 @@ def test_missing_and_extra_shards_are_caught(dataset, capsys):
 
 def test_counts_out_of_step_with_metadata_parquet_and_stats_are_caught(dataset, capsys):
     metadata = json.loads((dataset / "metadata.json").read_text())
-    metadata.pop("1001_0")
-    metadata["424242_0"] = dict(metadata["1002_0"])
+    metadata.pop("1001000")
+    metadata["424242000"] = dict(metadata["1002000"])
     fs.save_json(str(dataset), layout.METADATA_FILE, metadata)
     stats = json.loads((dataset / "stats.json").read_text())
     stats["totals"]["samples"] += 1
     fs.save_json(str(dataset), layout.STATS_FILE, stats)
     entry, rows = next((e, rows) for e in shards(dataset) if e["samples"] == 2
                        for rows in [read_parquet_rows(str(dataset / e["parquet"]))]
-                       if "1001_0" not in {r["key"] for r in rows})
+                       if "1001000" not in {r["key"] for r in rows})
     write_parquet_shard(str(dataset / entry["parquet"]), rows[1:])
     code, out = run_verify(dataset, capsys)
     assert code == 1
     dropped_row = rows[0]["key"]
-    assert "metadata.json keys are in no shard: " in out and "'424242_0'" in out
+    assert "metadata.json keys are in no shard: " in out and "'424242000'" in out
     assert f"'{dropped_row}'" in out.split("metadata.json keys are in no shard: ")[1].splitlines()[0]
-    assert "metadata.json: 1 shard samples are missing from metadata.json: ['1001_0']" in out
+    assert "metadata.json: 1 shard samples are missing from metadata.json: ['1001000']" in out
     assert "stats.json: totals" in out
     assert f"{entry['parquet']}: sha256" in out
     assert f"{entry['parquet']}: 1 rows vs 2 tar samples; only in tar ['{dropped_row}']" in out

@@ -25,7 +25,7 @@ def test_members_decode_back_to_the_sample():
     members = encode_sample(sample)
     assert list(members) == ["__key__", "image.png", "mask.png", "maskrcnn_mask.png", "e_mask.png",
                              "keypoints.npy", "vertices.npy", "json"]
-    assert members["__key__"] == "4242_1"
+    assert members["__key__"] == "4242001"
     image = Image.open(io.BytesIO(members["image.png"]))
     assert (image.mode, image.size) == ("RGB", (160, 288))
     np.testing.assert_array_equal(np.asarray(image), sample.image)

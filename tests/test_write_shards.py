@@ -38,7 +38,7 @@ def test_tar_is_deterministic_with_fixed_headers_and_round_trips(tmp_path):
     assert data == second.read_bytes() and info.bytes == len(data)
     with tarfile.open(first) as tar:
         headers = tar.getmembers()
-    assert [h.name for h in headers[:7]] == [f"0_0.{ext}" for ext in list(members[0])[1:]]
+    assert [h.name for h in headers[:7]] == [f"0.{ext}" for ext in list(members[0])[1:]]
     assert {(h.mtime, h.uid, h.gid, h.uname, h.gname, h.mode) for h in headers} == {(0, 0, 0, "", "", 0o444)}
     # Raw read-back and rewrite gives the same bytes (what takedown relies on).
     back = list(read_tar_shard(str(first)))
@@ -60,7 +60,7 @@ def test_writing_a_shard_twice_leaves_one_correct_file(tmp_path):
     write_tar_shard(str(path), _members(2))
     assert path.read_bytes() == once
     assert os.listdir(path.parent) == ["out-000000.tar"]
-    assert [m["__key__"] for m in read_tar_shard(str(path))] == ["0_0", "1_0"]
+    assert [m["__key__"] for m in read_tar_shard(str(path))] == ["0", "1000"]
 
 
 def test_failing_writer_keeps_the_old_shard_and_leaves_no_temp(tmp_path):
@@ -122,7 +122,7 @@ def test_parquet_shard_is_deterministic_and_reads_back(tmp_path):
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
     assert len(sha) == 64
     back = read_parquet_rows(str(tmp_path / "a.parquet"))
-    assert [r["key"] for r in back] == ["0_0", "1_0", "2_0", "3_0"]
+    assert [r["key"] for r in back] == ["0", "1000", "2000", "3000"]
     assert back[1]["photo_url"] == rows[1]["photo_url"]
     frame = pd.read_parquet(tmp_path / "a.parquet")
     assert list(frame.columns) == PARQUET_SCHEMA.names and len(frame) == 4

@@ -49,9 +49,9 @@ def annotate_versions(annotate: Any) -> dict[str, Any]:
                 "thresholds": dataclasses.asdict(annotate._lite_thresholds)}
     settings = annotate._fdh_settings()
     return {"annotator": "fdh", "assets": _asset_checksums(settings.asset_names(), settings.model_dir),
-            "no_embeddings": settings.no_embeddings, "min_person_height": settings.min_person_height,
+            "no_embeddings": settings.no_embeddings, "min_box_area": settings.min_box_area,
             "person_score": settings.person_score, "model_options": settings.model_options,
-            "random_weights": settings.random_weights}
+            "random_weights": settings.random_weights, "detector": settings.detector}
 
 
 def _asset_checksums(names: list[str], model_dir: Optional[str]) -> dict[str, str]:

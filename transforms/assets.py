@@ -89,6 +89,14 @@ ASSETS: list[Asset] = [
           "mask_rcnn_X_101_32x8d_FPN_3x_model_final_2d9806.pkl",
           license="Apache-2.0 (detectron2 model zoo)",
           description="detectron2 Mask R-CNN X101 (FDH's mask model; optional, needs detectron2)"),
+    Asset("dp2_keypoint_maskrcnn_rn50_fpn",
+          "https://api.loke.aws.unit.no/dlr-gui-backend-resources-content/v2/contents/links/"
+          "532a57f3-594b-4ec9-a6db-ef2e328ad60ae337668e-a83c-4222-9fa0-cec6f91adf4841b9a42e-"
+          "a28e-403e-8b96-d55ac443b8c6",
+          "dp2_keypoint_maskrcnn_rn50_fpn.pkl",
+          license="unstated (hosted by DeepPrivacy2's author; DP2 code is Apache-2.0)",
+          description="DP2's KeypointMaskRCNN R50-FPN (person masks + 17 keypoints; FDH's keypoint "
+                      "model per notes/faithfulness.md; optional, needs detectron2)"),
     Asset("smpl_subdiv", _DP + "data/SMPL_subdiv.mat", "SMPL_subdiv.mat",
           license="unstated (DensePose evaluation data, derived from SMPL: SMPL terms may apply)",
           description="subdivided SMPL mesh with the 24 DensePose charts per vertex (part table input)"),

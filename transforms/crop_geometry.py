@@ -84,15 +84,19 @@ def expand_for_background(box: Box, image_hw: tuple[int, int], mask_pixels: int,
     return x0, y0, x1, y1
 
 
-def crop_box_for_person(person_box: Sequence[float], image_hw: tuple[int, int],
-                        mask_pixels: int) -> Box:
-    """The FDH crop box of a person: grow by 10 %, expand to 1.8, then to <= 70 % person."""
+def grown_aspect_box(person_box: Sequence[float], image_hw: tuple[int, int]) -> Box:
+    """A person box grown by 10 % and expanded to 1.8: the crop box before the background step,
+    which only grows it (so its area is a lower bound of the final crop box's)."""
     x0, y0, x1, y1 = (int(v) for v in person_box)  # truncation, as DP2's .long()
     if x1 <= x0 or y1 <= y0:
         raise ValueError(f"empty person box {tuple(person_box)}")
-    box = grow_box((x0, y0, x1, y1), image_hw)
-    box = expand_to_aspect(box, image_hw)
-    return expand_for_background(box, image_hw, int(mask_pixels))
+    return expand_to_aspect(grow_box((x0, y0, x1, y1), image_hw), image_hw)
+
+
+def crop_box_for_person(person_box: Sequence[float], image_hw: tuple[int, int],
+                        mask_pixels: int) -> Box:
+    """The FDH crop box of a person: grow by 10 %, expand to 1.8, then to <= 70 % person."""
+    return expand_for_background(grown_aspect_box(person_box, image_hw), image_hw, int(mask_pixels))
 
 
 def box_area(box: Box) -> int:

@@ -34,7 +34,10 @@ HEAD_KEYPOINTS = (0, 1, 2, 3, 4)
 # Default keypoint score threshold per annotator, when none is configured: torchvision keypoint
 # R-CNN scores are heatmap logits (> 0: more likely visible than not); the lite annotator's are
 # BlazePose visibilities in [0, 1], 0.5 as in its own settings.
-DEFAULT_SCORE_THRESHOLDS = {"fdh": 0.0, "lite": 0.5}
+# 'fdh_detectron2' (DP2's detectron2 detectors): keypoint scores are probabilities, visible at 0.5
+# (DP2 compute_oks.py: "Same as used for annotating FDH").
+DEFAULT_SCORE_THRESHOLDS = {"fdh": 0.0, "fdh_detectron2": 0.5, "lite": 0.5}
+FDH_ANNOTATORS = ("fdh", "fdh_detectron2")  # annotator names of the FDH cascade, per --detector
 
 
 def score_threshold_for(annotator: str, configured: Optional[float]) -> float:
@@ -66,9 +69,30 @@ LICENSES = {
 FDH_LICENSES = ("cc-by-2", "cc-by-sa-2", "cc-by-nc-2", "cc-by-nc-sa-2")
 
 
+# Persons per photo that a sample key can number: key = photo_id * KEY_PERSONS_PER_PHOTO + index.
+KEY_PERSONS_PER_PHOTO = 1000
+
+
 def sample_key(photo_id: int, person_index: int) -> str:
-    """Stable sample key: the photo id and the person's index in that photo; never has a dot."""
-    return f"{int(photo_id)}_{int(person_index)}"
+    """FDH-compatible sample key: the decimal integer photo_id * 1000 + person_index.
+
+    FDH's keys are integers (its download_no_embeddings.py calls `int(key)`), so ours are too:
+    unique per person (person_index < 1000 is checked), deterministic, digits only (no dot, no
+    slash). `photo_id_of_key` inverts it. The sample's `id` field stays the Flickr photo id,
+    shared by every person of the photo.
+    """
+    photo_id, person_index = int(photo_id), int(person_index)
+    if photo_id < 0:
+        raise ValueError(f"photo id must be >= 0, got {photo_id}")
+    if not 0 <= person_index < KEY_PERSONS_PER_PHOTO:
+        raise ValueError(f"person index {person_index} outside [0, {KEY_PERSONS_PER_PHOTO}): "
+                         f"the integer sample key cannot number it")
+    return str(photo_id * KEY_PERSONS_PER_PHOTO + person_index)
+
+
+def photo_id_of_key(key: str) -> tuple[int, int]:
+    """(photo_id, person_index) of a `sample_key`."""
+    return divmod(int(key), KEY_PERSONS_PER_PHOTO)
 
 
 @dataclass(frozen=True)
@@ -153,6 +177,9 @@ class Detections:
     masks: Optional[np.ndarray] = None  # bool (N, H, W)
     keypoints: Optional[np.ndarray] = None  # float32 (N, 17, 3): x, y, score
     vertices: Optional[np.ndarray] = None  # int16 (N, H, W) CSE vertex ids, valid where masks
+    # CSE only: per detection a transforms.cse_vertices.CseEmbedding (box-frame S and E), which
+    # the crop stage maps into crop coordinates as DP2 does; None when not kept.
+    embeddings: Optional[list[Any]] = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -194,6 +221,7 @@ class Person:
     score: float  # detection score
     e_mask: Optional[np.ndarray] = None  # bool (H, W): where the CSE has an embedding
     vertices: Optional[np.ndarray] = None  # int16 (H, W) CSE vertex ids, 0 outside e_mask
+    cse: Optional[Any] = None  # transforms.cse_vertices.CseEmbedding of its CSE detection
     extra: dict[str, Any] = field(default_factory=dict)  # scores and matching details
 
 

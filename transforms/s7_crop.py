@@ -16,8 +16,10 @@ Geometry follows DeepPrivacy2 (dp2/detection/box_utils.py, structures.py), which
 
 Masks (1 = background, 0 = person): ``maskrcnn_mask`` = NOT(person mask);
 ``mask`` = NOT(person mask dilated by a disk of radius ``int(sqrt(288*160)*0.02)`` = 4), with the
-dilation undone inside the zero-padded area. ``e_mask`` = where the CSE has an embedding;
-``vertices`` = CSE vertex ids there, 0 elsewhere. Keypoints go to crop coordinates normalised to
+dilation undone inside the zero-padded area. ``e_mask`` and ``vertices`` as DP2 (transform_embedding):
+the CSE detection's box-frame E and argmax S resized bilinear with antialias straight into the
+crop, e_mask = S > 0, vertices = the nearest embed_map row per e_mask pixel, 0 elsewhere
+(`crop_cse`). Keypoints go to crop coordinates normalised to
 [0, 1] (x/W, y/H) with visibility 1 when the score passes the threshold and the point is inside.
 
 Steps 1-5 (the box) live in `transforms.crop_geometry`, shared with the select stage.
@@ -34,6 +36,7 @@ from apache_beam.metrics import Metrics
 from transforms.records import (CROP_HEIGHT, CROP_WIDTH, METRICS_NAMESPACE, REJECTS_TAG, DecodedImage,
                                 FdhSample, Person, sample_key, score_threshold_for)
 from transforms.crop_geometry import MIN_BOX_AREA, Box, box_area, crop_box_for_person, is_too_small
+from transforms.cse_vertices import cse_to_crop
 from transforms.rejects import reject
 from transforms.stage import StageDoFn, StageOutput, stage_output
 
@@ -170,14 +173,27 @@ def person_crop_box(person: Person, image_hw: tuple[int, int]) -> Box:
     return crop_box_for_person(person.box, image_hw, int(person.mask.sum()))
 
 
+def crop_cse(person: Person, box: Box, out_hw: tuple[int, int] = (CROP_HEIGHT, CROP_WIDTH)
+             ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(e_mask bool, vertices int16) of a person in the crop, or (None, None) without CSE.
+
+    With the detection's box-frame S and E (`person.cse`, the 'fdh' annotator) this is DP2's
+    mapping (`transforms.cse_vertices.cse_to_crop`); a person carrying only image-space e_mask and
+    vertices (hand-made records, older pickles) gets them nearest-sampled into the crop."""
+    if person.cse is not None:
+        e_mask, vertices = cse_to_crop(person.cse, box, out_hw)
+        return e_mask, vertices.astype(np.int16)
+    if person.e_mask is None or person.vertices is None:
+        return None, None
+    e_mask = crop_nearest(person.e_mask, box, out_hw)
+    return e_mask, np.where(e_mask, crop_nearest(person.vertices, box, out_hw), 0).astype(np.int16)
+
+
 def make_sample(photo: DecodedImage, person: Person, box: Box, keypoint_score_threshold: float,
                 annotator: str = "") -> FdhSample:
     """Crop one person of a photo into an FdhSample (image, masks, CSE vertices, keypoints)."""
     mask, maskrcnn_mask = crop_masks(person.mask, box)
-    e_mask = vertices = None
-    if person.e_mask is not None and person.vertices is not None:
-        e_mask = crop_nearest(person.e_mask, box)
-        vertices = np.where(e_mask, crop_nearest(person.vertices, box), 0).astype(np.int16)
+    e_mask, vertices = crop_cse(person, box)
     keypoints = np.asarray(person.keypoints, np.float32)
     return FdhSample(
         key=sample_key(photo.record.photo_id, person.index),

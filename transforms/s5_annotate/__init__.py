@@ -24,9 +24,10 @@ from typing import Optional
 import apache_beam as beam
 
 from transforms.records import REJECTS_TAG
-from transforms.s5_annotate.cascade import (DEFAULT_MIN_PERSON_HEIGHT, DEFAULT_PERSON_SCORE, FdhSettings,
+from transforms.s5_annotate.cascade import (DEFAULT_PERSON_SCORE, MIN_BOX_AREA, FdhSettings,
                                             expand_fdh)
 from transforms.s5_annotate.cse import require_detectron2
+from transforms.s5_annotate.detectron2_models import DETECTORS
 from transforms.s5_annotate.handlers import check_device, check_weights_present
 from transforms.s5_annotate.lite import LiteAnnotateFn, thresholds_from_dict
 from transforms.stage import StageOutput, stage_output
@@ -45,8 +46,12 @@ class Annotate(beam.PTransform):
       device: 'CPU' or 'GPU'. GPU fails loudly when CUDA is missing (never falls back to CPU).
       max_batch_size: images per model call.
       no_embeddings: skip DensePose CSE (no detectron2 needed; FDH's no-embeddings variant).
-      min_person_height: cascade: the heavy models only run on photos with a keypoint-R-CNN person
-        at least this many pixels tall (and scoring >= person_score).
+      detector: 'torchvision' (default; NOT FDH-faithful: other models, keypoint scores are
+        heatmap logits) or 'detectron2' (DP2's X101 Mask R-CNN and KeypointMaskRCNN, needs
+        detectron2: transforms.s5_annotate.detectron2_models).
+      min_box_area / person_score: cascade gate: the heavy models only run on photos with a
+        keypoint-R-CNN person scoring >= person_score (DP2's 0.3) whose box grown by 10 % and
+        expanded to 1.8 has >= min_box_area (DP2's 32*32) pixels.
       random_weights: build every model (torchvision and DensePose CSE) with random weights and
         no weight files (tests and benches ONLY: proves the plumbing, never the detections).
       model_options: extra options for the model handlers: min_size, max_size, score_threshold,
@@ -64,13 +69,16 @@ class Annotate(beam.PTransform):
 
     def __init__(self, annotator: str = "fdh", model_dir: Optional[str] = None, device: str = "CPU",
                  max_batch_size: int = 4, no_embeddings: bool = False,
-                 min_person_height: int = DEFAULT_MIN_PERSON_HEIGHT,
+                 min_box_area: int = MIN_BOX_AREA,
                  person_score: float = DEFAULT_PERSON_SCORE,
                  random_weights: bool = False, model_options: Optional[dict] = None,
                  lite_thresholds: Optional[dict] = None, large_model: Optional[bool] = None,
                  model_copies: Optional[int] = None, require_detectron2_here: bool = True,
-                 check_here: bool = True):
+                 check_here: bool = True, detector: str = "torchvision"):
         super().__init__()
+        if detector not in DETECTORS:
+            raise ValueError(f"--detector must be one of {DETECTORS}, got {detector!r}")
+        self._detector = detector
         if annotator not in ANNOTATORS:
             raise ValueError(f"--annotator must be one of {ANNOTATORS}, got {annotator!r}")
         device = device.upper()
@@ -86,7 +94,7 @@ class Annotate(beam.PTransform):
         self._device = device
         self._max_batch_size = max_batch_size
         self._no_embeddings = no_embeddings
-        self._min_person_height = min_person_height
+        self._min_box_area = min_box_area
         self._person_score = person_score
         self._random_weights = random_weights
         self._model_options = dict(model_options or {})
@@ -94,7 +102,8 @@ class Annotate(beam.PTransform):
         self._large_model = (device == "GPU") if large_model is None else large_model
         self._model_copies = model_copies
         self._check_here = check_here
-        if annotator == "fdh" and not no_embeddings and require_detectron2_here:
+        needs_detectron2 = not no_embeddings or detector == "detectron2"
+        if annotator == "fdh" and needs_detectron2 and require_detectron2_here:
             require_detectron2()
 
     def expand(self, photos: beam.PCollection) -> StageOutput:
@@ -109,10 +118,10 @@ class Annotate(beam.PTransform):
     def _fdh_settings(self) -> FdhSettings:
         return FdhSettings(
             model_dir=self._model_dir, device=self._device, max_batch_size=self._max_batch_size,
-            no_embeddings=self._no_embeddings, min_person_height=self._min_person_height,
+            no_embeddings=self._no_embeddings, min_box_area=self._min_box_area,
             person_score=self._person_score,
             random_weights=self._random_weights, model_options=self._model_options,
-            large_model=self._large_model, model_copies=self._model_copies)
+            large_model=self._large_model, model_copies=self._model_copies, detector=self._detector)
 
     def _check_local_configuration(self, pipeline: beam.Pipeline) -> None:
         """Fail at construction, not on a worker: GPU missing, weights missing (local runs)."""

@@ -1,6 +1,6 @@
 """The FDH annotator as a cascade of RunInference steps, cheapest gate first.
 
-    photo ─► keypoint R-CNN ─► nobody tall enough? ──yes──► AnnotatedPhoto with empty mask/CSE dets
+    photo ─► keypoint R-CNN ─► nobody DP2 could keep? ─yes─► AnnotatedPhoto with empty mask/CSE dets
                                      │ no                    (counter fdh/annotate.cascade_skipped)
                                      ▼
                                Mask R-CNN (person) ─► no mask? ─yes─► empty CSE dets
@@ -11,9 +11,10 @@
 Why skipping is safe: the FDH rules keep a person only when >= 4 of its keypoints match the CSE,
 and keypoints come only from keypoint R-CNN, so a photo without a keypoint R-CNN person can
 never yield a sample; likewise a person needs a Mask R-CNN mask to pair with its CSE detection.
-`min_person_height` (default 32 px, the side of FDH's 32x32 minimum crop area) and
-`person_score` only drop photos no later rule would keep, as long as they stay at or below the
-select stage's own thresholds.
+The gate is DP2's own: a keypoint person counts when it scores >= `person_score` (0.3, DP2's
+detection threshold) and its box, grown by 10 % and expanded to the 1.8 aspect (the background
+step only grows it), has >= `min_box_area` (32*32) pixels, as DP2's crop-box filter. E.g. a
+25 px tall, 60 px wide person (crop box 63 x 113 = 7,119 px^2) is annotated, as DP2 keeps it.
 
 The photo being annotated rides through RunInference as the KEY of a KeyedModelHandler; the
 model sees only its RGB array. A model failing on one image yields a `ModelError` for it, which
@@ -23,32 +24,44 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
+from transforms.crop_geometry import MIN_BOX_AREA, grown_aspect_box, is_too_small
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, AnnotatedPhoto, DecodedImage, Detections
 from transforms.rejects import reject
 from transforms.stage import StageDoFn, StageOutput
+from transforms.s5_annotate import detectron2_models as d2
 from transforms.s5_annotate.cse import CSE_MODEL_ASSET, PHI_ASSET, DensePoseCseHandler
 from transforms.s5_annotate.handlers import (DEFAULT_MASK_MODEL, KEYPOINT_MODEL, MODELS, ModelError,
                                              TorchvisionDetectionHandler)
 
-DEFAULT_MIN_PERSON_HEIGHT = 32
-DEFAULT_PERSON_SCORE = 0.5
+DEFAULT_PERSON_SCORE = 0.3  # DP2's detection score threshold (mask R-CNN and CSE)
 ANNOTATOR_NAME = "fdh"
 STAGE = "annotate"
 DENSE_TAG = "dense"
 
 
-def needs_dense_models(keypoint_dets: Detections, person_score: float, min_person_height: float) -> bool:
-    """True when some keypoint R-CNN person scores >= person_score and is >= min_person_height tall."""
+def could_be_kept(box: Sequence[float], image_hw: tuple[int, int], min_box_area: int) -> bool:
+    """Whether a detection box can give a crop box DP2 keeps: the box grown by 10 % and expanded
+    to 1.8 (the background step only grows it further) has at least `min_box_area` pixels."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if x1 <= x0 or y1 <= y0:
+        return False
+    return not is_too_small(grown_aspect_box((x0, y0, x1, y1), image_hw), min_box_area)
+
+
+def needs_dense_models(keypoint_dets: Detections, person_score: float, image_hw: tuple[int, int],
+                       min_box_area: int = MIN_BOX_AREA) -> bool:
+    """True when some keypoint R-CNN person scores >= person_score (DP2's 0.3) and its crop box
+    after growth and aspect reaches `min_box_area` (DP2's 32*32): only then can a person survive."""
     if len(keypoint_dets) == 0:
         return False
-    heights = keypoint_dets.boxes[:, 3] - keypoint_dets.boxes[:, 1]
-    return bool(((keypoint_dets.scores >= person_score) & (heights >= min_person_height)).any())
+    return any(float(score) >= person_score and could_be_kept(box, image_hw, min_box_area)
+               for box, score in zip(keypoint_dets.boxes, keypoint_dets.scores))
 
 
 @dataclass(frozen=True)
@@ -59,19 +72,23 @@ class FdhSettings:
     device: str = "CPU"
     max_batch_size: int = 4
     no_embeddings: bool = False
-    min_person_height: float = DEFAULT_MIN_PERSON_HEIGHT
+    min_box_area: int = MIN_BOX_AREA
     person_score: float = DEFAULT_PERSON_SCORE
     random_weights: bool = False
     model_options: dict = field(default_factory=dict)  # torchvision handler kwargs; 'mask_model'
     large_model: bool = False
     model_copies: Optional[int] = None
+    detector: str = "torchvision"  # or 'detectron2': DP2's own detectors (detectron2_models.py)
 
     @property
     def mask_model(self) -> str:
         return self.model_options.get("mask_model", DEFAULT_MASK_MODEL)
 
     def asset_names(self) -> list[str]:
-        names = [MODELS[KEYPOINT_MODEL][0], MODELS[self.mask_model][0]]
+        if self.detector == "detectron2":
+            names = [d2.KEYPOINT_MODEL, d2.MASK_MODEL]
+        else:
+            names = [MODELS[KEYPOINT_MODEL][0], MODELS[self.mask_model][0]]
         if not self.no_embeddings:
             names += [CSE_MODEL_ASSET, PHI_ASSET]
         return names
@@ -83,6 +100,29 @@ class FdhSettings:
             model_name, model_dir=self.model_dir, device=self.device,
             random_weights=self.random_weights, max_batch_size=self.max_batch_size,
             large_model=self.large_model, model_copies=self.model_copies, **options)
+
+    @property
+    def annotator_name(self) -> str:
+        """'fdh' (torchvision detectors) or 'fdh_detectron2' (its keypoint scores are probabilities)."""
+        return "fdh_detectron2" if self.detector == "detectron2" else ANNOTATOR_NAME
+
+    def keypoint_handler(self):
+        """The keypoint step: DP2's KeypointMaskRCNN (detectron2) or torchvision's keypoint R-CNN."""
+        if self.detector == "detectron2":
+            return self.detectron2_handler(d2.KEYPOINT_MODEL)
+        return self.torchvision_handler(KEYPOINT_MODEL)
+
+    def mask_handler(self):
+        """The mask step: DP2's X101 Mask R-CNN (detectron2) or the torchvision `mask_model`."""
+        if self.detector == "detectron2":
+            return self.detectron2_handler(d2.MASK_MODEL)
+        return self.torchvision_handler(self.mask_model)
+
+    def detectron2_handler(self, model_name: str):
+        return d2.Detectron2DetectionHandler(
+            model_name, model_dir=self.model_dir, device=self.device, max_batch_size=self.max_batch_size,
+            large_model=self.large_model, model_copies=self.model_copies,
+            random_weights=self.random_weights)
 
     def cse_handler(self):
         return DensePoseCseHandler(
@@ -103,8 +143,11 @@ class StartAnnotationFn(StageDoFn):
 
     stage = STAGE
 
+    def __init__(self, annotator: str = ANNOTATOR_NAME):
+        self._annotator = annotator
+
     def process_element(self, photo: DecodedImage) -> Iterator:
-        yield AnnotatedPhoto(photo=photo, annotator=ANNOTATOR_NAME,
+        yield AnnotatedPhoto(photo=photo, annotator=self._annotator,
                              keypoint_dets=Detections.empty()), photo.image
 
 
@@ -128,9 +171,9 @@ class _AttachFn(StageDoFn):
 class AttachKeypointsFn(_AttachFn):
     """Attach keypoint R-CNN detections; route the photo on (DENSE_TAG) or finish it (cascade)."""
 
-    def __init__(self, person_score: float, min_person_height: float, no_embeddings: bool):
+    def __init__(self, person_score: float, min_box_area: int, no_embeddings: bool):
         self._person_score = person_score
-        self._min_person_height = min_person_height
+        self._min_box_area = min_box_area
         self._no_embeddings = no_embeddings
         self._photos = Metrics.counter(METRICS_NAMESPACE, "annotate.photos")
         self._skipped = Metrics.counter(METRICS_NAMESPACE, "annotate.cascade_skipped")
@@ -139,7 +182,7 @@ class AttachKeypointsFn(_AttachFn):
         self._photos.inc()
         annotated = dataclasses.replace(annotated, keypoint_dets=result)
         image = annotated.photo.image
-        if needs_dense_models(result, self._person_score, self._min_person_height):
+        if needs_dense_models(result, self._person_score, image.shape[:2], self._min_box_area):
             yield beam.pvalue.TaggedOutput(DENSE_TAG, (annotated, image))
             return
         self._skipped.inc()
@@ -182,14 +225,13 @@ def _run_model(pcoll, label: str, handler):
 
 def expand_fdh(photos: beam.PCollection, settings: FdhSettings) -> StageOutput:
     """Compose the cascade on a PCollection[DecodedImage]."""
-    started = photos | "StartAnnotation" >> beam.ParDo(StartAnnotationFn()).with_outputs(
+    started = photos | "StartAnnotation" >> beam.ParDo(StartAnnotationFn(settings.annotator_name)).with_outputs(
         REJECTS_TAG, main="main")
-    keypoints = _run_model(started.main, "KeypointRCNN", settings.torchvision_handler(KEYPOINT_MODEL))
+    keypoints = _run_model(started.main, "KeypointRCNN", settings.keypoint_handler())
     after_keypoints = keypoints | "AttachKeypoints" >> beam.ParDo(AttachKeypointsFn(
-        settings.person_score, settings.min_person_height, settings.no_embeddings)).with_outputs(
+        settings.person_score, settings.min_box_area, settings.no_embeddings)).with_outputs(
         DENSE_TAG, REJECTS_TAG, main="done")
-    masks = _run_model(after_keypoints[DENSE_TAG], "MaskRCNN",
-                       settings.torchvision_handler(settings.mask_model))
+    masks = _run_model(after_keypoints[DENSE_TAG], "MaskRCNN", settings.mask_handler())
     after_masks = masks | "AttachMasks" >> beam.ParDo(AttachMasksFn(settings.no_embeddings)).with_outputs(
         DENSE_TAG, REJECTS_TAG, main="done")
     done = [after_keypoints.done, after_masks.done]

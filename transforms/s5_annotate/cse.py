@@ -3,10 +3,12 @@
 Model: `densepose_rcnn_R_101_FPN_DL_soft_s1x` (mesh smpl_27554, 16-dim embeddings), score
 threshold 0.3, NMS 0.5, input shortest edge 800 / longest 1333 (the config's test sizes).
 Per detected box the predictor returns a coarse segmentation S (2, 112, 112: background / person
-logits) and an embedding E (16, 112, 112). `cse_instances_to_detections` resamples both to the
-box (bilinear, like detectron2's own resampling), pastes them into the image frame, takes the
-person pixels as the mask and, inside it, the nearest `embed_map` row as the vertex id
-(`transforms.cse_vertices.embeddings_to_vertices`, squared L2).
+logits) and an embedding E (16, 112, 112). `cse_instances_to_detections` makes, as DP2's
+CSEDetector / cse_det_to_global: the image-space mask (pairing, union) = the 112x112 argmax of S
+nearest-resized to the rounded box; the image-space vertex ids (read by the FDH rule only) = the
+nearest `embed_map` row of E resampled bilinear to the box, inside that mask; and it keeps S's
+argmax and E per detection (`Detections.embeddings`, `transforms.cse_vertices.CseEmbedding`) so
+that the crop stage maps them straight into crop coordinates as DP2 does (`cse_to_crop`).
 
 `embed_map` = row-normalised phi_smpl_27554_256 [27554, 256] @ the checkpoint's [256, 16]
 `roi_heads.embedder.embedder_smpl_27554.embeddings`: the model's own embedder computes it once the
@@ -27,7 +29,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms import assets
-from transforms.cse_vertices import embeddings_to_vertices
+from transforms.cse_vertices import CseEmbedding, embeddings_to_vertices, segm_to_image_mask
 from transforms.records import Detections
 from transforms.s5_annotate.handlers import infer_with_fallback, torch_device
 
@@ -73,9 +75,10 @@ def cse_instances_to_detections(instances: Any, image_hw: tuple[int, int], embed
     `instances` needs the detectron2 `Instances` structure: `pred_boxes.tensor` (N, 4) XYXY in
     image pixels, `scores` (N,), `pred_densepose.coarse_segm` (N, 2, h, w) and
     `pred_densepose.embedding` (N, D, h, w) (box frame, h = w = 112 for the FDH model).
-    S and E are resampled (bilinear) to the box as reported, then the part inside the image is
-    pasted. Returns boxes (rounded, clipped), scores, masks (N, H, W) bool (CSE person pixels) and
-    vertices (N, H, W) int16 (nearest embed_map row; 0 outside the mask). Empty boxes are dropped.
+    The argmax of S is nearest-resized (DP2) and E bilinear-resampled to the rounded box, then the
+    part inside the image is pasted. Returns boxes (rounded, clipped), scores, masks (N, H, W) bool
+    (CSE person pixels), vertices (N, H, W) int16 (nearest embed_map row; 0 outside the mask) and
+    embeddings (one CseEmbedding per detection, for the crop stage). Empty boxes are dropped.
     """
     import torch
     import torch.nn.functional as F
@@ -95,25 +98,51 @@ def cse_instances_to_detections(instances: Any, image_hw: tuple[int, int], embed
     keep = [i for i in range(len(rounded)) if clipped[i, 2] > clipped[i, 0] and clipped[i, 3] > clipped[i, 1]]
     masks = np.zeros((len(keep), height, width), bool)
     vertices = np.zeros((len(keep), height, width), np.int16)
+    embeddings = []
+    table = embed_map.detach().cpu().numpy().astype(np.float32)
     for out, i in enumerate(keep):
-        # S and E describe the box as the model reported it: resample to its full size, then
-        # paste the part inside the image (detectron2 clips its boxes, so usually all of it).
-        x0, y0, x1, y1 = (int(v) for v in rounded[i])
+        # S and E describe the box as the model reported it (rounded, as DP2): the mask is DP2's
+        # nearest resize of the argmax; E is resampled bilinear for the image-space vertex ids
+        # that the FDH rule reads. The crop stage maps S and E again, straight into the crop.
+        box = [int(v) for v in rounded[i]]
+        x0, y0, x1, y1 = box
         cx0, cy0, cx1, cy1 = (int(v) for v in clipped[i])
-        size = (y1 - y0, x1 - x0)
         inside = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
-        box_segm = F.interpolate(segm[i:i + 1], size=size, mode="bilinear", align_corners=False)[0]
-        box_mask = (box_segm.argmax(dim=0) > 0)[inside]
-        box_embedding = F.interpolate(embedding[i:i + 1], size=size, mode="bilinear",
+        argmax = (segm[i].argmax(dim=0) > 0).cpu().numpy()
+        masks[out] = segm_to_image_mask(argmax, box, image_hw)
+        box_mask = torch.as_tensor(masks[out, cy0:cy1, cx0:cx1], device=embedding.device)
+        box_embedding = F.interpolate(embedding[i:i + 1], size=(y1 - y0, x1 - x0), mode="bilinear",
                                       align_corners=False)[0][:, inside[0], inside[1]]
         box_vertices = embeddings_to_vertices(box_embedding, embed_map, mask=box_mask,
                                               chunk_rows=chunk_rows)
-        masks[out, cy0:cy1, cx0:cx1] = box_mask.cpu().numpy()
         vertices[out, cy0:cy1, cx0:cx1] = box_vertices.cpu().numpy().astype(np.int16)
+        embeddings.append(CseEmbedding(segm=argmax, embedding=embedding[i].cpu().numpy().astype(np.float32),
+                                       box=np.asarray(box, np.int64), embed_map=table))
     index = torch.as_tensor(keep, dtype=torch.long)
     return Detections(boxes=clipped[index].float().cpu().numpy().astype(np.float32),
                       scores=scores[index].cpu().numpy().astype(np.float32),
-                      masks=masks, vertices=vertices)
+                      masks=masks, vertices=vertices, embeddings=embeddings)
+
+
+def detectron2_inputs(images: Sequence[np.ndarray], input_format: str, min_size: int, max_size: int,
+                      device) -> list[dict]:
+    """RGB uint8 images -> detectron2 model inputs as DP2 prepares them: channel order of the
+    model's INPUT.FORMAT, shortest edge resized to `min_size` (longest <= `max_size`) with
+    torchvision bilinear + antialias, original height/width kept for the outputs."""
+    import torch
+    from detectron2.data.transforms import ResizeShortestEdge
+    from torchvision.transforms.functional import InterpolationMode, resize
+
+    inputs = []
+    for image in images:
+        height, width = image.shape[:2]
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)
+        if input_format == "BGR":
+            tensor = tensor.flip(0)
+        new_h, new_w = ResizeShortestEdge.get_output_shape(height, width, min_size, max_size)
+        tensor = resize(tensor, [new_h, new_w], InterpolationMode.BILINEAR, antialias=True)
+        inputs.append({"image": tensor, "height": height, "width": width})
+    return inputs
 
 
 class CsePredictor:
@@ -129,20 +158,9 @@ class CsePredictor:
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         import torch
-        from detectron2.data.transforms import ResizeShortestEdge
-        from torchvision.transforms.functional import InterpolationMode, resize
 
-        device = self.embed_map.device
-        inputs = []
-        for image in images:
-            height, width = image.shape[:2]
-            tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)
-            if self.cfg.INPUT.FORMAT == "BGR":
-                tensor = tensor.flip(0)
-            new_h, new_w = ResizeShortestEdge.get_output_shape(
-                height, width, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST)
-            tensor = resize(tensor, [new_h, new_w], InterpolationMode.BILINEAR, antialias=True)
-            inputs.append({"image": tensor, "height": height, "width": width})
+        inputs = detectron2_inputs(images, self.cfg.INPUT.FORMAT, self.cfg.INPUT.MIN_SIZE_TEST,
+                                   self.cfg.INPUT.MAX_SIZE_TEST, self.embed_map.device)
         with torch.inference_mode():
             outputs = self.model(inputs)
         return [cse_instances_to_detections(output["instances"], image.shape[:2], self.embed_map)

@@ -6,10 +6,14 @@
     passes the threshold; never sorted by IoU, as DP2). Unpaired detections are dropped (reported
     as 'no_cse_match' / 'no_mask_match'). A pair's person mask is the union of both masks; its box
     is the union of the mask's box and the CSE box; e_mask is the CSE coarse segmentation and
-    vertices the CSE vertex ids there (0 elsewhere). Persons are numbered in pair order.
-  * Keypoint detections are assigned to persons one-to-one by box IoU (keypoint R-CNN box vs the
-    person box), maximising the total IoU (Hungarian assignment, scipy), keeping only pairs with
-    IoU >= `min_keypoint_box_iou` (0.5). A person left without keypoints is dropped ('no_keypoints').
+    vertices the CSE vertex ids there (0 elsewhere), both image-space (the FDH rule reads them);
+    `cse` carries the detection's box-frame S and E for the crop stage (DP2's mapping into the
+    crop). Persons are numbered in pair order.
+  * Keypoint detections are assigned to persons one-to-one by IoU, maximising the total IoU
+    (Hungarian assignment, scipy), keeping only pairs with IoU >= `min_keypoint_box_iou` (0.5):
+    mask IoU (the keypoint detection's own mask vs the person mask) when the keypoint model gives
+    masks (DP2's KeypointMaskRCNN, `--detector=detectron2`: mask and keypoints of one detection),
+    else box IoU (torchvision). A person left without keypoints is dropped ('no_keypoints').
 'fdh' without embeddings (cse_dets None, the --no_embeddings variant): each Mask R-CNN person is
   a person (box = union of its mask box and detector box), keypoints assigned as above, no CSE.
 'lite' annotator (mediapipe): keypoint_dets carry keypoints and masks; each detection is a person
@@ -23,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from transforms.crop_geometry import mask_box
-from transforms.records import AnnotatedPhoto, DecodedImage, Detections, Person
+from transforms.records import FDH_ANNOTATORS, AnnotatedPhoto, DecodedImage, Detections, Person
 
 IOU_COMBINE_THRESHOLD = 0.4
 MIN_KEYPOINT_BOX_IOU = 0.5
@@ -106,13 +110,17 @@ def greedy_pairs(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
 
 
 def assign_keypoints(person_boxes: np.ndarray, keypoint_boxes: np.ndarray,
-                     min_iou: float = MIN_KEYPOINT_BOX_IOU) -> dict[int, int]:
-    """person index -> keypoint detection index, one-to-one, maximum total box IoU, IoU >= min_iou."""
+                     min_iou: float = MIN_KEYPOINT_BOX_IOU, iou: Optional[np.ndarray] = None) -> dict[int, int]:
+    """person index -> keypoint detection index, one-to-one, maximum total IoU, IoU >= min_iou.
+
+    The IoU is of the boxes, unless `iou` (persons x keypoint detections) is given (mask IoU when
+    the keypoint model also gives masks)."""
     from scipy.optimize import linear_sum_assignment
 
     if len(person_boxes) == 0 or len(keypoint_boxes) == 0:
         return {}
-    iou = box_iou_matrix(person_boxes, keypoint_boxes)
+    if iou is None:
+        iou = box_iou_matrix(person_boxes, keypoint_boxes)
     rows, cols = linear_sum_assignment(iou, maximize=True)
     return {int(r): int(c) for r, c in zip(rows, cols) if iou[r, c] >= min_iou}
 
@@ -121,7 +129,11 @@ def _attach_keypoints(result: Combined, keypoint_dets: Detections, min_iou: floa
     """Give each person its keypoint detection; persons without one move to `dropped`."""
     keypoints = keypoint_dets.keypoints
     person_boxes = np.array([p.box for p in result.persons], np.float32).reshape(-1, 4)
-    assignment = assign_keypoints(person_boxes, keypoint_dets.boxes, min_iou)
+    iou = None
+    if keypoint_dets.masks is not None and len(keypoint_dets) and result.persons:
+        # the keypoint model's own mask (DP2's KeypointMaskRCNN: same detection) against ours
+        iou = mask_iou_matrix(np.stack([p.mask for p in result.persons]), keypoint_dets.masks)
+    assignment = assign_keypoints(person_boxes, keypoint_dets.boxes, min_iou, iou)
     kept = []
     for row, person in enumerate(result.persons):
         det = assignment.get(row)
@@ -196,6 +208,7 @@ def combine_fdh(annotated: AnnotatedPhoto, iou_threshold: float = IOU_COMBINE_TH
             score=float(mask_dets.scores[i]),
             e_mask=e_mask,
             vertices=vertices,
+            cse=None if cse_dets.embeddings is None else cse_dets.embeddings[j],
             extra={"mask_det": i, "cse_det": j, "mask_cse_iou": float(iou[i, j]),
                    "cse_score": float(cse_dets.scores[j])},
         ))
@@ -245,7 +258,10 @@ def annotation_problem(annotated: AnnotatedPhoto) -> Optional[str]:
 
     if annotated.annotator == "lite":
         return check(annotated.keypoint_dets, "keypoint_dets", ("keypoints", "masks"))
-    if annotated.annotator == "fdh":
+    if annotated.annotator in FDH_ANNOTATORS:
+        cse = annotated.cse_dets
+        if cse is not None and cse.embeddings is not None and len(cse.embeddings) != len(cse):
+            return f"cse_dets: {len(cse.embeddings)} embeddings for {len(cse)} detections"
         return (check(annotated.keypoint_dets, "keypoint_dets", ("keypoints",))
                 or check(annotated.mask_dets, "mask_dets", ("masks",), optional=True)
                 or check(annotated.cse_dets, "cse_dets", ("masks", "vertices"), optional=True))
