@@ -38,6 +38,8 @@ from dataset.lock import run_lock
 from dataset.ownership import OVERWRITE_HELP, check_output_ownership, remove_empty_beam_temp_folders
 from dataset.stats import human_bytes
 from transforms.annotation_store import with_annotation_store
+from transforms.consent import (CONSENT_CHECK_MODES, DEFAULT_API_URL, DEFAULT_REQUESTS_PER_SECOND,
+                                CheckConsent, ConsentSubject, consent_from_flags)
 from transforms.reject_limits import FLAG_HELP as MAX_REJECT_RATE_HELP
 from transforms.reject_limits import check_reject_rates, parse_max_reject_rates
 from transforms.funnel import accounting_errors, funnel_rows, step_key
@@ -46,7 +48,7 @@ from transforms.records import FDH_LICENSES
 from transforms.rejects import CountRejects, WriteRejects
 from transforms.s2_prefilter import ReadAndPrefilter
 from transforms.gpu_stage import GpuStage, accelerator_hint, count_step
-from transforms.s3_fetch import FetchImages
+from transforms.s3_fetch import DEFAULT_X_ROBOTS_TAG_DIRECTIVES, FetchImages
 from transforms.s5_annotate import Annotate
 from transforms.s6_select import SelectPersons
 from transforms.s7_crop import CropPersons
@@ -119,6 +121,11 @@ class RebuildOptions(JobOptions):
                             help="image requests in flight to one Flickr host for the WHOLE job, "
                                  "shared out like --flickr_requests_per_second (at least 1 per "
                                  "process)")
+        parser.add_argument("--x_robots_tag_directives",
+                            default=",".join(DEFAULT_X_ROBOTS_TAG_DIRECTIVES),
+                            help="X-Robots-Tag directives on a fetched image's response that "
+                                 "refuse it (reject fetch.x_robots_tag), comma separated; 'none' "
+                                 "honours none")
         parser.add_argument("--sdk_processes_per_worker", type=int, default=None,
                             help="SDK processes per worker, for the job-wide Flickr shares "
                                  "(default: the vCPUs of --machine_type, e.g. 8 for n1-standard-8, "
@@ -130,6 +137,19 @@ class RebuildOptions(JobOptions):
                                  "time-dependent value in the output (default: the existing "
                                  "manifest's when rebuilding into an output, else the launch time; "
                                  "pass it to get byte-identical outputs in another directory)")
+        parser.add_argument("--consent_check", choices=CONSENT_CHECK_MODES, default="off",
+                            help="'api': before writing, ask Flickr whether each photo that yields "
+                                 "a sample is still public, allowed by its licence and not tagged "
+                                 "no_cv (rejects consent.*; needs --flickr_api_key). 'off' trusts "
+                                 "the 2014 snapshot: fine offline and for tests, but a release build "
+                                 "should use 'api' (or run `python -m beam_jobs.recheck` on it)")
+        parser.add_argument("--flickr_api_key", default="", help="Flickr API key (--consent_check=api)")
+        parser.add_argument("--flickr_api_url", default=DEFAULT_API_URL,
+                            help="Flickr REST endpoint; a loopback URL is allowed exactly as given")
+        parser.add_argument("--flickr_api_requests_per_second", type=float,
+                            default=DEFAULT_REQUESTS_PER_SECOND,
+                            help="Flickr API calls per second for the WHOLE job (Flickr allows 3,600 "
+                                 "per hour per key), shared out like the image fetch rate")
         parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         parser.add_argument("--max_reject_rate", default=None, help=MAX_REJECT_RATE_HELP)
         parser.add_argument("--annotation_store", default=None,
@@ -162,10 +182,11 @@ def _sum_line_counts(line_counts):
 def run_config(options: RebuildOptions) -> dict:
     """Every flag of the job and its value, for manifest.json's "config" (except --output, so
     that a rebuild into another directory gives the same bytes, --verbose, and the flags that do
-    not change what is built: --overwrite, --max_reject_rate, the annotation store's)."""
+    not change what is built: --overwrite, --max_reject_rate, the annotation store's; and never
+    the Flickr API key)."""
     return {name: value for name, value in sorted(options.as_dict().items())
             if name not in ("output", "verbose", "overwrite", "max_reject_rate",
-                            "annotation_store", "from_annotations")}
+                            "annotation_store", "from_annotations", "flickr_api_key")}
 
 
 def content_config(options: RebuildOptions) -> dict:
@@ -209,6 +230,27 @@ def fetch_processes(options: RebuildOptions) -> int:
     if per_worker < 1:
         raise UsageError(f"--sdk_processes_per_worker must be >= 1, got {per_worker}")
     return int(values.get("max_num_workers") or 1) * per_worker
+
+
+def x_robots_tag_directives(options: RebuildOptions) -> tuple[str, ...]:
+    """The --x_robots_tag_directives list, lower-cased; 'none' (or empty) honours none."""
+    value = (options.x_robots_tag_directives or "").strip().lower()
+    return () if value in ("", "none") else tuple(split_list(value))
+
+
+def consent_stage(options: RebuildOptions) -> Optional[CheckConsent]:
+    """The consent check the flags ask for (None with --consent_check=off)."""
+    try:
+        return consent_from_flags(options.consent_check, options.flickr_api_key,
+                                  options.flickr_api_url, options.flickr_api_requests_per_second,
+                                  max_num_workers=fetch_processes(options))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def consent_subject(sample) -> ConsentSubject:
+    """An encoded sample as the consent check keys it (photo and owner from its Parquet row)."""
+    return ConsentSubject(int(sample.row["photo_id"]), sample.row["user_nsid"], sample)
 
 
 def gpu_accelerator(options: RebuildOptions) -> Optional[str]:
@@ -257,11 +299,20 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
                    requests_per_second=options.requests_per_second or None,
                    flickr_requests_per_second=options.flickr_requests_per_second or None,
                    flickr_concurrency=options.flickr_concurrency,
-                   processes=fetch_processes(options)))
+                   processes=fetch_processes(options),
+                   x_robots_tag_directives=x_robots_tag_directives(options)))
     encoded = fetched.main | "GpuStage" >> composite
-    written = encoded.main | "WriteShards" >> write_shards.writer()
+    stages = [prefiltered, fetched, encoded]
+    samples = encoded.main
+    consent = consent_stage(options)
+    if consent is not None:  # only photos that yield a sample cost an API call
+        checked = (samples | "ConsentSubjects" >> beam.Map(consent_subject)
+                   | "CheckConsent" >> consent)
+        samples = checked.main | "ConsentKept" >> beam.Map(lambda kept: kept[0].payload)
+        stages.append(checked)
+    written = samples | "WriteShards" >> write_shards.writer()
+    stages.append(written)
 
-    stages = (prefiltered, fetched, encoded, written)
     rejects = tuple(stage.rejects for stage in stages) | "AllRejects" >> beam.Flatten()
     rejects_written = rejects | "WriteRejects" >> WriteRejects(output)
     funnel = ((_sum_line_counts(prefiltered.line_counts),

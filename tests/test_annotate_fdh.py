@@ -25,7 +25,9 @@ from transforms.s5_annotate import Annotate
 from transforms.s5_annotate import cascade
 from transforms.s5_annotate.cascade import DENSE_TAG, AttachKeypointsFn, needs_dense_models
 from transforms.s5_annotate.cse import Detectron2MissingError
-from transforms.s5_annotate.handlers import (ModelError, TorchvisionDetectionHandler, check_device,
+from beam_jobs.cli import run_main
+from transforms.s5_annotate.handlers import (DeviceUnavailableError, ModelError,
+                                             TorchvisionDetectionHandler, check_device,
                                              to_detections)
 
 TINY = dict(min_size=96, max_size=128, box_detections_per_img=3, score_threshold=0.0)
@@ -220,3 +222,18 @@ def test_bad_arguments_are_refused():
         Annotate(annotator="lite", device="TPU")
     with pytest.raises(ValueError, match="max_batch_size"):
         Annotate(annotator="lite", max_batch_size=0)
+
+
+@pytest.mark.parametrize("error", [
+    DeviceUnavailableError("--device=GPU but CUDA is not available on this machine"),
+    Detectron2MissingError("detectron2 / DensePose are not installed"),
+])
+def test_missing_gpu_or_detectron2_is_a_one_line_user_error(error, capsys):
+    """Issue 10, finding 13: `--device=GPU` without CUDA printed a traceback."""
+    def launch(argv):
+        raise error
+
+    with pytest.raises(SystemExit) as exited:
+        run_main(launch, [])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {error}"]

@@ -273,3 +273,13 @@ def test_manifest_versions_name_the_image_and_the_code(monkeypatch):
     flagged, _ = rebuild.split_job_flags(rebuild.RebuildOptions, [
         "--yfcc=a", "--output=o", "--sdk_container_image=reg/fdh-beam-worker:def"])
     assert rebuild.launch_versions(flagged)["image"] == "reg/fdh-beam-worker:def"
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ([], ("noai", "noimageai", "noimageindex", "noindex")),
+    (["--x_robots_tag_directives=NoAI, noindex"], ("noai", "noindex")),
+    (["--x_robots_tag_directives=none"], ()),
+])
+def test_x_robots_tag_directives_flag_reaches_the_fetch_stage(flag, expected):
+    options, _ = split_job_flags(rebuild.RebuildOptions, ["--yfcc=a", "--output=o", *flag])
+    assert rebuild.x_robots_tag_directives(options) == expected

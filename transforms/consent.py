@@ -519,6 +519,15 @@ class _CheckOwnerFn(StageDoFn):
                 yield element, result
 
 
+class ConsentSubject(NamedTuple):
+    """An element `CheckConsent` can key and check: a photo, its owner, and what it carries (an
+    encoded sample in the rebuild, where only photos that yield a sample are checked)."""
+
+    photo_id: int
+    user_nsid: str
+    payload: Any
+
+
 class CheckConsent(beam.PTransform):
     """Elements carrying a YfccRecord -> StageOutput(main=(element, ConsentResult) for the photos
     their owners still allow, rejects=Rejected(stage='consent') one per photo that must go).

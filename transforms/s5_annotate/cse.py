@@ -49,7 +49,7 @@ INSTALL_HINT = (
     "'git+https://github.com/facebookresearch/detectron2.git#subdirectory=projects/DensePose'`.")
 
 
-class Detectron2MissingError(ImportError):
+class Detectron2MissingError(ImportError, ValueError):
     """detectron2 / DensePose cannot be imported but CSE embeddings were asked for."""
 
 

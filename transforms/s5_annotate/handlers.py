@@ -41,6 +41,10 @@ class ModelError:
     detail: str
 
 
+class DeviceUnavailableError(RuntimeError, ValueError):
+    """--device=GPU where CUDA is not usable: a launch-time user error (one line, exit 2)."""
+
+
 def check_device(device: str) -> None:
     """Raise when `device` is 'GPU' and CUDA is not usable here (never fall back silently)."""
     if device.upper() != "GPU":
@@ -48,7 +52,7 @@ def check_device(device: str) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise DeviceUnavailableError(
             "--device=GPU but CUDA is not available on this machine (torch "
             f"{torch.__version__}, built for CUDA {torch.version.cuda}): use --device=CPU, or run "
             "on a GPU worker (Dataflow: --gpu_type and the docker/ image).")
