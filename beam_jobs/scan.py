@@ -25,6 +25,9 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
+from dataset.ownership import remove_empty_beam_temp_folders
+from transforms.reject_limits import FLAG_HELP as MAX_REJECT_RATE_HELP
+from transforms.reject_limits import check_reject_rates, parse_max_reject_rates
 from beam_jobs.common import JobOptions, make_pipeline, run_main, split_job_flags, split_list
 from beam_jobs.progress import input_size, report_progress
 from transforms.records import FDH_LICENSES, Rejected
@@ -44,6 +47,7 @@ class ScanOptions(JobOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--max_reject_rate", default=None, help=MAX_REJECT_RATE_HELP)
         parser.add_argument(
             "--yfcc",
             help="YFCC100M metadata file(s): comma-separated paths or globs, local or gs://; "
@@ -216,6 +220,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     licenses = validate_licenses(split_list(scan.licenses) or FDH_LICENSES)
     drop_tags = split_list(scan.drop_tags) if scan.drop_tags is not None else DEFAULT_DROP_TAGS
 
+    parse_max_reject_rates(scan.max_reject_rate)  # a bad value fails here, exit 2
     remove_previous_outputs(output)
     pipeline = make_pipeline(options)
     if scan.counts_only:
@@ -226,11 +231,14 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                    scan.num_shards or 0)
     with report_progress("scan", input_size(yfcc)):
         pipeline.run().wait_until_finish()
+    remove_empty_beam_temp_folders(output)
     counts = read_json(f"{output}/{COUNTS_FILENAME}")
     if counts[LINES] != counts["candidates"] + counts["rejects"]:
         raise RuntimeError(f"accounting broken: {counts[LINES]} lines read != "
                            f"{counts['candidates']} candidates + {counts['rejects']} rejects")
     print(format_summary(counts))
+    check_reject_rates({"funnel.lines_read": counts[LINES], "funnel.candidates": counts["candidates"],
+                        **counts[REJECT]}, scan.max_reject_rate, f"{output}/rejects/*.parquet")
     return counts
 
 

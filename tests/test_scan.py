@@ -11,6 +11,7 @@ import pytest
 from beam_jobs import scan
 from tests.yfcc_lines import random_records, record_line, write_lines
 from transforms.records import LICENSES
+from transforms.reject_limits import RejectRateExceeded
 from transforms.s2_prefilter import PrefilterRules
 from transforms.yfcc_format import format_line, parse_line
 
@@ -161,3 +162,14 @@ def test_scan_reads_past_a_corrupt_file_then_fails_loudly_naming_it(tmp_path):
     rejects = pd.read_parquet(tmp_path / "out" / "rejects")
     assert rejects["reason"].tolist() == ["corrupt_input"]
     assert rejects["detail"].str.contains("bad.txt.gz").all()
+
+
+@pytest.mark.pipeline
+def test_scan_past_the_read_reject_limit_fails_loudly_with_an_example(tmp_path):
+    """Issue 10, finding 10: `scan` of a file that is mostly not YFCC exited 0."""
+    write_lines(tmp_path / "mix.txt", [record_line(1), record_line(2), "bad\tline", "bad", "bad"])
+    with pytest.raises(RejectRateExceeded, match=r"read rejected 3 of 5 .*bad_field_count"):
+        scan.run([f"--yfcc={tmp_path / 'mix.txt'}", f"--output={tmp_path / 'out'}"])
+    counts = scan.run([f"--yfcc={tmp_path / 'mix.txt'}", f"--output={tmp_path / 'out'}",
+                       "--max_reject_rate=read=0.7"])
+    assert counts["candidates"] == 2
