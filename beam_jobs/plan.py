@@ -57,9 +57,6 @@ class Assumptions:
         "four licences (§5, §3)")
     samples_per_kept_photo: float = _assume(
         1.3, "samples", ESTIMATE, "persons kept per photo that yields at least one sample")
-    detections_per_photo: float = _assume(
-        0.3, "detections", ESTIMATE,
-        "person detections per decoded photo leaving the GPU step (more than the kept samples)")
     # GPU
     gpu_ms_per_photo: float = _assume(
         75.0, "GPU ms", ESTIMATE,
@@ -86,15 +83,16 @@ class Assumptions:
     record_bytes: float = _assume(
         1000.0, "bytes", ESTIMATE, "one candidate YfccRecord through the Reshuffle")
     gpu_in_bytes_per_photo: float = _assume(
-        920_000.0, "bytes", ISSUE,
-        "one photo into the GPU step: decoded 640x480 pixels today; ~the fetched file (~100 kB) "
-        "once encoded bytes cross")
+        101_500.0, "bytes", MEASURED,
+        "one photo into the GPU composite: bench_boundary.py measured 1.015x the fetched file, "
+        "taken as ~100 kB (design.md §3); decoded pixels (0.92 MB at 640x480) no longer cross")
     gpu_out_bytes_per_photo: float = _assume(
-        920_000.0, "bytes", ISSUE,
-        "one annotated photo out of the GPU step before its detections (it carries its pixels)")
-    gpu_out_bytes_per_detection: float = _assume(
-        1_230_000.0, "bytes", ISSUE,
-        "each detection's full-frame masks (2.15 / 4.61 / 10.76 MB with 1 / 3 / 8)")
+        0.0, "bytes", MEASURED,
+        "per photo out of the GPU composite besides its samples: rejects and counts, ~0")
+    gpu_out_bytes_per_sample: float = _assume(
+        70_212.0, "bytes", MEASURED,
+        "one encoded sample out of the GPU composite: bench_boundary.py measured 0.96x the encoded "
+        "sample, of FDH's 73,138 bytes (§5)")
     sample_bytes: float = _assume(
         round(FDH_BYTES / FDH_SAMPLES), "bytes", DESIGN,
         "one encoded sample: FDH's 136 GB / its samples (§5)")
@@ -156,8 +154,8 @@ def _cpu_core_ms(lines: float, candidates: float, samples: float, a: Assumptions
 
 
 def _shuffle_bytes(candidates: float, decoded: float, samples: float, a: Assumptions) -> float:
-    gpu_edges = decoded * (a.gpu_in_bytes_per_photo + a.gpu_out_bytes_per_photo
-                           + a.detections_per_photo * a.gpu_out_bytes_per_detection)
+    gpu_edges = (decoded * (a.gpu_in_bytes_per_photo + a.gpu_out_bytes_per_photo)
+                 + samples * a.gpu_out_bytes_per_sample)
     return candidates * a.record_bytes + gpu_edges + samples * a.sample_bytes
 
 
@@ -166,8 +164,8 @@ def plan(lines_read: int, candidates: int, a: Assumptions = Assumptions()) -> Pl
 
     GPU-hours = decoded photos x GPU ms / utilisation; CPU core-hours = lines x read + candidates
     x fetch/decode + samples x (select/crop + encode + write), / utilisation; worker-hours =
-    core-hours / vCPUs per worker; shuffle = candidates x record + decoded x (GPU in + out + out
-    per detection x detections) + samples x sample bytes; dollars = each x its price.
+    core-hours / vCPUs per worker; shuffle = candidates x record + decoded x (GPU in + out) +
+    samples x (GPU out per sample + sample bytes); dollars = each x its price.
     """
     decoded = candidates * a.fetch_success
     samples = candidates * a.samples_per_candidate

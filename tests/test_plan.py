@@ -13,12 +13,12 @@ from tests.conftest import exit_status
 
 TINY = Assumptions(
     fetch_success=0.5, samples_per_candidate=0.1, samples_per_kept_photo=2,
-    detections_per_photo=2, gpu_ms_per_photo=72_000, gpu_utilisation=0.5,
+    gpu_ms_per_photo=72_000, gpu_utilisation=0.5,
     read_ms_per_line=3600, fetch_decode_ms_per_candidate=36_000,
     select_crop_ms_per_sample=180_000, encode_ms_per_sample=180_000,
     write_mib_per_s=1 / 360, sample_bytes=2**20, cpu_utilisation=1, vcpus_per_worker=2,
     record_bytes=1000, gpu_in_bytes_per_photo=1e6, gpu_out_bytes_per_photo=1e6,
-    gpu_out_bytes_per_detection=0.5e6, flickr_calls_per_kept_photo=2, flickr_calls_per_hour=5,
+    gpu_out_bytes_per_sample=0.5e6, flickr_calls_per_kept_photo=2, flickr_calls_per_hour=5,
     target_hours=1, gpu_hour_price=3, cpu_worker_hour_price=0.5, shuffle_gb_price=10)
 
 
@@ -30,12 +30,12 @@ def test_arithmetic_on_a_tiny_example():
     assert result.cpu_core_hours == pytest.approx(4.0)
     assert result.cpu_worker_hours == pytest.approx(2.0)
     assert (result.gpus_for_target, result.workers_for_target) == (2, 2)
-    # 100 x 1 kB + 50 x (1 + 1 + 2 x 0.5 MB) + 10 x 1 MiB
-    assert result.shuffle_bytes == pytest.approx(100_000 + 150_000_000 + 10 * 2**20)
+    # 100 x 1 kB + 50 x (1 + 1 MB) + 10 x 0.5 MB out of the GPU composite + 10 x 1 MiB
+    assert result.shuffle_bytes == pytest.approx(100_000 + 105_000_000 + 10 * 2**20)
     assert (result.flickr_api_calls, result.flickr_api_hours) == (pytest.approx(10), pytest.approx(2))
     assert result.dollars_gpu == pytest.approx(6) and result.dollars_cpu == pytest.approx(1)
-    assert result.dollars_shuffle == pytest.approx(1.6058576)
-    assert result.dollars == pytest.approx(8.6058576)
+    assert result.dollars_shuffle == pytest.approx(1.1558576)
+    assert result.dollars == pytest.approx(8.1558576)
 
 
 def test_defaults_come_from_the_measured_and_published_numbers():
@@ -60,7 +60,7 @@ def test_prints_the_plan_from_scan_counts_with_every_assumption(tmp_path, capsys
                           "--gpu_ms_per_photo=72000", "--gpu_utilisation=0.5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"FDH rebuild plan: 100 candidates of 1,000 lines read ({counts})")
-    assert len(names) == 24
+    assert len(names) == 23
     for name in names:
         assert sum(line.startswith(f"  --{name}=") for line in out.splitlines()) == 1, name
     assert "  --gpu_hour_price=3 $/GPU-hour  [given]" in out
