@@ -2,7 +2,9 @@
 
 A Flickr NSID is digits, '@N' and two digits (`12345678@N00`): it is on every YFCC line and in
 the dataset's metadata. People often paste only the number, or lower-case the 'N'; searching or
-taking down such a value would silently match nothing, so the jobs refuse it with a hint.
+taking down such a value would silently match nothing, so the jobs refuse those slips with a
+hint. Anything else is taken as given: YFCC's NSID column can hold any text (issue 10, finding
+3), and a takedown must be able to name it.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ NSID_PATTERN = re.compile(r"[0-9]+@N[0-9]{2}")
 
 
 def nsid_hint(value: str) -> Optional[str]:
-    """None for a well-formed NSID, else a one-line explanation with a likely correction."""
+    """A one-line explanation with the likely correction for a recognisable slip (only the
+    number, or a mangled @N.. suffix), else None (a well-formed NSID, or any other text)."""
     if NSID_PATTERN.fullmatch(value):
         return None
     number, at, suffix = value.strip().partition("@")
@@ -25,7 +28,7 @@ def nsid_hint(value: str) -> Optional[str]:
     elif number.isdigit() and re.fullmatch(r"[Nn]?[0-9]{1,2}", suffix):
         guess = f"did you mean {number}@N{suffix.lstrip('Nn').zfill(2)}?"
     else:
-        guess = "a Flickr NSID looks like 12345678@N00"
+        return None
     return f"--user_nsid {value!r} is not a Flickr NSID: {guess}"
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from beam_jobs import demo, rebuild, recheck
 from tests.flickr_api_fixture import API_KEY, FakePhoto, World, serve
+from transforms.reject_limits import RejectRateExceeded
 
 CRAWL_TIME = "--crawl_time=1637341702.1145487"
 
@@ -49,3 +50,18 @@ def test_consent_check_at_build_time_equals_a_recheck_afterwards(tmp_path):
     assert kept == _members(plain)
     with open(os.path.join(checked, "manifest.json"), encoding="utf-8") as handle:
         assert API_KEY not in handle.read()  # the key never lands in an output
+
+
+@pytest.mark.pipeline
+def test_a_consent_check_that_keeps_failing_fails_the_run_loudly(tmp_path):
+    """A failed check never keeps a photo: it is a reject and counts toward --max_reject_rate."""
+    yfcc, mirror = demo.build_sample(str(tmp_path / "sample"))
+    fake = serve(World())
+    fake.inject(*["503"] * 40)
+    try:
+        with pytest.raises(RejectRateExceeded, match=r"consent rejected 3 of 3 .*check_failed"):
+            rebuild.run([f"--yfcc={yfcc}", f"--image_source=mirror:{mirror}", "--annotator=lite",
+                         CRAWL_TIME, f"--output={tmp_path / 'out'}", "--consent_check=api",
+                         f"--flickr_api_key={API_KEY}", f"--flickr_api_url={fake.url}"])
+    finally:
+        fake.stop()

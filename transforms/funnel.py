@@ -27,7 +27,7 @@ STAGE_AFTER_STEP = {
     "fetch": "candidates", "decode": "candidates",
     "annotate": "decoded",
     "select": "annotated",
-    "crop": "photos_with_person", "split": "samples", "write": "samples",
+    "crop": "photos_with_person", "split": "samples", "consent": "samples", "write": "samples",
     "takedown": "samples",
 }
 STAGE_ORDER = tuple(STAGE_AFTER_STEP)

@@ -20,8 +20,11 @@ from transforms.funnel import STAGE_ORDER, STEP_PREFIX, step_key
 
 DEFAULT_MAX_REJECT_RATES: dict[str, float] = {
     "read": 0.10, "fetch": 0.50, "decode": 0.20, "annotate": 0.20, "crop": 0.50,
-    "split": 0.01, "write": 0.01,
+    "split": 0.01, "consent": 0.1, "write": 0.01,
 }
+# Stages whose limit counts only some reasons: the consent check's decisions (deleted, private,
+# relicensed, no_cv) are what it is for; only checks that kept failing count toward its limit.
+LIMITED_REASONS: dict[str, tuple[str, ...]] = {"consent": ("check_failed",)}
 NO_LIMIT = ("none", "off")
 # Not a stage: `empty=none` (or a bare `none`) lets a run that kept no sample end with exit 0.
 EMPTY_RUN = "empty"
@@ -85,6 +88,15 @@ def stage_totals(funnel: Mapping[str, int]) -> dict[str, int]:
     return totals
 
 
+def limited_totals(funnel: Mapping[str, int]) -> dict[str, int]:
+    """Rejects per stage that count toward its limit (`LIMITED_REASONS` narrows some stages)."""
+    totals = stage_totals(funnel)
+    for stage, reasons in LIMITED_REASONS.items():
+        if stage in totals:
+            totals[stage] = sum(int(funnel.get(f"{stage}.{reason}", 0)) for reason in reasons)
+    return totals
+
+
 def entering(funnel: Mapping[str, int], stage: str) -> Optional[int]:
     """How many elements entered `stage` (None when the funnel cannot say)."""
     def step(name: str) -> Optional[int]:
@@ -101,6 +113,7 @@ def entering(funnel: Mapping[str, int], stage: str) -> Optional[int]:
         "select": step("annotated"),
         "crop": None if step("samples") is None else step("samples") + rejects.get("crop", 0),
         "split": step("samples"),
+        "consent": step("photos_with_person"),  # photos with a sample, one check each
         "write": step("samples"),
     }
     return counts.get(stage)
@@ -125,7 +138,7 @@ def stages_over_limit(funnel: Mapping[str, int],
     """The stages whose reject rate is above their limit, in funnel order."""
     over = []
     order = {stage: index for index, stage in enumerate(STAGE_ORDER)}
-    for stage, rejects in sorted(stage_totals(funnel).items(), key=lambda i: order.get(i[0], len(order))):
+    for stage, rejects in sorted(limited_totals(funnel).items(), key=lambda i: order.get(i[0], len(order))):
         limit, entered = limits.get(stage), entering(funnel, stage)
         if limit is not None and entered and rejects / entered > limit:
             over.append(OverLimit(stage, rejects, entered, limit))
