@@ -116,7 +116,7 @@ def test_second_run_hits_every_photo_with_no_model_call_and_same_bytes(full_run)
     assert "annotate.photos" not in second  # the model never ran
     assert second["annotate.model_error"] == 1  # the stored reject comes out again
     samples = _tree(str(root / "first"))
-    assert {"1_0", "3_0", "reject-4"} <= set(samples) and samples["reject-4"] == "model_error"
+    assert {"1000", "3000", "reject-4"} <= set(samples) and samples["reject-4"] == "model_error"
     assert samples == _tree(str(root / "second"))
 
 

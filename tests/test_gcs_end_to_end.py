@@ -63,6 +63,10 @@ def test_rebuild_writes_the_dataset_to_gcs_byte_for_byte_like_a_local_one(rebuil
     expected = {"manifest.json", "metadata.json", "stats.json",
                 "rejects/rejects-00000-of-00001.parquet",
                 *(f"{shard}.{ext}" for shard in SHARDS for ext in ("tar", "parquet"))}
+    # The annotation store (OUT/annotations/, issue 14): content-named files, the same on both.
+    store = {path for path in _files(local) if path.startswith("annotations/")}
+    assert any(path.endswith("/models.json") for path in store)
+    expected |= store
     # Exactly the dataset: no temporary or staged object is left behind on GCS.
     assert _files(gs_out) == _files(local) == expected
 

@@ -27,7 +27,7 @@ SNAPSHOT = [(UNCHANGED, 2, "1@N01", "cc-by-2"), (TAGGED_NO_CV, 1, "2@N01", "cc-b
             (MADE_PRIVATE, 1, "5@N01", "cc-by-2")]
 GONE = {TAGGED_NO_CV: "consent.no_cv_tag", RELICENSED_ND: "consent.license_changed",
         DELETED: "consent.not_found", MADE_PRIVATE: "consent.not_found"}
-KEPT_KEYS = {f"{UNCHANGED}_0", f"{UNCHANGED}_1"}
+KEPT_KEYS = {str(UNCHANGED * 1000), str(UNCHANGED * 1000 + 1)}  # integer keys (issue 12)
 
 
 def snapshot_samples():

@@ -142,11 +142,11 @@ def test_annotate_error_is_a_reject_and_other_photos_flow():
 
     def build(pipeline):
         results = (pipeline | beam.Create([(annotated(1), nobody), (annotated(2), broken)])
-                   | beam.ParDo(AttachKeypointsFn(0.5, 32, no_embeddings=True)).with_outputs(
+                   | beam.ParDo(AttachKeypointsFn(0.3, 32 * 32, no_embeddings=True)).with_outputs(
                        DENSE_TAG, REJECTS_TAG, main="done"))
         assert_that(results.done | beam.Map(lambda a: a.photo.record.photo_id), equal_to([1]),
                     label="done")
-        assert_that(_error_summary(results[REJECTS_TAG]), equal_to([("annotate", "2", "IndexError")]))
+        assert_that(_error_summary(results[REJECTS_TAG]), equal_to([("annotate", "2", "TypeError")]))
 
     assert _run(build)["annotate.error"] == 1
 
