@@ -38,8 +38,8 @@ from dataset.lock import run_lock
 from dataset.ownership import OVERWRITE_HELP, check_output_ownership, remove_empty_beam_temp_folders
 from dataset.stats import human_bytes
 from transforms.annotation_store import with_annotation_store
-from transforms.consent import (CONSENT_CHECK_MODES, DEFAULT_API_URL, DEFAULT_REQUESTS_PER_SECOND,
-                                CheckConsent, ConsentSubject, consent_from_flags)
+from transforms.consent import (CheckConsent, ConsentSubject, add_consent_arguments,
+                                consent_from_flags)
 from transforms.reject_limits import FLAG_HELP as MAX_REJECT_RATE_HELP
 from transforms.reject_limits import check_reject_rates, parse_max_reject_rates
 from transforms.funnel import accounting_errors, funnel_rows, step_key
@@ -137,19 +137,13 @@ class RebuildOptions(JobOptions):
                                  "time-dependent value in the output (default: the existing "
                                  "manifest's when rebuilding into an output, else the launch time; "
                                  "pass it to get byte-identical outputs in another directory)")
-        parser.add_argument("--consent_check", choices=CONSENT_CHECK_MODES, default="off",
-                            help="'api': before writing, ask Flickr whether each photo that yields "
-                                 "a sample is still public, allowed by its licence and not tagged "
-                                 "no_cv (rejects consent.*; needs --flickr_api_key). 'off' trusts "
-                                 "the 2014 snapshot: fine offline and for tests, but a release build "
-                                 "should use 'api' (or run `python -m beam_jobs.recheck` on it)")
-        parser.add_argument("--flickr_api_key", default="", help="Flickr API key (--consent_check=api)")
-        parser.add_argument("--flickr_api_url", default=DEFAULT_API_URL,
-                            help="Flickr REST endpoint; a loopback URL is allowed exactly as given")
-        parser.add_argument("--flickr_api_requests_per_second", type=float,
-                            default=DEFAULT_REQUESTS_PER_SECOND,
-                            help="Flickr API calls per second for the WHOLE job (Flickr allows 3,600 "
-                                 "per hour per key), shared out like the image fetch rate")
+        add_consent_arguments(
+            parser, rate_flag="--flickr_api_requests_per_second",
+            mode_help="'api': before writing, ask Flickr whether each photo that yields a sample "
+                      "is still public, allowed by its licence and not tagged no_cv (rejects "
+                      "consent.*; needs --flickr_api_key). 'off' trusts the 2014 snapshot: fine "
+                      "offline and for tests, but a release build should use 'api' (or run "
+                      "`python -m beam_jobs.recheck` on it)")
         parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         parser.add_argument("--max_reject_rate", default=None, help=MAX_REJECT_RATE_HELP)
         parser.add_argument("--annotation_store", default=None,

@@ -52,8 +52,8 @@ from dataset.schema import KEY_COLUMN, PHOTO_COLUMN, USER_COLUMN
 from dataset.search import Match
 from dataset.shards import read_parquet_rows
 from dataset.takedown import rewrite_shard, update_run_files
-from transforms.consent import (DEFAULT_API_URL, DEFAULT_REQUESTS_PER_SECOND, GET_INFO,
-                                GET_PUBLIC_PHOTOS, REASONS, CheckConsent)
+from transforms.consent import (GET_INFO, GET_PUBLIC_PHOTOS, REASONS, CheckConsent,
+                                add_consent_arguments)
 from transforms.consent import STAGE as CONSENT_STAGE
 from transforms.opt_out import OptOut, parse_opt_out
 from transforms.records import METRICS_NAMESPACE
@@ -76,14 +76,7 @@ class RecheckOptions(JobOptions):
     def _add_argparse_args(cls, parser) -> None:
         parser.add_argument("--dataset", required=True,
                             help="Root of the dataset to re-check (local path or gs://).")
-        parser.add_argument("--flickr_api_key", required=True, help="Flickr API key.")
-        parser.add_argument("--flickr_api_url", default=DEFAULT_API_URL,
-                            help="Flickr REST endpoint; a loopback URL only exactly as given "
-                                 "(tests).")
-        parser.add_argument("--flickr_requests_per_second", type=float,
-                            default=DEFAULT_REQUESTS_PER_SECOND,
-                            help="API calls per second for the whole job (Flickr's documented "
-                                 "limit is 3,600 per hour per key).")
+        add_consent_arguments(parser, key_required=True)
         parser.add_argument("--flickr_retries", type=int, default=5,
                             help="Retries of a call on HTTP 429/5xx, code 105 or no connection.")
         parser.add_argument("--flickr_backoff", type=float, default=1.0,

@@ -269,7 +269,7 @@ def test_check_consent_pipeline_rejects_photos_whose_check_failed():
 
 def test_consent_flags_give_the_stage_or_nothing_and_refuse_bad_values(flickr_api):
     parser = argparse.ArgumentParser()
-    add_consent_arguments(parser)
+    add_consent_arguments(parser, mode_help="the check")
     flags = vars(parser.parse_args([]))
     assert flags["consent_check"] == "off" and consent_from_flags(**flags) is None
     flags = vars(parser.parse_args(["--consent_check=api", f"--flickr_api_url={flickr_api.url}",

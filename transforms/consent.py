@@ -569,22 +569,23 @@ class CheckConsent(beam.PTransform):
 CONSENT_CHECK_MODES = ("off", "api")
 
 
-def add_consent_arguments(parser: Any, default_mode: str = "off") -> None:
-    """Add --consent_check, --flickr_api_key, --flickr_api_url and --flickr_requests_per_second
-    to an argparse parser (a job's `_add_argparse_args`)."""
-    parser.add_argument(
-        "--consent_check", choices=CONSENT_CHECK_MODES, default=default_mode,
-        help="'api': ask Flickr whether each photo's owner still allows it (deleted, private, "
-             "relicensed or tagged no_cv photos are rejected; needs --flickr_api_key); "
-             f"'off': trust the YFCC snapshot (default: {default_mode}).")
-    parser.add_argument("--flickr_api_key", default="", help="Flickr API key for the consent check.")
+def add_consent_arguments(parser: Any, mode_help: Optional[str] = None, key_required: bool = False,
+                          rate_flag: str = "--flickr_requests_per_second") -> None:
+    """Add the consent check's flags to an argparse parser (a job's `_add_argparse_args`):
+    --consent_check (only with `mode_help`, default off), --flickr_api_key, --flickr_api_url and
+    the job-wide API rate under `rate_flag` (rebuild's --flickr_requests_per_second is its image
+    fetch rate, so it names this one differently)."""
+    if mode_help is not None:
+        parser.add_argument("--consent_check", choices=CONSENT_CHECK_MODES, default="off",
+                            help=mode_help)
+    parser.add_argument("--flickr_api_key", default="", required=key_required,
+                        help="Flickr API key for the consent check (never written to an output)")
     parser.add_argument("--flickr_api_url", default=DEFAULT_API_URL,
-                        help="Flickr REST endpoint (default: %(default)s); a loopback URL is "
-                             "allowed exactly as given, for tests.")
-    parser.add_argument("--flickr_requests_per_second", type=float,
-                        default=DEFAULT_REQUESTS_PER_SECOND,
-                        help="Flickr API calls per second for the whole job, split over its "
-                             "processes (default: %(default)s, Flickr's 3,600 per hour per key).")
+                        help="Flickr REST endpoint; a loopback URL is allowed exactly as given "
+                             "(tests)")
+    parser.add_argument(rate_flag, type=float, default=DEFAULT_REQUESTS_PER_SECOND,
+                        help="Flickr API calls per second for the WHOLE job, split over its "
+                             "processes (Flickr's documented limit is 3,600 per hour per key)")
 
 
 def consent_from_flags(consent_check: str, flickr_api_key: str = "",
