@@ -170,7 +170,7 @@ LEGEND_HEIGHT, LEGEND_WIDTH = 64, 420
 LEGEND = (
     ("tint", (235, 110, 110), "red tint: the person (where maskrcnn_mask.png is 0)"),
     ("dot", (0, 255, 0), "green circles: visible keypoints (keypoints.npy)"),
-    ("text", (0, 0, 0), "under each crop: sample key (photoid_person), licence"),
+    ("text", (0, 0, 0), "under each crop: sample key (photo id x 1000 + person), licence"),
 )
 
 
