@@ -294,7 +294,7 @@ def test_local_run_is_quiet(tmp_path):
     """A real scan: stdout is the summary, stderr is empty (no crcmod / Beam chatter)."""
     yfcc = tiny_yfcc(tmp_path)
     done = run_job("-m", "beam_jobs.scan", f"--yfcc={yfcc}", f"--output={tmp_path / 'out'}",
-                   "--direct_num_workers=1", "--experiments=x")
+                   "--direct_num_workers=1", "--experiments=x", "--max_reject_rate=none")
     assert done.returncode == 0, done.stderr
     assert done.stderr == "" and "candidates" in done.stdout
 
