@@ -9,7 +9,7 @@ from beam_jobs import scan
 from tests.yfcc_lines import random_records, record_line, write_lines
 from transforms.opt_out import OptOut
 from transforms.records import Rejected, YfccRecord
-from transforms.s1_read import iter_blocks, parse_block_per_row, parse_numbered_line
+from transforms.s1_read import iter_blocks, parse_block_per_row, parse_numbered_line, split_block
 from transforms.s2_prefilter import (USABLE_LICENSE_SLUGS, VALID_LICENSE_SLUGS, BlockChecker, CandidateIds,
                                      PrefilterRules)
 from transforms.yfcc_format import format_line
@@ -27,7 +27,8 @@ def _nasty_lines() -> list[bytes]:
         changed[index] = value
         return "\t".join(changed).encode("utf-8")
 
-    lines = [b"", b"   ", b"\t", b"bad\tline", (good + "\r").encode(), good.encode() + b"\xff",
+    lines = [b"", b"   ", b"\t", b"bad\tline", (good + "\r").encode(), (good + "\r\r").encode(),
+             good.replace("\t", "\r\t", 1).encode(), good.encode() + b"\xff",
              "\t".join(fields[:22]).encode(), "\t".join(fields + ["x"]).encode()]
     # Numbers: photo id, date uploaded, longitude, latitude, accuracy, marker.
     for index, values in ((0, [" 1", "+1", "1_0", "١٢", "12345678901234567890", "x"]),
@@ -142,6 +143,25 @@ def test_counts_only_checker_counts_what_the_per_row_path_keeps_and_rejects(rule
         (record.photo_id, int(record.source.rpartition(":")[2]),
          VALID_LICENSE_SLUGS.index(record.license)) for record in want_candidates)
     assert lines_read == len(lines)
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n"])
+def test_blocks_of_plain_lines_take_the_arrow_path_and_keep_their_line_numbers(line_end):
+    lines = [format_line(record, 23).encode() for record in random_records(200, seed=9)]
+    lines[50:50] = [b"", record_line(7, user_tags=("no+cv",)).encode(), b"too\tfew"]
+    block = line_end.join(lines) + line_end
+    split = split_block(block)
+    assert split is not None and len(split) == len(lines)
+    assert [split.line(index) for index in range(len(lines))] == lines
+    assert not {50, 52} & set(split.rows.tolist())  # blank and short lines go per row
+    rules = PrefilterRules.create()
+    checked = BlockChecker(rules)(block, PATH, 0)
+    assert checked[1:] == parse_block_per_row(block, PATH, 0)[1:]
+    _, rejects, candidates, _, _ = _run_checker(BlockChecker(rules), [block], rules)
+    want_rejects, want_candidates = _per_row(lines, rules)
+    assert Counter(rejects) == Counter(want_rejects)
+    assert sorted(record.source for record in candidates) == sorted(
+        record.source for record in want_candidates)
 
 
 def test_a_block_that_is_not_utf8_is_parsed_line_by_line():

@@ -25,6 +25,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 from apache_beam import coders
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
@@ -42,6 +43,9 @@ STAGE = "read"
 # the accounting invariant lines_read = kept + rejected is checked against.
 LINE_COUNTS_TAG = "line_counts"
 READ_CHUNK_BYTES = 1 << 20
+# The block path's read size: each block costs a fixed few dozen Arrow calls, so bigger blocks
+# are faster (1 MiB -> 4 MiB: +20 % lines/s) while memory stays a few blocks' worth.
+BLOCK_READ_BYTES = 4 << 20
 # Per-file reject reasons: the file is recorded (record id = its path) on top of its lines, so
 # that the accounting lines_read = kept + rejected fails loudly as well.
 INPUT_REASONS = ("truncated_input", "corrupt_input")
@@ -147,18 +151,6 @@ def iter_blocks(stream: BinaryIO, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterat
         yield pending
 
 
-def block_lines(block: bytes) -> Optional[pa.Array]:
-    """The lines of a block (as `iter_lines` splits them, '\\r' kept) as an Arrow string array;
-    None when the block is not valid UTF-8 (the caller parses it line by line)."""
-    try:
-        text = block.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if text.endswith("\n"):
-        text = text[:-1]
-    return pc.list_flatten(pc.split_pattern(pa.array([text], pa.large_string()), "\n"))
-
-
 # Columns a line of a block must match to skip the per-row parser: then `parse_line` would
 # accept it (numbers that are plain ASCII digits / decimals); any other line takes that parser.
 _DIGITS, _OPTIONAL_DIGITS = r"^[0-9]{1,18}$", r"^([0-9]{1,18})?$"
@@ -180,32 +172,78 @@ def _matches(column: pa.Array, pattern: str) -> pa.Array:
     return pc.match_substring_regex(column, pattern)
 
 
-def simple_rows(lines: pa.Array) -> tuple[np.ndarray, dict[str, pa.Array]]:
-    """The lines of a block that `parse_line` accepts for sure, split in Arrow (no per-row
-    Python): their indexes in `lines`, and their BLOCK_COLUMNS (raw text, photo_id as int64)."""
-    fields = pc.split_pattern(lines, "\t")
-    field_counts = pc.list_value_length(fields).to_numpy(zero_copy_only=False)
-    indexes, parts = [], []
-    for layout in (COLUMNS_23, COLUMNS_25):
-        rows = np.flatnonzero(field_counts == len(layout))
-        if not len(rows):
-            continue
-        layout_fields = fields.take(pa.array(rows))
+class BlockSplit(NamedTuple):
+    """A block cut into lines (as `iter_lines` cuts them), and the lines Arrow split and found
+    simple: `parse_line` would accept them (`split_block`)."""
 
-        def column(name: str, layout=layout, layout_fields=layout_fields) -> pa.Array:
-            return pc.list_element(layout_fields, layout.index(name))
+    data: bytes  # the block, '\r\n' read as '\n'
+    starts: np.ndarray  # offset of each line in `data`
+    ends: np.ndarray  # offset of each line's end (its newline, or the end of `data`)
+    rows: np.ndarray  # indexes of the simple lines
+    columns: dict[str, pa.Array]  # their BLOCK_COLUMNS (raw text, photo_id as int64)
 
-        checks = _SIMPLE_NUMBERS + ((("line_idx", _DIGITS),) if "line_idx" in layout else ())
-        simple = functools.reduce(pc.and_, (_matches(column(name), pattern)
-                                            for name, pattern in checks))
-        indexes.append(rows[simple.to_numpy(zero_copy_only=False)])
-        parts.append({name: column(name).filter(simple) for name in BLOCK_COLUMNS})
-    if not parts:
-        return np.zeros(0, dtype=np.int64), {name: pa.array([], pa.large_string())
-                                             for name in BLOCK_COLUMNS}
-    columns = {name: pa.concat_arrays([part[name] for part in parts]) for name in BLOCK_COLUMNS}
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def line(self, index: int) -> bytes:
+        return self.data[self.starts[index]:self.ends[index]]
+
+
+def split_block(block: bytes) -> Optional[BlockSplit]:
+    """Cut a block into lines and its simple lines into BLOCK_COLUMNS with Arrow's CSV reader
+    (tab-separated, no quoting; one C++ pass instead of a split per line). None when the block
+    is not valid UTF-8 or holds a lone carriage return: the caller parses it line by line."""
+    data = block.replace(b"\r\n", b"\n") if b"\r" in block else block
+    size = len(data) - data.endswith(b"\n")
+    if not size or b"\r" in data:
+        return None
+    try:
+        data.decode("utf-8")  # about 1 % of the block's time: ASCII decodes fast
+    except UnicodeDecodeError:
+        return None
+    body = memoryview(data)[:size]
+    newlines = np.flatnonzero(np.frombuffer(body, np.uint8) == 0x0A)
+    starts = np.concatenate(([0], newlines + 1))
+    ends = np.append(newlines, size)
+    layout = COLUMNS_25 if body[:ends[0]].tobytes().count(b"\t") == len(COLUMNS_25) - 1 \
+        else COLUMNS_23
+    table, other_layout = _read_tab_separated(body, layout)
+    line_of_row = np.delete(np.arange(len(starts)), np.asarray(other_layout, np.int64) - 1)
+    if table.num_rows != len(line_of_row):  # never seen; the per-row parser is always right
+        return None
+    checks = _SIMPLE_NUMBERS + ((("line_idx", _DIGITS),) if "line_idx" in layout else ())
+    simple = functools.reduce(pc.and_, (_matches(table.column(name).combine_chunks(), pattern)
+                                        for name, pattern in checks))
+    simple = pc.fill_null(simple, False)
+    columns = {name: table.column(name).combine_chunks().filter(simple) for name in BLOCK_COLUMNS}
     columns["photo_id"] = pc.cast(columns["photo_id"], pa.int64())
-    return np.concatenate(indexes), columns
+    return BlockSplit(data, starts, ends, line_of_row[simple.to_numpy(zero_copy_only=False)],
+                      columns)
+
+
+def _read_tab_separated(data: memoryview, layout: Sequence[str]) -> tuple[pa.Table, list[int]]:
+    """The lines of `data` with `len(layout)` fields as a table of the columns the block checks
+    need (strings), and the 1-based numbers of the lines with another field count (skipped).
+    Blank lines come out as rows of empty fields (they fail the photo_id check)."""
+    other_layout: list[int] = []
+
+    def skip(row) -> str:
+        other_layout.append(row.number)
+        return "skip"
+
+    wanted = BLOCK_COLUMNS + tuple(name for name, _ in _SIMPLE_NUMBERS) + (
+        ("line_idx",) if "line_idx" in layout else ())
+    table = pa_csv.read_csv(
+        pa.BufferReader(pa.py_buffer(data)),
+        read_options=pa_csv.ReadOptions(column_names=list(layout), use_threads=False,
+                                        block_size=len(data) + 1),
+        parse_options=pa_csv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
+                                          escape_char=False, newlines_in_values=False,
+                                          ignore_empty_lines=False, invalid_row_handler=skip),
+        convert_options=pa_csv.ConvertOptions(
+            column_types={name: pa.string() for name in wanted}, include_columns=list(
+                dict.fromkeys(wanted)), strings_can_be_null=False, null_values=[]))
+    return table, other_layout
 
 
 @contextlib.contextmanager
@@ -369,7 +407,7 @@ def read_file(readable_file: fileio.ReadableFile, compression_type: str,
         with open_checked(readable_file, compression_type) as stream:
             if parse_block is not None:
                 position = _raw_position(stream)
-                for block in iter_blocks(stream):
+                for block in iter_blocks(stream, BLOCK_READ_BYTES):
                     items, block_lines_read, block_records = parse_block(block, path, lines)
                     yield from items
                     lines += block_lines_read

@@ -36,9 +36,9 @@ from transforms.records import (FDH_LICENSES, LICENSES, METRICS_NAMESPACE, REJEC
 from transforms.rejects import reject
 from transforms.s1_read import STAGE as READ_STAGE
 from transforms.s1_read import (LINE_COUNTS_TAG, RECORD_FIELDS, ReadCounters, ReadOutput,
-                                as_output, block_lines, check_patterns_match, file_path,
+                                as_output, check_patterns_match, file_path,
                                 open_matched_files, parse_block_per_row, parse_numbered_line,
-                                read_file, record_from_fields, record_to_fields, simple_rows,
+                                read_file, record_from_fields, record_to_fields, split_block,
                                 split_patterns)
 from transforms.stage import StageDoFn, StageOutput, stage_output
 from transforms.tags import clean_tag, find_tag
@@ -228,26 +228,44 @@ def _spellings(char: str) -> list[str]:
 @functools.lru_cache(maxsize=64)
 def _maybe_tag_pattern(name: str) -> Optional[str]:
     """A regex that every lower-cased raw tag field holding tag `name` (clean form) matches:
-    the name's characters in order, in any spelling, anything between them. None when the
-    name is not all ASCII letters and digits (then every escaped field is checked per row)."""
+    the name's characters in order, in any spelling, within one comma-separated raw tag (an
+    escaped comma is '%2c', so a literal comma always separates tags). None when the name is
+    not all ASCII letters and digits (then every escaped field is checked per row)."""
     if not (name.isascii() and name.isalnum()):
         return None
-    return ".*".join("(?:" + "|".join(map(re.escape, _spellings(char))) + ")" for char in name)
+    spelt = "[^,]*".join("(?:" + "|".join(map(re.escape, _spellings(char))) + ")" for char in name)
+    return f"(?:^|,)[^,]*{spelt}[^,]*(?:,|$)"
+
+
+_PLAIN_GAP = "[^A-Za-z0-9,]*"  # what Flickr's clean form drops from an ASCII tag without escapes
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_tags_pattern(names: frozenset[str]) -> Optional[str]:
+    """A regex that an ASCII tag field without escapes matches iff one of its tags has a clean
+    form in `names`: the letters in order, case-insensitive, with only dropped characters around
+    and between them, within one comma-separated tag. None when no name can be the clean form of
+    such a tag (those are ASCII letters and digits only)."""
+    spelt = sorted(_PLAIN_GAP.join(map(re.escape, name)) for name in names
+                   if name.isascii() and name.isalnum())
+    if not spelt:
+        return None
+    return f"(?i)(?:^|,){_PLAIN_GAP}(?:{'|'.join(spelt)}){_PLAIN_GAP}(?:,|$)"
 
 
 def _tag_hits(tags: pa.Array, drop_tags: frozenset[str], rows: np.ndarray) -> np.ndarray:
     """Which of `rows` of the raw user_tags column hold a drop tag (clean form), vectorised
-    for ASCII fields without escapes (their clean form: only letters and digits, lower case);
-    other fields are decoded and checked per row when a loose pattern says they may hold one."""
+    for ASCII fields without escapes (one regex: their clean form is their letters and digits,
+    lower case); other fields are decoded and checked per row when a loose pattern says they
+    may hold one."""
     hits = np.zeros(len(tags), dtype=bool)
     chosen = np.flatnonzero(rows & _flags(pc.not_equal(tags, "")))
     tags = tags.take(pa.array(chosen))
     plain = _flags(pc.and_(pc.string_is_ascii(tags), pc.invert(pc.match_substring(tags, "%"))))
-    cleaned = pc.utf8_lower(pc.replace_substring_regex(tags, "[^A-Za-z0-9,]", ""))
     chosen_hits = np.zeros(len(tags), dtype=bool)
-    for name in drop_tags:
-        chosen_hits |= _flags(pc.match_substring_regex(cleaned, f"(^|,){re.escape(name)}(,|$)"))
-    chosen_hits &= plain
+    plain_pattern = _plain_tags_pattern(frozenset(drop_tags))
+    if plain_pattern is not None:
+        chosen_hits |= _flags(pc.match_substring_regex(tags, plain_pattern)) & plain
     maybe = np.flatnonzero(~plain)
     patterns = [_maybe_tag_pattern(name) for name in drop_tags]
     if len(maybe) and None not in patterns:
@@ -261,7 +279,7 @@ def _tag_hits(tags: pa.Array, drop_tags: frozenset[str], rows: np.ndarray) -> np
 
 
 def block_verdicts(columns: dict[str, pa.Array], rules: PrefilterRules) -> np.ndarray:
-    """`PrefilterRules.check` on the simple rows of a block (`transforms.s1_read.simple_rows`),
+    """`PrefilterRules.check` on the simple rows of a block (`transforms.s1_read.split_block`),
     vectorised: per row CANDIDATE, a code of BLOCK_REASONS, or PER_ROW when the raw text needs
     decoding first (the caller then parses that line and applies `check`)."""
     count = len(columns["photo_id"])
@@ -320,7 +338,7 @@ class CandidateIds(NamedTuple):
 class BlockChecker:
     """A `transforms.s1_read.BlockParser` that also applies the rules, vectorised.
 
-    Lines Arrow can split and check go through `simple_rows` + `block_verdicts`; every other
+    Lines Arrow can split and check go through `split_block` + `block_verdicts`; every other
     line (bad field count, odd numbers, escapes to decode, not UTF-8) through the per-row
     parser, so rejects and their reasons are the same as line by line. Emits YfccRecords for
     the DoFn to apply the rules to (per-row lines, and candidates when `keep_records`), the
@@ -332,27 +350,20 @@ class BlockChecker:
         self._rules, self._keep_records = rules, keep_records
 
     def __call__(self, block: bytes, path: str, lines_before: int) -> tuple[list, int, int]:
-        lines = block_lines(block)
-        if lines is None:
+        split = split_block(block)
+        if split is None:
             return parse_block_per_row(block, path, lines_before)
-        rows, columns = simple_rows(lines)
+        rows, columns = split.rows, split.columns
         verdicts = block_verdicts(columns, self._rules)
-        per_row = np.ones(len(lines), dtype=bool)
+        per_row = np.ones(len(split), dtype=bool)
         per_row[rows] = verdicts == PER_ROW
         if self._keep_records:
             per_row[rows[verdicts == CANDIDATE]] = True
-        parsed = np.flatnonzero(per_row)
-        items = [self._parse(line, row, path, lines_before) for row, line in
-                 zip(parsed.tolist(), lines.take(pa.array(parsed)).to_pylist())]
-        records = len(lines) - sum(type(item) is not YfccRecord for item in items)
+        items = [as_output(parse_numbered_line(split.line(row), f"{path}:{lines_before + row + 1}"))
+                 for row in np.flatnonzero(per_row).tolist()]
+        records = len(split) - sum(type(item) is not YfccRecord for item in items)
         items.extend(self._simple_outputs(rows, columns, verdicts, lines_before))
-        return items, len(lines), records
-
-    @staticmethod
-    def _parse(line: str, row: int, path: str, lines_before: int) -> Any:
-        raw = line.encode("utf-8")
-        return as_output(parse_numbered_line(raw[:-1] if raw.endswith(b"\r") else raw,
-                                             f"{path}:{lines_before + row + 1}"))
+        return items, len(split), records
 
     def _simple_outputs(self, rows: np.ndarray, columns: dict[str, pa.Array],
                         verdicts: np.ndarray, lines_before: int) -> list:
