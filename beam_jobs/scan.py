@@ -34,6 +34,7 @@ from transforms.records import FDH_LICENSES, Rejected
 from transforms.rejects import REJECTS_SCHEMA, reject_counts_key, rejected_to_row
 from transforms.s2_prefilter import (COUNT_CANDIDATES, COUNT_LINES, COUNT_REJECTS, DEFAULT_DROP_TAGS,
                                      CountReadAndPrefilter, ReadAndPrefilter, validate_licenses)
+from transforms.spill import new_staging_dir, remove_staging
 from transforms.yfcc_format import YFCC_RECORD_SCHEMA, records_to_table
 
 COUNTS_FILENAME = "scan_counts.json"
@@ -181,11 +182,13 @@ def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
 
 
 def build_counts_only_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
-                           licenses: Sequence[str] = FDH_LICENSES, opt_out: Sequence[str] = (),
+                           staging_dir: str, licenses: Sequence[str] = FDH_LICENSES,
+                           opt_out: Sequence[str] = (),
                            drop_tags: Sequence[str] = DEFAULT_DROP_TAGS) -> None:
-    """Add the steps of a counts-only scan (only scan_counts.json) to `pipeline`."""
+    """Add the steps of a counts-only scan (only scan_counts.json) to `pipeline`; the
+    candidates' ids are staged in `staging_dir` for the duplicate check."""
     pairs = pipeline | "CountReadAndPrefilter" >> CountReadAndPrefilter(
-        list(yfcc), licenses, opt_out, drop_tags)
+        list(yfcc), licenses, opt_out, drop_tags, staging_dir=staging_dir)
     write_counts(pairs | "Sum" >> beam.CombinePerKey(sum), output)
 
 
@@ -223,14 +226,18 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     parse_max_reject_rates(scan.max_reject_rate)  # a bad value fails here, exit 2
     remove_previous_outputs(output)
     pipeline = make_pipeline(options)
+    staging_dir = new_staging_dir(output, "scan")
     if scan.counts_only:
-        build_counts_only_scan(pipeline, yfcc, output, licenses, split_list(scan.opt_out),
-                               drop_tags)
+        build_counts_only_scan(pipeline, yfcc, output, staging_dir, licenses,
+                               split_list(scan.opt_out), drop_tags)
     else:
         build_scan(pipeline, yfcc, output, licenses, split_list(scan.opt_out), drop_tags,
                    scan.num_shards or 0)
-    with report_progress("scan", input_size(yfcc)):
-        pipeline.run().wait_until_finish()
+    try:
+        with report_progress("scan", input_size(yfcc)):
+            pipeline.run().wait_until_finish()
+    finally:
+        remove_staging(staging_dir)
     remove_empty_beam_temp_folders(output)
     counts = read_json(f"{output}/{COUNTS_FILENAME}")
     if counts[LINES] != counts["candidates"] + counts["rejects"]:

@@ -40,6 +40,7 @@ from transforms.s1_read import (LINE_COUNTS_TAG, RECORD_FIELDS, ReadCounters, Re
                                 open_matched_files, parse_block_per_row, parse_numbered_line,
                                 read_file, record_from_fields, record_to_fields, split_block,
                                 split_patterns)
+from transforms.spill import SpillRef, read_spilled, spill_by_bucket
 from transforms.stage import StageDoFn, StageOutput, stage_output
 from transforms.tags import clean_tag, find_tag
 from transforms.yfcc_format import decode_nsid, decode_tags
@@ -644,23 +645,29 @@ class ReadAndPrefilter(beam.PTransform):
 # Counts-only scan: what is counted, as ((kind, name), count) pairs (the scan_counts.json keys).
 COUNT_LINES, COUNT_CANDIDATES, COUNT_REJECTS = (
     "lines_read", "candidates_per_license", "rejects_per_reason")
-# Candidate ids are buffered per file up to this many per bucket on average, then shuffled for
-# the duplicate check in one batch per bucket.
-ID_BATCH_SIZE = 512
+# Candidate ids are buffered per file up to this many, then staged in one file (a slice per
+# bucket of photo ids) for the duplicate check: only references to the slices are shuffled.
+ID_SPILL_ROWS = 1 << 18
+ID_SCHEMA = pa.schema([("photo_id", pa.int64()), ("line", pa.int64()), ("license_code", pa.int8())])
 
 
 class _CountReadAndRulesFn(_ReadAndApplyRulesFn):
     """Read one file and apply the rules like `_ReadAndApplyRulesFn`, but emit only counts
-    ((kind, name), n) and, on the 'ids' output, (bucket, (path, photo ids, line numbers,
-    licence codes)) batches of the candidates for the duplicate check: a few bytes per
-    candidate cross the shuffle, not the records. A 'read.error' reject is emitted alone."""
+    ((kind, name), n) and, on the 'ids' output, (bucket, (path, SpillRef)) pairs: the
+    candidates' photo ids, line numbers and licence codes are staged in `staging_dir` for the
+    duplicate check, so nothing per candidate crosses the shuffle. A 'read.error' reject is
+    emitted alone."""
+
+    def __init__(self, compression_type: str, config: _RulesConfig, staging_dir: str):
+        super().__init__(compression_type, config)
+        self._staging_dir = staging_dir
 
     def process(self, readable_file):
         return StageDoFn.process(self, readable_file)
 
     def process_element(self, readable_file):
         counts: Counter = Counter()
-        batches = _IdBatches(file_path(readable_file))
+        batches = _IdBatches(file_path(readable_file), self._staging_dir)
         try:
             yield from self._count_file(readable_file, counts, batches)
         finally:  # also when reading fails: the lines so far are counted (see read_file)
@@ -702,11 +709,11 @@ def candidate_ids_of(record: YfccRecord) -> CandidateIds:
 
 
 class _IdBatches:
-    """Candidate ids of one file, buffered (at most ID_BATCH_SIZE * ID_BUCKETS), then sent as
-    one batch per bucket of photo ids."""
+    """Candidate ids of one file, buffered (at most ID_SPILL_ROWS), then staged in one file
+    with a slice per bucket of photo ids (`transforms.spill`)."""
 
-    def __init__(self, path: str):
-        self._path = path
+    def __init__(self, path: str, staging_dir: str):
+        self._path, self._staging_dir = path, staging_dir
         self._parts: list[CandidateIds] = []
         self._size = 0
         self._licenses = np.zeros(len(VALID_LICENSE_SLUGS), dtype=np.int64)
@@ -715,44 +722,45 @@ class _IdBatches:
         self._licenses += np.bincount(ids.license_codes, minlength=len(VALID_LICENSE_SLUGS))
         self._parts.append(ids)
         self._size += len(ids.photo_ids)
-        if self._size >= ID_BATCH_SIZE * ID_BUCKETS:
+        if self._size >= ID_SPILL_ROWS:
             yield from self.drain()
 
     def drain(self) -> Iterator[beam.pvalue.TaggedOutput]:
         if not self._parts:
             return
-        columns = [np.concatenate(column) for column in zip(*self._parts)]
+        photo_ids, lines, licenses = (np.concatenate(column) for column in zip(*self._parts))
         self._parts, self._size = [], 0
-        buckets = columns[0] % ID_BUCKETS
-        order = np.argsort(buckets, kind="stable")
-        columns, buckets = [column[order] for column in columns], buckets[order]
-        starts = np.flatnonzero(np.diff(buckets, prepend=-1))
-        for start, end in zip(starts.tolist(), starts[1:].tolist() + [len(buckets)]):
-            yield beam.pvalue.TaggedOutput("ids", (int(buckets[start]), (self._path, *(
-                column[start:end].tobytes() for column in columns))))
+        table = pa.Table.from_arrays([photo_ids, lines, licenses], schema=ID_SCHEMA)
+        for bucket, ref in spill_by_bucket(table, photo_ids % ID_BUCKETS, self._staging_dir):
+            yield beam.pvalue.TaggedOutput("ids", (bucket, (self._path, ref)))
 
     def license_counts(self) -> dict[tuple[str, str], int]:
         return {(COUNT_CANDIDATES, slug): int(n)
                 for slug, n in zip(VALID_LICENSE_SLUGS, self._licenses) if n}
 
 
-def count_duplicates(bucket_batches: tuple[int, Iterable[tuple]]) -> Iterator[tuple]:
+def count_duplicates(bucket_refs: tuple[int, Iterable[tuple[str, SpillRef]]]) -> Iterator[tuple]:
     """Count pairs for the repeated photo ids of one bucket: each duplicate (all but the
     lowest source file:line) is a 'duplicate_photo_id' reject and one candidate less of its
-    licence. Only the ids are held, then the sources of repeated ids."""
-    _, batches = bucket_batches
-    batches = list(batches)
-    ids = [np.frombuffer(batch[1], np.int64) for batch in batches]
-    unique, counts = np.unique(np.concatenate(ids), return_counts=True)
-    repeated = set(unique[counts > 1].tolist())
-    if not repeated:
+    licence. Reads the bucket's staged slices; holds one bucket."""
+    _, refs = bucket_refs
+    paths, tables = [], []
+    for path, ref in refs:
+        table = read_spilled([ref])
+        paths.extend([path] * table.num_rows)
+        tables.append(table)
+    table = pa.concat_tables(tables)
+    photo_ids = table.column("photo_id").to_numpy()
+    unique, counts = np.unique(photo_ids, return_counts=True)
+    repeated = unique[counts > 1]
+    if not len(repeated):
         return
+    lines = table.column("line").to_numpy()
+    licenses = table.column("license_code").to_numpy()
     sources: dict[int, list[tuple[str, int, int]]] = {}
-    for (path, _, lines, licenses), photo_ids in zip(batches, ids):
-        lines, licenses = np.frombuffer(lines, np.int64), np.frombuffer(licenses, np.int8)
-        for row in np.flatnonzero(np.isin(photo_ids, list(repeated))).tolist():
-            sources.setdefault(int(photo_ids[row]), []).append(
-                (path, int(lines[row]), int(licenses[row])))
+    for row in np.flatnonzero(np.isin(photo_ids, repeated)).tolist():
+        sources.setdefault(int(photo_ids[row]), []).append(
+            (paths[row], int(lines[row]), int(licenses[row])))
     for same_photo in sources.values():
         for _, _, license_code in sorted(same_photo)[1:]:
             reject(STAGE, "duplicate_photo_id", "")
@@ -763,13 +771,21 @@ def count_duplicates(bucket_batches: tuple[int, Iterable[tuple]]) -> Iterator[tu
 class CountReadAndPrefilter(ReadAndPrefilter):
     """`ReadAndPrefilter` (same arguments, no batch_size) that only counts: a PCollection of
     ((kind, name), count) pairs (kind COUNT_LINES, COUNT_CANDIDATES or COUNT_REJECTS; to be
-    summed per key), the same totals as counting ReadAndPrefilter's outputs. Nothing but ids
-    is shuffled."""
+    summed per key), the same totals as counting ReadAndPrefilter's outputs. The candidates'
+    ids are staged under `staging_dir` (`transforms.spill`; the caller removes it after the
+    run): only references cross the shuffle, so memory does not grow with the input."""
+
+    def __init__(self, patterns: Union[str, Sequence[str]], licenses: Iterable[str] = FDH_LICENSES,
+                 opt_out_paths: Iterable[str] = (), drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
+                 *, staging_dir: str, **read_options: Any):
+        super().__init__(patterns, licenses, opt_out_paths, drop_tags, **read_options)
+        self._staging_dir = staging_dir
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         read = (
             self._matched_files(pbegin)
-            | "CountLines" >> beam.ParDo(_CountReadAndRulesFn(self._compression_type, self._config))
+            | "CountLines" >> beam.ParDo(_CountReadAndRulesFn(self._compression_type, self._config,
+                                                              self._staging_dir))
             .with_outputs("ids", REJECTS_TAG, main="main"))
         duplicates = (read.ids | "GroupIdBucket" >> beam.GroupByKey()
                       | "CountDuplicates" >> beam.FlatMap(count_duplicates))

@@ -1,0 +1,62 @@
+"""Spilled shuffles (transforms/spill.py): staged slices read back exactly, staging cleaned up,
+locally and on gs:// (through the counts-only scan on the GCS emulator)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from beam_jobs import scan
+from tests.yfcc_lines import random_records, write_lines
+from transforms.spill import new_staging_dir, read_spilled, remove_staging, spill_by_bucket
+from transforms.yfcc_format import format_line
+
+
+def _table(count: int) -> pa.Table:
+    return pa.table({"photo_id": np.arange(count, dtype=np.int64) * 7,
+                     "line": np.arange(count, dtype=np.int64) + 1})
+
+
+def test_each_bucket_reads_back_its_rows_in_their_order(tmp_path):
+    staging = new_staging_dir(str(tmp_path / "out"), "test")
+    table = _table(1000)
+    buckets = table.column("photo_id").to_numpy() % 16
+    first = dict(spill_by_bucket(table, buckets, staging))
+    second = dict(spill_by_bucket(_table(10), np.full(10, 3), staging))
+    assert sorted(first) == list(range(16)) and list(second) == [3]
+    for bucket, ref in first.items():
+        want = table.filter(pa.array(buckets == bucket))
+        assert read_spilled([ref]).equals(want)
+    both = read_spilled([first[3], second[3]])
+    assert both.num_rows == len(np.flatnonzero(buckets == 3)) + 10
+    assert both.slice(both.num_rows - 10).equals(_table(10))
+    assert list(spill_by_bucket(table.slice(0, 0), np.zeros(0, np.int64), staging)) == []
+
+
+def test_remove_staging_deletes_only_the_staged_files(tmp_path):
+    output = tmp_path / "out"
+    staging = new_staging_dir(str(output), "test")
+    list(spill_by_bucket(_table(50), np.arange(50) % 4, staging))
+    list(spill_by_bucket(_table(50), np.arange(50) % 4, staging))
+    assert remove_staging(staging) == 2
+    assert not output.exists() or not any(output.rglob("*"))  # folders gone when empty
+    kept = new_staging_dir(str(output), "test")
+    list(spill_by_bucket(_table(5), np.zeros(5, np.int64), kept))
+    (tmp_path / "out" / "_staging" / "notes.txt").write_text("not ours")
+    assert remove_staging(kept) == 1
+    assert [path.name for path in output.rglob("*") if path.is_file()] == ["notes.txt"]
+
+
+@pytest.mark.pipeline
+def test_counts_only_scan_on_gcs_stages_there_and_leaves_only_the_counts(tmp_path, gcs_emulator):
+    lines = [format_line(record, 23) for record in random_records(300, seed=3)]
+    write_lines(tmp_path / "y.txt", lines + lines[:20])  # 20 duplicate photo ids
+    local = scan.run([f"--yfcc={tmp_path}/y.txt", f"--output={tmp_path}/local", "--counts_only"])
+    assert local["rejects_per_reason"]["prefilter.duplicate_photo_id"] >= 1
+    done = gcs_emulator.run_job("beam_jobs.scan", f"--yfcc={tmp_path}/y.txt",
+                                f"--output={gcs_emulator.url('scan')}", "--counts_only")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert gcs_emulator.names("scan/") == {"scan/scan_counts.json"}
+    assert json.loads(gcs_emulator.read("scan/scan_counts.json")) == local
