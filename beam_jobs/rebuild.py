@@ -56,6 +56,7 @@ from dataset.fs import load_json
 from dataset.layout import STATS_FILE
 from transforms.s8_write import AssignSplit, WriteRunOutputs, WriteShards
 from transforms.s8_write.run_outputs import resolve_crawl_time
+from transforms.spill import SpilledReshuffle, local_staging_dir, remove_staging
 
 DEFAULT_IMAGE_SOURCE = "mirror:https://multimedia-commons.s3-us-west-2.amazonaws.com"
 
@@ -275,8 +276,10 @@ def gpu_stage(options: RebuildOptions, write_shards: WriteShards, no_embeddings:
                     write_shards.encoder(), accelerator=gpu_accelerator(options))
 
 
-def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
-    """Compose the rebuild job on `pipeline`."""
+def build(pipeline: beam.Pipeline, options: RebuildOptions, staging_dir: Optional[str] = None) -> None:
+    """Compose the rebuild job on `pipeline`. With `staging_dir` (local runs), what crosses the
+    shuffles (candidates, the reshuffled records, encoded samples) waits in files there, so
+    that memory does not grow with the input (`transforms.spill`)."""
     output = options.output.rstrip("/")
     no_embeddings = options.no_embeddings or options.annotator == "lite"
     write_shards = WriteShards(output, no_embeddings=no_embeddings, crawl_time=options.crawl_time)
@@ -285,9 +288,10 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
     # ReadYfcc | Prefilter fused in one step per file (same outputs, no element in between).
     licenses = split_list(options.licenses) or list(FDH_LICENSES)
     prefiltered = pipeline | "ReadAndPrefilter" >> ReadAndPrefilter(
-        split_list(options.yfcc), licenses=licenses, opt_out_paths=_opt_out_paths(options))
+        split_list(options.yfcc), licenses=licenses, opt_out_paths=_opt_out_paths(options),
+        staging_dir=staging_dir)
     fetched = (prefiltered.main
-               | "Reshuffle" >> beam.Reshuffle()
+               | "Reshuffle" >> SpilledReshuffle(staging_dir)
                | "FetchImages" >> FetchImages(
                    options.image_source, threads=options.fetch_threads,
                    requests_per_second=options.requests_per_second or None,
@@ -304,7 +308,7 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions) -> None:
                    | "CheckConsent" >> consent)
         samples = checked.main | "ConsentKept" >> beam.Map(lambda kept: kept[0].payload)
         stages.append(checked)
-    written = samples | "WriteShards" >> write_shards.writer()
+    written = samples | "WriteShards" >> write_shards.writer(staging_dir)
     stages.append(written)
 
     rejects = tuple(stage.rejects for stage in stages) | "AllRejects" >> beam.Flatten()
@@ -358,10 +362,15 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         if rebuild_options.crawl_time is None:
             rebuild_options.crawl_time = resolve_crawl_time(output, None, default=time.time())
         pipeline = make_pipeline(options)
-        build(pipeline, rebuild_options)
-        with report_progress("rebuild", input_size(split_list(rebuild_options.yfcc))):
-            result = pipeline.run()
-            result.wait_until_finish()
+        staging_dir = local_staging_dir("rebuild") if is_local(options) else None
+        build(pipeline, rebuild_options, staging_dir)
+        try:
+            with report_progress("rebuild", input_size(split_list(rebuild_options.yfcc))):
+                result = pipeline.run()
+                result.wait_until_finish()
+        finally:
+            if staging_dir:
+                remove_staging(staging_dir)
         remove_empty_beam_temp_folders(output)
     if is_local(options) or FileSystems.exists(f"{output}/{STATS_FILE}"):
         print(summarize(output))

@@ -40,7 +40,7 @@ from transforms.s1_read import (LINE_COUNTS_TAG, RECORD_FIELDS, ReadCounters, Re
                                 open_matched_files, parse_block_per_row, parse_numbered_line,
                                 read_file, record_from_fields, record_to_fields, split_block,
                                 split_patterns)
-from transforms.spill import SpillRef, read_spilled, spill_by_bucket
+from transforms.spill import SpilledGroupByKey, SpillRef, read_spilled, spill_by_bucket
 from transforms.stage import StageDoFn, StageOutput, stage_output
 from transforms.tags import clean_tag, find_tag
 from transforms.yfcc_format import decode_nsid, decode_tags
@@ -560,17 +560,19 @@ class _ReiterableRecords:
 
 class _DropDuplicates(beam.PTransform):
     """(bucket, [record fields]) batches -> StageOutput(main=YfccRecord per photo id, rejects);
-    with `batch_size`, main holds lists of up to that many records instead."""
+    with `batch_size`, main holds lists of up to that many records instead. With `staging_dir`
+    the batches wait in files there during the shuffle (`transforms.spill`)."""
 
-    def __init__(self, batch_size: Optional[int] = None):
+    def __init__(self, batch_size: Optional[int] = None, staging_dir: Optional[str] = None):
         super().__init__()
         self._batch_size = batch_size
+        self._staging_dir = staging_dir
 
     def expand(self, batches: beam.PCollection) -> StageOutput:
         output_type = YfccRecord if self._batch_size is None else list[YfccRecord]
         return stage_output(
             batches
-            | "GroupByIdBucket" >> beam.GroupByKey()
+            | "GroupByIdBucket" >> SpilledGroupByKey(self._staging_dir)
             | "KeepFirst" >> beam.ParDo(_KeepFirstOfPhotoFn(self._batch_size))
             .with_output_types(output_type).with_outputs(REJECTS_TAG, main="main"))
 
@@ -607,15 +609,17 @@ class ReadAndPrefilter(beam.PTransform):
     rejects=Rejected of both stages, line_counts=(path, lines)); faster, as a record is not
     emitted between reading and the rules. With `batch_size`, main holds lists of up to that
     many records and rejects lists of rejects (in any grouping), for consumers that work in
-    batches such as a Parquet writer.
+    batches such as a Parquet writer. With `staging_dir` (local runs), the candidates wait in
+    files there during the duplicate check instead of in memory (`transforms.spill`).
     """
 
     def __init__(self, patterns: Union[str, Sequence[str]],
                  licenses: Iterable[str] = FDH_LICENSES, opt_out_paths: Iterable[str] = (),
                  drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
                  compression_type: str = CompressionTypes.AUTO, validate: bool = True,
-                 batch_size: Optional[int] = None):
+                 batch_size: Optional[int] = None, staging_dir: Optional[str] = None):
         super().__init__()
+        self._staging_dir = staging_dir
         self._patterns = split_patterns(patterns)
         self._compression_type = compression_type
         self._validate = validate
@@ -634,7 +638,7 @@ class ReadAndPrefilter(beam.PTransform):
             self._matched_files(pbegin)
             | "ReadLines" >> beam.ParDo(_ReadAndApplyRulesFn(self._compression_type, self._config))
             .with_output_types(Any).with_outputs(REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
-        unique = read.main | "DropDuplicates" >> _DropDuplicates(self._batch_size)
+        unique = read.main | "DropDuplicates" >> _DropDuplicates(self._batch_size, self._staging_dir)
         read_rejects = read[REJECTS_TAG]
         if self._batch_size is None:
             read_rejects = read_rejects | "UnbatchRejects" >> beam.FlatMap(lambda batch: batch)
@@ -778,8 +782,8 @@ class CountReadAndPrefilter(ReadAndPrefilter):
     def __init__(self, patterns: Union[str, Sequence[str]], licenses: Iterable[str] = FDH_LICENSES,
                  opt_out_paths: Iterable[str] = (), drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
                  *, staging_dir: str, **read_options: Any):
-        super().__init__(patterns, licenses, opt_out_paths, drop_tags, **read_options)
-        self._staging_dir = staging_dir
+        super().__init__(patterns, licenses, opt_out_paths, drop_tags, staging_dir=staging_dir,
+                         **read_options)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         read = (

@@ -7,21 +7,35 @@ IPC stream per bucket to a new file under a staging folder (local or gs://), ret
 (bucket, SpillRef) pairs of a few dozen bytes; after the GroupByKey, `read_spilled` reads a
 bucket's slices back. Memory then holds one bucket at a time, not the input.
 
-The staging folder belongs to one run (`new_staging_dir`); `remove_staging` deletes the files
-this module wrote there (`*.arrows`) and nothing else.
+`SpilledGroupByKey` and `SpilledReshuffle` do the same for any picklable values: each bundle's
+values are appended to one staging file and only (key, `Spilled`) pairs cross the shuffle; the
+values are loaded lazily after it, one at a time. On the local runner they keep memory flat;
+on Dataflow the shuffle service holds data on disk anyway, so jobs use them locally only.
+A spilled value must be read after the GroupByKey (its file is closed when the bundle ends).
+
+The staging folder belongs to one run (`new_staging_dir`, `local_staging_dir`); `remove_staging`
+deletes the files this module wrote there (`*.arrows`, `*.pickles`) and nothing else.
 """
 from __future__ import annotations
 
+import collections
 import os
+import pickle
+import random
+import tempfile
 import uuid
-from typing import Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 SUFFIX = ".arrows"
+VALUES_SUFFIX = ".pickles"
 STAGING_FOLDER = "_staging"
+OPEN_FILES = 16  # staging files a process keeps open for reading
+RESHUFFLE_KEYS = 1024
 
 
 class SpillRef(NamedTuple):
@@ -35,6 +49,11 @@ class SpillRef(NamedTuple):
 def new_staging_dir(output: str, job: str) -> str:
     """A fresh staging folder for one run of `job` under `output` (OUTPUT/_staging/JOB-HEX)."""
     return f"{output.rstrip('/')}/{STAGING_FOLDER}/{job}-{uuid.uuid4().hex[:16]}"
+
+
+def local_staging_dir(job: str) -> str:
+    """A fresh staging folder for one local run of `job` in the system's temporary folder."""
+    return tempfile.mkdtemp(prefix=f"fdh-{job}-")
 
 
 def _ipc_bytes(table: pa.Table) -> bytes:
@@ -66,23 +85,142 @@ def spill_by_bucket(table: pa.Table, buckets: np.ndarray, staging_dir: str
 
 def read_spilled(refs: Iterable[SpillRef]) -> pa.Table:
     """The rows of `refs` (one bucket's slices) as one table, in the order of the refs."""
-    tables = []
-    for ref in refs:
-        with FileSystems.open(ref.path, mime_type="application/octet-stream",
-                              compression_type="uncompressed") as handle:
-            handle.seek(ref.offset)
-            tables.append(pa.ipc.open_stream(handle.read(ref.length)).read_all())
-    return pa.concat_tables(tables)
+    return pa.concat_tables([pa.ipc.open_stream(_Reader.read(ref)).read_all() for ref in refs])
+
+
+class Spilled(NamedTuple):
+    """A value waiting in a staging file, and a small summary of it kept beside the reference."""
+
+    ref: SpillRef
+    summary: Any = None
+
+
+class _Reader:
+    """Read staged byte ranges, keeping the last OPEN_FILES files of this process open."""
+
+    _handles: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+
+    @classmethod
+    def read(cls, ref: SpillRef) -> bytes:
+        handle = cls._handles.pop(ref.path, None)
+        if handle is None:
+            handle = FileSystems.open(ref.path, mime_type="application/octet-stream",
+                                      compression_type="uncompressed")
+        cls._handles[ref.path] = handle
+        while len(cls._handles) > OPEN_FILES:
+            cls._handles.popitem(last=False)[1].close()
+        handle.seek(ref.offset)
+        return handle.read(ref.length)
+
+    @classmethod
+    def close_all(cls) -> None:
+        while cls._handles:
+            cls._handles.popitem()[1].close()
+
+
+def load(spilled: Spilled) -> Any:
+    """The value a `Spilled` stands for."""
+    return pickle.loads(_Reader.read(spilled.ref))
+
+
+class _SpillValuesFn(beam.DoFn):
+    """(key, value) -> (key, Spilled): each bundle's values appended to one new staging file."""
+
+    def __init__(self, staging_dir: str, summarize: Optional[Callable[[Any], Any]] = None):
+        self._staging_dir, self._summarize = staging_dir, summarize
+
+    def start_bundle(self):
+        self._handle, self._path, self._offset = None, "", 0
+
+    def process(self, element):
+        key, value = element
+        if self._handle is None:
+            self._path = f"{self._staging_dir}/{uuid.uuid4().hex}{VALUES_SUFFIX}"
+            self._handle = FileSystems.create(self._path)
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        self._handle.write(data)
+        ref = SpillRef(self._path, self._offset, len(data))
+        self._offset += len(data)
+        yield key, Spilled(ref, self._summarize(value) if self._summarize else None)
+
+    def finish_bundle(self):
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class SpillValues(beam.PTransform):
+    """(key, value) -> (key, Spilled(ref, summarize(value))): the values go to staging files."""
+
+    def __init__(self, staging_dir: str, summarize: Optional[Callable[[Any], Any]] = None):
+        super().__init__()
+        self._staging_dir, self._summarize = staging_dir, summarize
+
+    def expand(self, pairs):
+        return pairs | "Spill" >> beam.ParDo(_SpillValuesFn(self._staging_dir, self._summarize))
+
+
+class LoadedValues:
+    """The values of spilled references, loaded one at a time when iterated (file order)."""
+
+    def __init__(self, spilled: Iterable[Spilled]):
+        self._refs = sorted(item.ref for item in spilled)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (pickle.loads(_Reader.read(ref)) for ref in self._refs)
+
+
+class SpilledGroupByKey(beam.PTransform):
+    """GroupByKey whose values wait in staging files: (key, value) -> (key, iterable of values),
+    only references crossing the shuffle. Without a staging folder, a plain GroupByKey."""
+
+    def __init__(self, staging_dir: Optional[str]):
+        super().__init__()
+        self._staging_dir = staging_dir
+
+    def expand(self, pairs):
+        if not self._staging_dir:
+            return pairs | "GroupByKey" >> beam.GroupByKey()
+        return (pairs
+                | "Spill" >> SpillValues(self._staging_dir)
+                | "GroupByKey" >> beam.GroupByKey()
+                | "Load" >> beam.MapTuple(lambda key, spilled: (key, LoadedValues(spilled))))
+
+
+class SpilledReshuffle(beam.PTransform):
+    """Reshuffle (redistribute elements, break fusion) through staging files; without a staging
+    folder, Beam's Reshuffle."""
+
+    def __init__(self, staging_dir: Optional[str]):
+        super().__init__()
+        self._staging_dir = staging_dir
+
+    def expand(self, elements):
+        if not self._staging_dir:
+            return elements | "Reshuffle" >> beam.Reshuffle()
+        return (elements
+                | "RandomKey" >> beam.Map(lambda value: (random.randrange(RESHUFFLE_KEYS), value))
+                | "Group" >> SpilledGroupByKey(self._staging_dir)
+                | "Values" >> beam.FlatMapTuple(lambda _, values: values))
 
 
 def remove_staging(staging_dir: str) -> int:
     """Delete the staged files of a run (and its folder when local and then empty); the number
     of files deleted. Files this module did not name are left alone."""
-    matched = FileSystems.match([f"{staging_dir}/*{SUFFIX}"])[0].metadata_list
+    _Reader.close_all()
+    matched = [metadata for result in FileSystems.match(
+        [f"{staging_dir}/*{SUFFIX}", f"{staging_dir}/*{VALUES_SUFFIX}"])
+        for metadata in result.metadata_list]
     paths = [metadata.path for metadata in matched]
     if paths:
         FileSystems.delete(paths)
-    for folder in (staging_dir, os.path.dirname(staging_dir)):
+    folders = [staging_dir] + ([os.path.dirname(staging_dir)]
+                               if os.path.basename(os.path.dirname(staging_dir)) == STAGING_FOLDER
+                               else [])
+    for folder in folders:
         if "://" not in folder and os.path.isdir(folder) and not os.listdir(folder):
             os.rmdir(folder)
     return len(paths)

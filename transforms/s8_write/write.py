@@ -22,6 +22,7 @@ from transforms.s8_write.encode import SampleError, encode_sample, sample_row
 from transforms.s8_write.layout import (MAX_BYTES, MAX_SAMPLES, bucket_of, dedupe_sorted,
                                         num_buckets, part_sizes, shard_offsets, tar_size)
 from transforms.s8_write.run_outputs import resolve_crawl_time
+from transforms.spill import Spilled, SpillValues, load
 from transforms.stage import StageDoFn, StageOutput, stage_output
 
 STAGE = "write"
@@ -64,17 +65,34 @@ def write_sorted_bucket(output_dir: str, group: str, first_index: int, sizes: Se
     return entries
 
 
-def write_bucket(output_dir: str, group: str, first_index: int, items: Iterable[EncodedSample],
+class SpilledSample(NamedTuple):
+    """An EncodedSample waiting in a staging file (`transforms.spill`): what the writer plans
+    with (group, key, size) and where the rest is."""
+
+    group: str
+    key: str
+    size: int
+    spilled: Spilled
+
+
+def load_sample(item: Any) -> EncodedSample:
+    """The EncodedSample of a SpilledSample (an EncodedSample as is)."""
+    return load(item.spilled) if isinstance(item, SpilledSample) else item
+
+
+def write_bucket(output_dir: str, group: str, first_index: int, items: Iterable[Any],
                  max_samples: int = MAX_SAMPLES, max_bytes: int = MAX_BYTES
                  ) -> tuple[list[dict], list[EncodedSample]]:
     """Sort a bucket by key, cut it into parts and write each as shard first_index, first_index+1, ...
 
+    `items` are EncodedSamples or SpilledSamples (loaded one at a time as they are written).
     Returns (manifest entries, duplicate samples dropped: a key seen twice keeps one copy).
     """
     kept, duplicates = dedupe_sorted(((item.key, item.size, item) for item in items))
     entries = write_sorted_bucket(output_dir, group, first_index, [size for _, size, _ in kept],
-                                  (item for _, _, item in kept), max_samples, max_bytes)
-    return entries, [item for _, _, item in duplicates]
+                                  (load_sample(item) for _, _, item in kept), max_samples,
+                                  max_bytes)
+    return entries, [load_sample(item) for _, _, item in duplicates]
 
 
 def _duplicate_reject(item: EncodedSample):
@@ -167,9 +185,11 @@ class WriteShards(beam.PTransform):
         """The encode half (FdhSample -> EncodedSample), e.g. to run it on the GPU workers."""
         return EncodeSamples(self._no_embeddings, self._crawl_time)
 
-    def writer(self) -> "WriteEncodedShards":
-        """The write half (EncodedSample -> shard entries)."""
-        return WriteEncodedShards(self._output_dir, self._max_samples, self._max_bytes)
+    def writer(self, staging_dir: Optional[str] = None) -> "WriteEncodedShards":
+        """The write half (EncodedSample -> shard entries); see WriteEncodedShards for
+        `staging_dir`."""
+        return WriteEncodedShards(self._output_dir, self._max_samples, self._max_bytes,
+                                  staging_dir)
 
     def expand(self, samples) -> StageOutput:
         # `AssignSplit(...) | WriteShards(...)`: a StageOutput's rejects pass through to ours.
@@ -194,15 +214,32 @@ class EncodeSamples(beam.PTransform):
             "encoded")
 
 
-class WriteEncodedShards(beam.PTransform):
-    """EncodedSample -> StageOutput(manifest entries, duplicate-key rejects) (see `WriteShards`)."""
+def _spilled_sample(pair: tuple[None, Spilled]) -> SpilledSample:
+    group, key, size = pair[1].summary
+    return SpilledSample(group, key, size, pair[1])
 
-    def __init__(self, output_dir: str, max_samples: int = MAX_SAMPLES, max_bytes: int = MAX_BYTES):
+
+class WriteEncodedShards(beam.PTransform):
+    """EncodedSample -> StageOutput(manifest entries, duplicate-key rejects) (see `WriteShards`).
+
+    With `staging_dir` (local runs), the encoded samples wait in files there and only
+    SpilledSamples (key, size, reference) cross the shuffles: memory holds one sample at a time
+    while writing, not the dataset."""
+
+    def __init__(self, output_dir: str, max_samples: int = MAX_SAMPLES, max_bytes: int = MAX_BYTES,
+                 staging_dir: Optional[str] = None):
         super().__init__()
         self._output_dir, self._max_samples, self._max_bytes = output_dir, max_samples, max_bytes
+        self._staging_dir = staging_dir
 
     def expand(self, good) -> StageOutput:
         max_samples, max_bytes = self._max_samples, self._max_bytes
+        if self._staging_dir:
+            good = (good
+                    | "NoKey" >> beam.Map(lambda item: (None, item))
+                    | "SpillSamples" >> SpillValues(
+                        self._staging_dir, lambda item: (item.group, item.key, item.size))
+                    | "SpilledSamples" >> beam.Map(_spilled_sample))
         buckets = (
             good
             | "GroupSize" >> beam.Map(lambda item: (item.group, (1, item.size)))
