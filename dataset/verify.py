@@ -275,7 +275,8 @@ def verify_shard(dataset: str, entry: dict, no_embeddings: bool) -> dict[str, An
     else:
         try:
             table = read_parquet_table(fs.join(dataset, parquet))
-            problems += [f"{parquet}: {problem}" for problem in parquet_schema_problems(table.schema)]
+            problems += [f"{parquet}: {problem}"
+                         for problem in parquet_schema_problems(table.schema)]
             rows = table.to_pylist()
             del table
             parquet_keys = [row[KEY_COLUMN] for row in rows]

@@ -21,9 +21,10 @@ from beam_jobs import export, recheck, search_user, strip_embeddings, takedown, 
 from dataset.schema import CONSENT_COLUMNS, PARQUET_SCHEMA
 from dataset.shards import PARQUET_COMPRESSION, read_parquet_rows
 from dataset.verify import parquet_schema_problems
-from tests.flickr_api_fixture import API_KEY, FakePhoto, World, serve
+from tests.flickr_api_fixture import API_KEY, CC_BY_4, CC_BY_ND_4, FakePhoto, World, serve
 from tests.jobs_dataset import LAYOUT, OTHER, VICTIM, build_dataset
 from tests.factories import make_sample
+from transforms.consent import GET_LICENSES
 from transforms.s8_write import sample_row
 
 
@@ -70,7 +71,8 @@ def test_new_rows_hold_null_consent_columns_in_schema_order():
 
 
 def test_verify_accepts_a_dataset_written_before_the_consent_columns(old):
-    assert not set(CONSENT_COLUMNS) & set(pq.read_schema(old / _manifest(old)["shards"][0]["parquet"]).names)
+    first = old / _manifest(old)["shards"][0]["parquet"]
+    assert not set(CONSENT_COLUMNS) & set(pq.read_schema(first).names)
     report = verified(old)
     assert report["ok"], report["problems"]
 
@@ -113,9 +115,12 @@ def test_search_and_takedown_of_an_old_dataset_then_verify_passes_on_the_mixed_r
     assert report["ok"], report["problems"]
 
 
-def test_recheck_of_an_old_dataset_removes_the_withdrawn_photo_and_verify_passes(old):
-    withdrawn = LAYOUT[0][0]
-    fake = serve(World().add(*(FakePhoto(photo_id, user, deleted=photo_id == withdrawn)
+def test_recheck_of_an_old_dataset_removes_the_relicensed_photo_and_verify_passes(old):
+    """One photo relicensed to a NoDerivs 4.0 licence (an id beyond the verified table), one to
+    a 4.0 licence that permits derivatives: the licence list is asked once; only the first goes."""
+    withdrawn, relicensed_ok = LAYOUT[0][0], LAYOUT[1][0]
+    licence = {withdrawn: CC_BY_ND_4, relicensed_ok: CC_BY_4}
+    fake = serve(World().add(*(FakePhoto(photo_id, user, licence.get(photo_id, 4))
                                for photo_id, _, user, _, _ in LAYOUT)))
     try:
         report = recheck.run([f"--dataset={old}", f"--flickr_api_key={API_KEY}",
@@ -123,6 +128,10 @@ def test_recheck_of_an_old_dataset_removes_the_withdrawn_photo_and_verify_passes
     finally:
         fake.stop()
     assert [removed["photo_id"] for removed in report["removed"]] == [withdrawn]
+    assert report["removed_by_reason"] == {"consent.license_changed": 1}
+    assert report["api_calls"][GET_LICENSES] == 1
+    assert "(cc-by-2 -> cc-by-nd-4 (https://creativecommons.org/licenses/by-nd/4.0/))" \
+        in (old / "opt_out.txt").read_text()
     report = verified(old)
     assert report["ok"], report["problems"]
 
