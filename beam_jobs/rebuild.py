@@ -38,8 +38,8 @@ from dataset.lock import run_lock
 from dataset.ownership import OVERWRITE_HELP, check_output_ownership, remove_empty_beam_temp_folders
 from dataset.stats import human_bytes
 from transforms.annotation_store import with_annotation_store
-from transforms.consent import (CheckConsent, ConsentSubject, add_consent_arguments,
-                                consent_from_flags)
+from transforms.consent import (CheckConsent, ConsentResult, ConsentSubject,
+                                add_consent_arguments, consent_from_flags)
 from transforms.reject_limits import FLAG_HELP as MAX_REJECT_RATE_HELP
 from transforms.reject_limits import check_reject_rates, parse_max_reject_rates
 from transforms.funnel import accounting_errors, funnel_rows, step_key
@@ -54,7 +54,7 @@ from transforms.s6_select import SelectPersons
 from transforms.s7_crop import CropPersons
 from dataset.fs import load_json
 from dataset.layout import STATS_FILE
-from transforms.s8_write import AssignSplit, WriteRunOutputs, WriteShards
+from transforms.s8_write import AssignSplit, EncodedSample, WriteRunOutputs, WriteShards
 from transforms.s8_write.run_outputs import resolve_crawl_time
 from transforms.spill import SpilledReshuffle, local_staging_dir, remove_staging
 
@@ -248,6 +248,14 @@ def consent_subject(sample) -> ConsentSubject:
     return ConsentSubject(int(sample.row["photo_id"]), sample.row["user_nsid"], sample)
 
 
+def with_consent_fields(kept: tuple[ConsentSubject, ConsentResult]) -> EncodedSample:
+    """A kept encoded sample with the check time and the licence seen in its Parquet row (its
+    tar members, FDH's metadata.json entry among them, stay as they are)."""
+    subject, result = kept
+    sample = subject.payload
+    return sample._replace(row={**sample.row, **result.metadata()})
+
+
 def gpu_accelerator(options: RebuildOptions) -> Optional[str]:
     """The GPU composite's accelerator hint: with --gpu_type, --device=GPU and the fdh annotator
     (the lite annotator runs on the CPU), else None."""
@@ -306,7 +314,7 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions, staging_dir: Optiona
     if consent is not None:  # only photos that yield a sample cost an API call
         checked = (samples | "ConsentSubjects" >> beam.Map(consent_subject)
                    | "CheckConsent" >> consent)
-        samples = checked.main | "ConsentKept" >> beam.Map(lambda kept: kept[0].payload)
+        samples = checked.main | "ConsentKept" >> beam.Map(with_consent_fields)
         stages.append(checked)
     written = samples | "WriteShards" >> write_shards.writer(staging_dir)
     stages.append(written)

@@ -52,7 +52,7 @@ from dataset.schema import KEY_COLUMN, PHOTO_COLUMN, USER_COLUMN
 from dataset.search import Match
 from dataset.shards import read_parquet_rows
 from dataset.takedown import rewrite_shard, update_run_files
-from transforms.consent import (GET_INFO, GET_PUBLIC_PHOTOS, REASONS, CheckConsent,
+from transforms.consent import (GET_INFO, GET_LICENSES, GET_PUBLIC_PHOTOS, REASONS, CheckConsent,
                                 add_consent_arguments)
 from transforms.consent import STAGE as CONSENT_STAGE
 from transforms.opt_out import OptOut, parse_opt_out
@@ -66,7 +66,7 @@ REMOVE_REASONS = frozenset(REASONS) - {FAILED_REASON}  # Flickr answered: the ow
 OPTED_OUT = "opt_out"  # already listed in opt_out.txt
 DEFAULT_MAX_FAILED_FRACTION = 0.001
 CALL_COUNTERS = {f"{CONSENT_STAGE}.calls_{method}": method
-                 for method in (GET_INFO, GET_PUBLIC_PHOTOS)}
+                 for method in (GET_INFO, GET_PUBLIC_PHOTOS, GET_LICENSES)}
 
 
 class RecheckOptions(JobOptions):

@@ -46,8 +46,17 @@ PARQUET_SCHEMA = pa.schema([
     ("keypoint_scores", pa.list_(pa.float32())),
     ("annotator", pa.string()),
     ("source_sha256", pa.string()),
+    # The consent check (issue 15): when Flickr was asked (UTC, ISO 8601) and the licence id and
+    # slug it reported. Null with --consent_check=off; absent from datasets written before them.
+    ("consent_checked_at", pa.string()),
+    ("consent_license_id", pa.int32()),
+    ("consent_license", pa.string()),
     ("shard", pa.string()),  # tar shard path relative to the dataset root
 ])
+
+# The consent check's columns, in PARQUET_SCHEMA order (`ConsentResult.metadata()` fills them).
+# Optional when reading: a dataset written before them lacks them, and every reader copes.
+CONSENT_COLUMNS = ("consent_checked_at", "consent_license_id", "consent_license")
 
 # Parquet columns the search needs (PARQUET_SCHEMA has many more).
 KEY_COLUMN = "key"

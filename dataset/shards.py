@@ -188,10 +188,16 @@ def write_parquet_shard(path: str, rows: list[dict[str, Any]]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def read_parquet_table(path: str, columns: Optional[list[str]] = None) -> pa.Table:
+    """A Parquet shard as a pyarrow Table (its schema is the file's: a dataset written before a
+    column was added lacks it)."""
+    with fs.open_read(path) as handle:
+        return pq.read_table(handle, columns=columns)
+
+
 def read_parquet_rows(path: str, columns: Optional[list[str]] = None) -> list[dict[str, Any]]:
     """All rows of a Parquet shard as dicts."""
-    with fs.open_read(path) as handle:
-        return pq.read_table(handle, columns=columns).to_pylist()
+    return read_parquet_table(path, columns).to_pylist()
 
 
 def iter_parquet_rows(path: str, columns: Optional[list[str]] = None,

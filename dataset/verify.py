@@ -25,8 +25,8 @@ from dataset.layout import (EMBEDDING_MEMBERS, METADATA_FILE, OPT_OUT_FILE, REQU
                             STATS_FILE, shard_glob, shard_location, shard_parquet_path)
 from dataset.manifest import expected_shard_files
 from dataset.ownership import BEAM_TEMP_PREFIX, empty_beam_temp_folders, is_temp_file
-from dataset.schema import KEY_COLUMN, build_stats
-from dataset.shards import read_parquet_rows, read_tar_shard
+from dataset.schema import CONSENT_COLUMNS, KEY_COLUMN, PARQUET_SCHEMA, build_stats
+from dataset.shards import read_parquet_table, read_tar_shard
 from transforms.opt_out import parse_opt_out
 from transforms.records import CROP_HEIGHT, CROP_WIDTH, NUM_CSE_VERTICES
 
@@ -202,6 +202,25 @@ def identity_problems(where: str, expected: Mapping[str, list[Any]],
     return problems
 
 
+def parquet_schema_problems(schema: Any) -> list[str]:
+    """How a shard's Parquet columns differ from PARQUET_SCHEMA: a column missing, of another
+    type, or unknown. The consent columns may be missing: a dataset written before them (issue
+    15) is still valid, its rows simply hold no consent check."""
+    problems = []
+    found = {field.name: field.type for field in schema}
+    for expected in PARQUET_SCHEMA:
+        if expected.name not in found:
+            if expected.name not in CONSENT_COLUMNS:
+                problems.append(f"column {expected.name} missing")
+        elif found[expected.name] != expected.type:
+            problems.append(f"column {expected.name} is {found[expected.name]}, "
+                            f"expected {expected.type}")
+    unknown = sorted(found.keys() - set(PARQUET_SCHEMA.names))
+    if unknown:
+        problems.append(f"unknown columns {unknown}")
+    return problems
+
+
 def parquet_row_problems(entry: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Rows whose photo_id column differs from their id, or whose licence is not the shard's."""
     license_ = entry.get("license")
@@ -255,7 +274,11 @@ def verify_shard(dataset: str, entry: dict, no_embeddings: bool) -> dict[str, An
         problems.append(f"{parquet}: missing")
     else:
         try:
-            rows = read_parquet_rows(fs.join(dataset, parquet))
+            table = read_parquet_table(fs.join(dataset, parquet))
+            problems += [f"{parquet}: {problem}"
+                         for problem in parquet_schema_problems(table.schema)]
+            rows = table.to_pylist()
+            del table
             parquet_keys = [row[KEY_COLUMN] for row in rows]
             parquet_identity = {row[KEY_COLUMN]: identity(row) for row in rows}
             problems += _first(parquet_row_problems(entry, rows))

@@ -1,15 +1,19 @@
-"""A loopback fake of the Flickr REST API (`flickr.photos.getInfo`, `flickr.people.getPublicPhotos`).
+"""A loopback fake of the Flickr REST API (`flickr.photos.getInfo`, `flickr.people.getPublicPhotos`,
+`flickr.photos.licenses.getInfo`).
 
-`FlickrApiFake` is a ThreadingHTTPServer on 127.0.0.1 that answers the two methods in JSON
+`FlickrApiFake` is a ThreadingHTTPServer on 127.0.0.1 that answers the three methods in JSON
 (`format=json&nojsoncallback=1`) from a small world of `FakePhoto`s, the way Flickr does for an
 unauthenticated key: a deleted or private photo is `stat: fail` code 1 in getInfo and absent from
 its owner's public listing; an unknown user is code 1 in getPublicPhotos; listings are newest
-first (highest id first), paged with `per_page` (at most 500). A wrong API key is code 100.
+first (highest id first), paged with `per_page` (at most 500). A wrong API key is code 100. The licence list is the
+world's `licenses` (`FAKE_LICENSES`: Flickr's verified ids 0-10 plus test ids 11-13; None makes
+licenses.getInfo fail with code 112, a lasting error).
 
 Faults are queued with `inject(*answers)`: each request takes the next one instead of its real
 answer ("429" with Retry-After: 1, "429-long" with Retry-After: 3600, "500", "503", "105" for
-`stat: fail` code 105, "garbage" for a body that is not JSON). `calls` counts the requests per
-method (faults included). Use the `flickr_api` pytest fixture, whose world is `consent_world()`.
+`stat: fail` code 105, "garbage" for a body that is not JSON; "ok" lets one request through).
+`calls` counts the requests per method (faults included). Use the `flickr_api` pytest fixture,
+whose world is `consent_world()`.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from transforms.tags import clean_tag
 
 API_PATH = "/services/rest/"
 API_KEY = "test-key"
-FAULTS = ("429", "429-long", "500", "503", "105", "garbage")
+FAULTS = ("ok", "429", "429-long", "500", "503", "105", "garbage")
 
 
 @dataclass
@@ -45,11 +49,35 @@ class FakePhoto:
     deleted: bool = False
 
 
+# The licence list the fake serves: ids 0-10 with the URLs of Flickr's recorded answer, then TEST
+# data (not a claim about Flickr's real ids): two CC 4.0 licences that permit derivatives and one
+# NoDerivs 4.0 licence. A photo may carry an id missing from this list (UNLISTED_LICENSE).
+_CC = "https://creativecommons.org/"
+FAKE_LICENSES: tuple[tuple[int, str, str], ...] = (
+    (0, "All Rights Reserved", ""),
+    (1, "Attribution-NonCommercial-ShareAlike License", f"{_CC}licenses/by-nc-sa/2.0/"),
+    (2, "Attribution-NonCommercial License", f"{_CC}licenses/by-nc/2.0/"),
+    (3, "Attribution-NonCommercial-NoDerivs License", f"{_CC}licenses/by-nc-nd/2.0/"),
+    (4, "Attribution License", f"{_CC}licenses/by/2.0/"),
+    (5, "Attribution-ShareAlike License", f"{_CC}licenses/by-sa/2.0/"),
+    (6, "Attribution-NoDerivs License", f"{_CC}licenses/by-nd/2.0/"),
+    (7, "No known copyright restrictions", "https://www.flickr.com/commons/usage/"),
+    (8, "United States Government Work", "http://www.usa.gov/copyright.shtml"),
+    (9, "Public Domain Dedication (CC0)", f"{_CC}publicdomain/zero/1.0/"),
+    (10, "Public Domain Mark", f"{_CC}publicdomain/mark/1.0/"),
+    (11, "CC BY 4.0", f"{_CC}licenses/by/4.0/"),
+    (12, "CC BY-NC-SA 4.0", f"{_CC}licenses/by-nc-sa/4.0/"),
+    (13, "CC BY-ND 4.0", f"{_CC}licenses/by-nd/4.0/"),
+)
+CC_BY_4, CC_BY_NC_SA_4, CC_BY_ND_4, UNLISTED_LICENSE = 11, 12, 13, 77
+
+
 @dataclass
 class World:
-    """Flickr's current state: photos by id."""
+    """Flickr's current state: photos by id, and the licence list (None: the method fails)."""
 
     photos: dict[int, FakePhoto] = field(default_factory=dict)
+    licenses: Optional[tuple[tuple[int, str, str], ...]] = FAKE_LICENSES
 
     def add(self, *photos: FakePhoto) -> "World":
         for photo in photos:
@@ -153,7 +181,7 @@ class FlickrApiFake(ThreadingHTTPServer):
         with self._lock:
             self.calls[params.get("method", "")] += 1
             fault = self._faults.popleft() if self._faults else None
-        if fault is not None:
+        if fault is not None and fault != "ok":
             return _fault(fault)
         if path != API_PATH:
             return 404, {}, b"not found"
@@ -166,6 +194,9 @@ class FlickrApiFake(ThreadingHTTPServer):
             return self._get_info(params)
         if method == "flickr.people.getPublicPhotos":
             return self._get_public_photos(params)
+        if method == "flickr.photos.licenses.getInfo" and self.world.licenses is not None:
+            return _ok({"licenses": {"license": [{"id": license_id, "name": name, "url": url}
+                                                 for license_id, name, url in self.world.licenses]}})
         return _fail(112, f"Method \"{method}\" not found")
 
     def _get_info(self, params: dict[str, str]) -> tuple[int, dict[str, str], bytes]:

@@ -11,14 +11,16 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_jobs.common import make_pipeline
 from tests.factories import make_record
-from tests.flickr_api_fixture import (API_KEY, DELETED, MADE_PRIVATE, MANY_FIRST_ID, MANY_USER,
-                                      RELICENSED_ND, TAGGED_NO_CV, UNCHANGED, FakePhoto, World,
+from tests.flickr_api_fixture import (API_KEY, CC_BY_4, CC_BY_NC_SA_4, CC_BY_ND_4, DELETED,
+                                      MADE_PRIVATE, MANY_FIRST_ID, MANY_USER, RELICENSED_ND,
+                                      TAGGED_NO_CV, UNCHANGED, UNLISTED_LICENSE, FakePhoto, World,
                                       flickr_api, mixed_world,
                                       serve)  # noqa: F401 (fixture)
-from transforms.consent import (ALLOWED_LICENSE_IDS, FLICKR_LICENSES, GET_INFO,
+from dataset.schema import CONSENT_COLUMNS
+from transforms.consent import (ALLOWED_LICENSE_IDS, FLICKR_LICENSES, GET_INFO, GET_LICENSES,
                                 GET_PUBLIC_PHOTOS, CheckConsent, ConsentChecker, ConsentConfig,
                                 ConsentResult, ConsentRules, FlickrClient, add_consent_arguments,
-                                api_host_policy, consent_from_flags)
+                                api_host_policy, consent_from_flags, license_from_info)
 from transforms.rate_limit import process_rate_share
 
 FATES = {UNCHANGED: "", TAGGED_NO_CV: "no_cv_tag", RELICENSED_ND: "license_changed",
@@ -48,11 +50,35 @@ def _decisions(results: dict[int, ConsentResult]) -> dict[int, tuple]:
 # -- the pure parts ------------------------------------------------------------------------------
 
 
-def test_licence_table_maps_ids_0_to_16_and_allows_only_cc_that_permits_derivatives():
-    assert sorted(FLICKR_LICENSES) == list(range(17))
-    assert ALLOWED_LICENSE_IDS == {1, 2, 4, 5, 9, 10, 11, 12, 14, 16}
-    assert all("NoDerivs" in l.name or "ND" in l.name for i, l in FLICKR_LICENSES.items()
-               if i in (3, 6, 13, 15))
+def test_licence_table_holds_the_verified_ids_0_to_10_and_allows_only_cc_with_derivatives():
+    assert sorted(FLICKR_LICENSES) == list(range(11))
+    assert ALLOWED_LICENSE_IDS == {1, 2, 4, 5, 9, 10}
+    assert all("NoDerivs" in FLICKR_LICENSES[i].name for i in (3, 6))
+
+
+def test_the_url_rule_agrees_with_the_verified_table():
+    """The rule that classifies looked-up licences gives each verified licence its slug and
+    verdict (0, 7 and 8 have no CC URL: not allowed, slug flickr-license-ID)."""
+    for license_id, licence in FLICKR_LICENSES.items():
+        classified = license_from_info(license_id, licence.name, licence.url)
+        assert classified.allowed == licence.allowed, license_id
+        if license_id not in (0, 7, 8):
+            assert classified == licence, license_id
+
+
+@pytest.mark.parametrize("url,slug,allowed", [
+    ("https://creativecommons.org/licenses/by/4.0/", "cc-by-4", True),
+    ("http://creativecommons.org/licenses/by-nc-sa/4.0", "cc-by-nc-sa-4", True),
+    ("https://creativecommons.org/licenses/by-nd/4.0/", "cc-by-nd-4", False),
+    ("https://creativecommons.org/licenses/by-nc-nd/4.0/", "cc-by-nc-nd-4", False),
+    ("https://creativecommons.org/publicdomain/zero/1.0/", "cc0-1", True),
+    ("https://creativecommons.org/publicdomain/mark/1.0/", "pdm-1", True),
+    ("", "flickr-license-20", False),
+    ("https://www.flickr.com/commons/usage/", "flickr-license-20", False),
+    ("https://creativecommons.org.example.com/licenses/by/4.0/", "flickr-license-20", False),
+    ("https://creativecommons.org/licenses/by/4.0/legalcode.de", "flickr-license-20", False)])
+def test_looked_up_licences_are_classified_by_their_url(url, slug, allowed):
+    assert license_from_info(20, "name", url)[1:3] == (slug, allowed)
 
 
 def test_rules_decide_not_public_opt_out_tag_licence_and_unknown_licence():
@@ -62,16 +88,19 @@ def test_rules_decide_not_public_opt_out_tag_licence_and_unknown_licence():
     assert decide().ok
     assert decide(is_public=False).reason == "not_public"
     assert decide(clean_tags=["nocv"]).reason == "no_cv_tag"
-    assert decide(license_id=0) == ConsentResult(1, "license_changed", "all-rights-reserved", 0, "t", "m")
+    assert decide(license_id=0) == ConsentResult(1, "license_changed", "all-rights-reserved", 0,
+                                                 "t", "m", "all-rights-reserved")
     assert decide(license_id=99).detail == "unknown id 99"
+    assert decide(license_id=99, is_public=False).reason == "not_public"  # the licence comes last
     answer = {"photo": {"license": "5", "visibility": {"ispublic": 0}, "tags": {"tag": []}}}
     assert rules.from_info(7, answer, "t").reason == "not_public"
 
 
 def test_result_metadata_records_the_check_time_and_the_licence_seen():
-    result = ConsentResult(1, "", "", 5, "2026-12-01T00:00:00Z", GET_INFO)
+    result = ConsentRules().decide(1, 5, [], True, "2026-12-01T00:00:00Z", GET_INFO)
     assert result.metadata() == {"consent_checked_at": "2026-12-01T00:00:00Z",
                                  "consent_license_id": 5, "consent_license": "cc-by-sa-2"}
+    assert tuple(result.metadata()) == CONSENT_COLUMNS
 
 
 def test_process_rate_share_splits_the_job_rate_over_every_process():
@@ -173,6 +202,71 @@ def test_calls_per_1000_photos():
         fake.stop()
     assert len(results) == 1000 and all(result.ok for result in results.values())
     assert checker.client.calls == {GET_INFO: 400 + 200, GET_PUBLIC_PHOTOS: 10 * 3}
+
+
+# -- licence ids beyond the verified table: looked up once per client ------------------------------
+
+RELICENSED = {30: CC_BY_4, 31: CC_BY_NC_SA_4, 32: CC_BY_ND_4, 33: UNLISTED_LICENSE}
+
+
+def _relicensed_world(licenses=...) -> World:
+    """Owner 30@N01: photo 29 unchanged, 30-33 relicensed to ids the table lacks."""
+    world = World().add(FakePhoto(29, "30@N01"), *(FakePhoto(photo_id, "30@N01", license_id)
+                                                   for photo_id, license_id in RELICENSED.items()))
+    if licenses is not ...:
+        world.licenses = licenses
+    return world
+
+
+@pytest.mark.parametrize("listing_min_photos", [10**9, 1], ids=["getInfo", "getPublicPhotos"])
+def test_a_licence_id_beyond_the_table_is_looked_up_once_and_decided_by_its_url(listing_min_photos):
+    fake = serve(_relicensed_world())
+    try:
+        checker = _checker(fake.url, listing_min_photos=listing_min_photos)
+        results = checker.check_user("30@N01", [_record(p, "30@N01") for p in (29, *RELICENSED)])
+        again = checker.check_photo(33)  # a later unknown id: the list is not asked again
+    finally:
+        fake.stop()
+    assert {p: (r.reason, r.license) for p, r in results.items()} == {
+        29: ("", "cc-by-2"), 30: ("", "cc-by-4"), 31: ("", "cc-by-nc-sa-4"),
+        32: ("license_changed", "cc-by-nd-4"), 33: ("license_changed", None)}
+    assert results[30].metadata() == {"consent_checked_at": "2026-12-01T00:00:00Z",
+                                      "consent_license_id": CC_BY_4, "consent_license": "cc-by-4"}
+    assert results[32].detail == "cc-by-nd-4 (https://creativecommons.org/licenses/by-nd/4.0/)"
+    assert results[33].detail == f"unknown id {UNLISTED_LICENSE} (not in {GET_LICENSES})"
+    assert again.reason == "license_changed"
+    assert checker.client.calls[GET_LICENSES] == 1 and fake.calls[GET_LICENSES] == 1
+
+
+def test_photos_with_verified_licences_never_ask_for_the_list(flickr_api):
+    checker = _checker(flickr_api.url)
+    checker.check_records([_record(photo_id) for photo_id in FATES])
+    assert GET_LICENSES not in checker.client.calls
+
+
+def test_a_refused_licence_list_is_a_licence_change_and_is_not_asked_again():
+    fake = serve(_relicensed_world(licenses=None))  # the fake answers code 112
+    try:
+        checker = _checker(fake.url)
+        first, second = checker.check_photo(30), checker.check_photo(31)
+    finally:
+        fake.stop()
+    assert (first.reason, second.reason) == ("license_changed", "license_changed")
+    assert first.detail.startswith(f"unknown id {CC_BY_4} ({GET_LICENSES} code 112")
+    assert checker.client.calls == {GET_INFO: 2, GET_LICENSES: 1}
+
+
+def test_a_licence_list_that_keeps_failing_is_a_failed_check_and_is_asked_again_later():
+    fake = serve(_relicensed_world())
+    fake.inject("ok", "503", "503")  # the photo's getInfo answers; both tries of the list fail
+    try:
+        checker = _checker(fake.url, retries=1)
+        failed_now, later = checker.check_photo(30), checker.check_photo(30)
+    finally:
+        fake.stop()
+    assert failed_now.reason == "check_failed" and "HTTP 503 after 2 tries" in failed_now.detail
+    assert later.ok and later.license == "cc-by-4"
+    assert checker.client.calls == {GET_INFO: 2, GET_LICENSES: 2 + 1}  # 2 failed tries, 1 answer
 
 
 # -- retries and failures ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from tests.factories import make_sample, replace
 from tests.flickr_api_fixture import (API_KEY, DELETED, MADE_PRIVATE, RELICENSED_ND, TAGGED_NO_CV,
                                       UNCHANGED, flickr_api)  # noqa: F401 (fixture)
 from tests.jobs_dataset import NAME_OF, file_digests
-from transforms.consent import GET_INFO, GET_PUBLIC_PHOTOS
+from transforms.consent import GET_INFO, GET_LICENSES, GET_PUBLIC_PHOTOS
 from transforms.opt_out import parse_opt_out
 from transforms.records import Rejected
 
@@ -83,7 +83,7 @@ def test_recheck_removes_exactly_the_four_photos_owners_withdrew_and_a_rerun_is_
     assert report["removed_by_reason"] == {"consent.license_changed": 1,
                                            "consent.no_cv_tag": 1, "consent.not_found": 2}
     # One getInfo per photo (one owner each: cheaper than listings) plus the 4 retried faults.
-    assert report["api_calls"] == {GET_INFO: 5 + 4, GET_PUBLIC_PHOTOS: 0}
+    assert report["api_calls"] == {GET_INFO: 5 + 4, GET_PUBLIC_PHOTOS: 0, GET_LICENSES: 0}
     assert sample_keys(dataset) == {"tar": KEPT_KEYS, "parquet": KEPT_KEYS,
                                     "metadata": KEPT_KEYS, "manifest": {"2"}}
     printed = capsys.readouterr().out
@@ -104,8 +104,8 @@ def test_recheck_removes_exactly_the_four_photos_owners_withdrew_and_a_rerun_is_
     frozen, calls = file_digests(dataset), dict(flickr_api.calls)
     again = run_recheck(dataset, flickr_api.url)
     assert again["removed"] == [] and again["changed_files"] == [] and again["ok"]
-    assert again["photos_checked"] == 1 and again["api_calls"] == {GET_INFO: 1,
-                                                                   GET_PUBLIC_PHOTOS: 0}
+    assert again["photos_checked"] == 1 and again["api_calls"] == {
+        GET_INFO: 1, GET_PUBLIC_PHOTOS: 0, GET_LICENSES: 0}
     assert flickr_api.calls[GET_INFO] - calls[GET_INFO] == 1
     assert file_digests(dataset) == frozen
 

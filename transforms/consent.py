@@ -11,8 +11,15 @@ Per photo the answer is a `ConsentResult`: ok, or a reject reason (stage 'consen
 * `not_public`: Flickr answers but the photo is not public (`ispublic` 0);
 * `no_cv_tag`: a tag whose clean form is an opt-out tag (`transforms.tags`; any author, so that
   both methods below decide alike: getPublicPhotos gives no tag authors);
-* `license_changed`: the licence id is not one of the allowed ones (`FLICKR_LICENSES`: a CC
-  licence or public-domain tool that permits derivatives), or is unknown;
+* `license_changed`: the licence is not a CC licence or public-domain tool that permits
+  derivatives, or its id is unknown. Ids 0-10 are a table verified against a recorded
+  flickr.photos.licenses.getInfo answer (`FLICKR_LICENSES`); any other id (Flickr's CC 4.0
+  licences, say) makes the client ask licenses.getInfo once (`FlickrClient.licenses`, counted in
+  `calls`) and classify each licence by its URL (`license_from_info`): allowed iff it is a
+  creativecommons.org/licenses/CODE/ URL whose CODE has no "nd", or publicdomain/zero or
+  publicdomain/mark. No URL, ND, an id the list lacks, or a list refused or unreadable ->
+  `license_changed`, the detail naming the id or URL; a list still failing after the retries ->
+  `check_failed` (asked again for the next such photo);
 * `check_failed`: Flickr kept failing (HTTP 5xx/429, code 105, connection errors) after the
   retries, or gave an error or an answer we cannot read. Never a silent keep.
 
@@ -38,7 +45,8 @@ process whose rate is the process's share of the job-wide rate (`process_rate_sh
 
 `CheckConsent` is the Beam stage: elements carrying a `YfccRecord` are grouped by owner, checked,
 and returned as `StageOutput(main=(element, ConsentResult), rejects=Rejected)`, one reject per
-photo. `ConsentResult.metadata()` is what each sample records (check time, licence seen).
+photo. `ConsentResult.metadata()` is what each sample records (check time, licence id and slug
+seen): the rebuild puts it in the sample's Parquet row (`dataset.schema.CONSENT_COLUMNS`).
 """
 from __future__ import annotations
 
@@ -46,10 +54,11 @@ import ipaddress
 import json
 import logging
 import random
+import re
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
 from urllib.parse import urlencode, urlsplit
@@ -58,6 +67,7 @@ import apache_beam as beam
 import urllib3
 from apache_beam.metrics import Metrics
 
+from dataset.schema import CONSENT_COLUMNS
 from transforms.rate_limit import process_rate_share
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, YfccRecord
 from transforms.rejects import reject
@@ -74,6 +84,7 @@ DEFAULT_REQUESTS_PER_SECOND = 1.0
 PER_PAGE = 500  # getPublicPhotos' maximum
 GET_INFO = "flickr.photos.getInfo"
 GET_PUBLIC_PHOTOS = "flickr.people.getPublicPhotos"
+GET_LICENSES = "flickr.photos.licenses.getInfo"
 OK = ""
 REASONS = ("not_found", "not_public", "no_cv_tag", "license_changed", "check_failed")
 NOT_FOUND_CODE = 1  # getInfo: photo not found; getPublicPhotos: user not found
@@ -82,37 +93,71 @@ DEFAULT_OPT_OUT_TAGS = ("no_cv",)
 
 
 class FlickrLicense(NamedTuple):
-    """One of Flickr's licence ids: its name, slug, and whether FDH may still use the photo."""
+    """One of Flickr's licence ids: its name, slug, whether FDH may still use the photo, and the
+    licence's URL (empty when Flickr gives none)."""
 
     name: str
     slug: str
     allowed: bool  # a CC licence or public-domain tool that permits derivatives
+    url: str = ""
 
 
-# Flickr's licence ids, from flickr.photos.licenses.getInfo
-# (https://www.flickr.com/services/api/flickr.photos.licenses.getInfo.html): ids 0-10 as listed
-# there since 2016; ids 11-16 are the CC 4.0 licences Flickr added in 2024 (re-check the list
-# against that method before a release). 7 and 8 are not CC licences, so not allowed.
+# Flickr's licence ids 0-10, verified against a recorded flickr.photos.licenses.getInfo answer
+# (Flickr-Foundation/flickr-photos-api, tests/api/test_license_methods.py), which lists exactly
+# these. Any other id is looked up at run time (`FlickrClient.licenses`) and classified by its
+# URL (`license_from_info`). 7 and 8 are not CC licences, so not allowed.
+_CC = "https://creativecommons.org/"
 FLICKR_LICENSES: dict[int, FlickrLicense] = {
     0: FlickrLicense("All Rights Reserved", "all-rights-reserved", False),
-    1: FlickrLicense("Attribution-NonCommercial-ShareAlike License", "cc-by-nc-sa-2", True),
-    2: FlickrLicense("Attribution-NonCommercial License", "cc-by-nc-2", True),
-    3: FlickrLicense("Attribution-NonCommercial-NoDerivs License", "cc-by-nc-nd-2", False),
-    4: FlickrLicense("Attribution License", "cc-by-2", True),
-    5: FlickrLicense("Attribution-ShareAlike License", "cc-by-sa-2", True),
-    6: FlickrLicense("Attribution-NoDerivs License", "cc-by-nd-2", False),
-    7: FlickrLicense("No known copyright restrictions", "no-known-restrictions", False),
-    8: FlickrLicense("United States Government Work", "us-government-work", False),
-    9: FlickrLicense("Public Domain Dedication (CC0)", "cc0-1", True),
-    10: FlickrLicense("Public Domain Mark", "pdm-1", True),
-    11: FlickrLicense("CC BY 4.0", "cc-by-4", True),
-    12: FlickrLicense("CC BY-SA 4.0", "cc-by-sa-4", True),
-    13: FlickrLicense("CC BY-ND 4.0", "cc-by-nd-4", False),
-    14: FlickrLicense("CC BY-NC 4.0", "cc-by-nc-4", True),
-    15: FlickrLicense("CC BY-NC-ND 4.0", "cc-by-nc-nd-4", False),
-    16: FlickrLicense("CC BY-NC-SA 4.0", "cc-by-nc-sa-4", True),
+    1: FlickrLicense("Attribution-NonCommercial-ShareAlike License", "cc-by-nc-sa-2", True,
+                     f"{_CC}licenses/by-nc-sa/2.0/"),
+    2: FlickrLicense("Attribution-NonCommercial License", "cc-by-nc-2", True,
+                     f"{_CC}licenses/by-nc/2.0/"),
+    3: FlickrLicense("Attribution-NonCommercial-NoDerivs License", "cc-by-nc-nd-2", False,
+                     f"{_CC}licenses/by-nc-nd/2.0/"),
+    4: FlickrLicense("Attribution License", "cc-by-2", True, f"{_CC}licenses/by/2.0/"),
+    5: FlickrLicense("Attribution-ShareAlike License", "cc-by-sa-2", True,
+                     f"{_CC}licenses/by-sa/2.0/"),
+    6: FlickrLicense("Attribution-NoDerivs License", "cc-by-nd-2", False,
+                     f"{_CC}licenses/by-nd/2.0/"),
+    7: FlickrLicense("No known copyright restrictions", "no-known-restrictions", False,
+                     "https://www.flickr.com/commons/usage/"),
+    8: FlickrLicense("United States Government Work", "us-government-work", False,
+                     "http://www.usa.gov/copyright.shtml"),
+    9: FlickrLicense("Public Domain Dedication (CC0)", "cc0-1", True,
+                     f"{_CC}publicdomain/zero/1.0/"),
+    10: FlickrLicense("Public Domain Mark", "pdm-1", True, f"{_CC}publicdomain/mark/1.0/"),
 }
 ALLOWED_LICENSE_IDS = frozenset(key for key, licence in FLICKR_LICENSES.items() if licence.allowed)
+_CC_LICENSE = re.compile(
+    r"^https?://(?:www\.)?creativecommons\.org/licenses/([a-z-]+)/(\d+)(?:\.\d+)*/?$")
+_CC_PUBLIC_DOMAIN = re.compile(
+    r"^https?://(?:www\.)?creativecommons\.org/publicdomain/(zero|mark)/(\d+)(?:\.\d+)*/?$")
+
+
+def license_from_info(license_id: int, name: str, url: str) -> FlickrLicense:
+    """A licence of a flickr.photos.licenses.getInfo answer, classified by its URL: allowed iff
+    it is a creativecommons.org/licenses/CODE/ URL whose CODE has no "nd", or CC's
+    publicdomain/zero or publicdomain/mark tool. The slug follows the verified table's
+    (cc-by-4, cc0-1, pdm-1); anything else is `flickr-license-ID`, not allowed."""
+    url = (url or "").strip()
+    licence = _CC_LICENSE.match(url)
+    if licence:
+        code, major = licence.groups()
+        return FlickrLicense(name, f"cc-{code}-{major}", "nd" not in code.split("-"), url)
+    public_domain = _CC_PUBLIC_DOMAIN.match(url)
+    if public_domain:
+        tool, major = public_domain.groups()
+        return FlickrLicense(name, f"{'cc0' if tool == 'zero' else 'pdm'}-{major}", True, url)
+    return FlickrLicense(name, f"flickr-license-{license_id}", False, url)
+
+
+def licenses_from_answer(answer: Mapping[str, Any]) -> dict[int, FlickrLicense]:
+    """{id: FlickrLicense} of a flickr.photos.licenses.getInfo answer (KeyError, TypeError or
+    ValueError when it cannot be read)."""
+    return {int(item["id"]): license_from_info(int(item["id"]), str(item.get("name", "")),
+                                                str(item.get("url") or ""))
+            for item in answer["licenses"]["license"]}
 
 
 class ConsentResult(NamedTuple):
@@ -124,16 +169,16 @@ class ConsentResult(NamedTuple):
     license_id: Optional[int]  # the licence id Flickr reported, None when it did not answer
     checked_at: str  # UTC, ISO 8601 to the second
     method: str  # GET_INFO or GET_PUBLIC_PHOTOS
+    license: Optional[str] = None  # the slug of that licence, None when unknown
 
     @property
     def ok(self) -> bool:
         return self.reason == OK
 
     def metadata(self) -> dict[str, Any]:
-        """The fields a sample records about its consent check."""
-        licence = FLICKR_LICENSES.get(self.license_id) if self.license_id is not None else None
-        return {"consent_checked_at": self.checked_at, "consent_license_id": self.license_id,
-                "consent_license": licence.slug if licence else None}
+        """The fields a sample records about its consent check (`CONSENT_COLUMNS` of its
+        Parquet row): when Flickr was asked and the licence it reported."""
+        return dict(zip(CONSENT_COLUMNS, (self.checked_at, self.license_id, self.license)))
 
 
 def utc_now() -> str:
@@ -145,27 +190,45 @@ def utc_now() -> str:
 # The decision (pure)
 
 
+def _verified_licenses() -> dict[int, FlickrLicense]:
+    return dict(FLICKR_LICENSES)
+
+
 @dataclass(frozen=True)
 class ConsentRules:
-    """Which licence ids are allowed and which tags (clean form) opt a photo out."""
+    """Which licences are known (by id) and which tags (clean form) opt a photo out."""
 
-    allowed_license_ids: frozenset[int] = ALLOWED_LICENSE_IDS
+    licenses: Mapping[int, FlickrLicense] = field(default_factory=_verified_licenses)
     opt_out_tags: frozenset[str] = frozenset(map(clean_tag, DEFAULT_OPT_OUT_TAGS))
+
+    def knows(self, license_id: Optional[int]) -> bool:
+        """Whether `license_id` is in the licence table (else the checker looks it up)."""
+        return license_id in self.licenses
+
+    def with_licenses(self, looked_up: Mapping[int, FlickrLicense]) -> "ConsentRules":
+        """These rules with the looked-up licences added (the verified table wins on an id)."""
+        return replace(self, licenses={**looked_up, **self.licenses})
 
     def decide(self, photo_id: int, license_id: Optional[int], clean_tags: Iterable[str],
                is_public: bool, checked_at: str, method: str) -> ConsentResult:
-        """The result for a photo Flickr answered about."""
+        """The result for a photo Flickr answered about. The licence is decided last, so a
+        `license_changed` result for an unknown id means everything else allowed the photo
+        (`ConsentChecker` relies on it to decide again once the id is looked up)."""
+        licence = self.licenses.get(license_id) if license_id is not None else None
+
         def result(reason: str, detail: str = "") -> ConsentResult:
-            return ConsentResult(photo_id, reason, detail, license_id, checked_at, method)
+            return ConsentResult(photo_id, reason, detail, license_id, checked_at, method,
+                                 licence.slug if licence else None)
 
         if not is_public:
             return result("not_public")
         tag = next((tag for tag in clean_tags if tag in self.opt_out_tags), None)
         if tag is not None:
             return result("no_cv_tag", tag)
-        if license_id not in self.allowed_license_ids:
-            licence = FLICKR_LICENSES.get(license_id)
-            return result("license_changed", licence.slug if licence else f"unknown id {license_id}")
+        if licence is None:
+            return result("license_changed", f"unknown id {license_id}")
+        if not licence.allowed:
+            return result("license_changed", license_detail(license_id, licence))
         return result(OK)
 
     def from_info(self, photo_id: int, answer: Mapping[str, Any], checked_at: str) -> ConsentResult:
@@ -181,6 +244,14 @@ class ConsentRules:
         tags = [clean_tag(tag) for tag in str(photo.get("tags", "")).split()]
         return self.decide(int(photo["id"]), int(photo["license"]), tags,
                            int(photo.get("ispublic", 1)) == 1, checked_at, GET_PUBLIC_PHOTOS)
+
+
+def license_detail(license_id: Optional[int], licence: FlickrLicense) -> str:
+    """A `license_changed` detail: the slug of a verified licence (recheck writes 'OLD -> NEW'
+    in opt_out.txt), the slug and URL of a looked-up one."""
+    if license_id in FLICKR_LICENSES:
+        return licence.slug
+    return f"{licence.slug} ({licence.url or 'no URL'})"
 
 
 def failed(photo_id: int, reason: str, detail: str, checked_at: str, method: str) -> ConsentResult:
@@ -275,12 +346,32 @@ class FlickrClient:
         self._bucket = bucket or (process_bucket(config.requests_per_second)
                                   if config.requests_per_second else None)
         self._target: Optional[Target] = None
+        self._licenses: Optional[dict[int, FlickrLicense]] = None
+        self._licenses_error: Optional[FlickrApiError] = None
         self._timeout = urllib3.Timeout(connect=config.connect_timeout, read=config.read_timeout)
         self._pools = urllib3.PoolManager(num_pools=4, maxsize=4, headers={
             "User-Agent": config.user_agent, "Accept": "application/json"})
 
     def close(self) -> None:
         self._pools.clear()
+
+    def licenses(self) -> dict[int, FlickrLicense]:
+        """Flickr's licence list (flickr.photos.licenses.getInfo), asked once per client.
+
+        An answer, or a lasting error (FlickrApiError; an unreadable answer is one, code -1), is
+        kept for the client's life; a transient failure (CheckFailed) is not, so a later photo
+        with an unknown id asks again."""
+        if self._licenses is None and self._licenses_error is None:
+            try:  # CheckFailed propagates: nothing cached
+                self._licenses = licenses_from_answer(self.call(GET_LICENSES))
+            except FlickrApiError as error:
+                self._licenses_error = error
+            except (KeyError, TypeError, ValueError) as error:
+                self._licenses_error = FlickrApiError(
+                    -1, f"unreadable answer ({type(error).__name__}: {error})")
+        if self._licenses_error is not None:
+            raise self._licenses_error
+        return self._licenses
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
         """The JSON answer of `method`; raises FlickrApiError (a lasting `stat: fail`) or
@@ -407,11 +498,39 @@ class ConsentChecker:
         if len(pending) >= self.client.config.listing_min_photos:
             results.update(self._from_listing(user_nsid, set(pending)))
         for photo_id in pending.keys() - results.keys():
-            results[photo_id] = self.check_photo(photo_id)
-        return results
+            results[photo_id] = self._photo(photo_id)
+        return {photo_id: self._resolved(result) for photo_id, result in results.items()}
 
     def check_photo(self, photo_id: int) -> ConsentResult:
         """One photo through getInfo."""
+        return self._resolved(self._photo(photo_id))
+
+    def _resolved(self, result: ConsentResult) -> ConsentResult:
+        """`result`, decided again from Flickr's licence list when Flickr reported an id the
+        table lacks (asked once per client): allowed by its URL -> ok; ND, not CC or absent from
+        the list -> license_changed; the list unreadable or refused -> license_changed; the list
+        failing transiently -> check_failed (never a keep)."""
+        license_id = result.license_id
+        if result.reason != "license_changed" or license_id is None or result.license is not None:
+            return result  # not decided by an unknown licence id
+        if not self.rules.knows(license_id):
+            try:
+                self.rules = self.rules.with_licenses(self.client.licenses())
+            except CheckFailed as error:
+                return result._replace(reason="check_failed",
+                                       detail=f"licence id {license_id}: {error}"[:200])
+            except FlickrApiError as error:
+                return result._replace(
+                    detail=f"unknown id {license_id} ({GET_LICENSES} {error})"[:200])
+        licence = self.rules.licenses.get(license_id)
+        if licence is None:
+            return result._replace(detail=f"unknown id {license_id} (not in {GET_LICENSES})")
+        if licence.allowed:
+            return result._replace(reason=OK, detail="", license=licence.slug)
+        return result._replace(detail=license_detail(license_id, licence), license=licence.slug)
+
+    def _photo(self, photo_id: int) -> ConsentResult:
+        """One photo through getInfo, decided with the licence table as it is."""
         try:
             answer = self.client.call(GET_INFO, photo_id=photo_id)
             return self.rules.from_info(photo_id, answer, self._clock())

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from dataset.layout import EMBEDDING_MEMBERS
-from dataset.schema import METADATA_FIELDS
+from dataset.schema import CONSENT_COLUMNS, METADATA_FIELDS
 from transforms.records import CROP_HEIGHT, CROP_WIDTH, FDH_LICENSES, NUM_CSE_VERTICES, FdhSample
 
 # Pillow PNG options; changing them changes every shard's bytes (recorded in the manifest config).
@@ -125,7 +125,8 @@ def _float_or_none(value: Optional[float]) -> Optional[float]:
 
 def sample_row(sample: FdhSample, shard_path: str,
                crawl_time: float = DEFAULT_CRAWL_TIME) -> dict[str, Any]:
-    """The sample's Parquet row (`PARQUET_SCHEMA`): metadata fields + key, crop box, scores, shard."""
+    """The sample's Parquet row (`PARQUET_SCHEMA`): metadata fields + key, crop box, scores, shard.
+    The consent columns are None here: the rebuild's consent check fills them in (issue 15)."""
     x0, y0, x1, y1 = (int(v) for v in sample.crop_box)
     scores = sample.keypoint_scores
     row = {
@@ -140,6 +141,7 @@ def sample_row(sample: FdhSample, shard_path: str,
         "keypoint_scores": None if scores is None else [float(v) for v in np.asarray(scores, np.float32)],
         "annotator": sample.annotator,
         "source_sha256": sample.source_sha256,
+        **dict.fromkeys(CONSENT_COLUMNS),
         "shard": shard_path,
     }
     return row
