@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from dataset.ownership import remove_empty_beam_temp_folders
 from transforms.reject_limits import FLAG_HELP as MAX_REJECT_RATE_HELP
 from transforms.reject_limits import check_reject_rates, parse_max_reject_rates
-from beam_jobs.common import JobOptions, make_pipeline, run_main, split_job_flags, split_list
+from beam_jobs.common import JobOptions, is_local, make_pipeline, run_main, split_job_flags, split_list
 from beam_jobs.progress import input_size, report_progress
 from transforms.records import FDH_LICENSES, Rejected
 from transforms.rejects import REJECTS_SCHEMA, reject_counts_key, rejected_to_row
@@ -165,10 +165,13 @@ def remove_previous_outputs(output: str) -> None:
 
 def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
                licenses: Sequence[str] = FDH_LICENSES, opt_out: Sequence[str] = (),
-               drop_tags: Sequence[str] = DEFAULT_DROP_TAGS, num_shards: int = 0) -> None:
-    """Add the scan steps to `pipeline`."""
+               drop_tags: Sequence[str] = DEFAULT_DROP_TAGS, num_shards: int = 0,
+               staging_dir: Optional[str] = None) -> None:
+    """Add the scan steps to `pipeline`; with `staging_dir` the candidates wait there during
+    the duplicate check (`transforms.spill`)."""
     read = pipeline | "ReadAndPrefilter" >> ReadAndPrefilter(
-        list(yfcc), licenses, opt_out, drop_tags, batch_size=WRITE_BATCH_SIZE)
+        list(yfcc), licenses, opt_out, drop_tags, batch_size=WRITE_BATCH_SIZE,
+        staging_dir=staging_dir)
     candidate_batches, reject_batches = read.main, read.rejects
 
     candidate_counts = candidate_batches | "WriteCandidates" >> _WriteAndCount(
@@ -232,7 +235,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                split_list(scan.opt_out), drop_tags)
     else:
         build_scan(pipeline, yfcc, output, licenses, split_list(scan.opt_out), drop_tags,
-                   scan.num_shards or 0)
+                   scan.num_shards or 0, staging_dir if is_local(options) else None)
     try:
         with report_progress("scan", input_size(yfcc)):
             pipeline.run().wait_until_finish()

@@ -284,3 +284,27 @@ def test_manifest_versions_name_the_image_and_the_code(monkeypatch):
 def test_x_robots_tag_directives_flag_reaches_the_fetch_stage(flag, expected):
     options, _ = split_job_flags(rebuild.RebuildOptions, ["--yfcc=a", "--output=o", *flag])
     assert rebuild.x_robots_tag_directives(options) == expected
+
+
+@pytest.mark.pipeline
+def test_a_local_rebuild_spills_its_shuffles_and_gives_the_same_bytes_without(sample, built, tmp_path,
+                                                                                monkeypatch):
+    output, _ = built
+    staged = []
+    remove_staging = rebuild.remove_staging
+
+    def record_and_remove(staging_dir):
+        staged.extend(sorted(os.path.splitext(name)[1] for name in os.listdir(staging_dir)))
+        return remove_staging(staging_dir)
+
+    monkeypatch.setattr(rebuild, "local_staging_dir", lambda job: str(tmp_path / "staging"))
+    monkeypatch.setattr(rebuild, "remove_staging", record_and_remove)
+    os.makedirs(tmp_path / "staging")
+    _rebuild(sample, str(tmp_path / "spilled"))
+    assert staged and set(staged) == {".pickles"}  # candidates, records and samples were staged
+    assert not (tmp_path / "staging").exists()
+    assert _shard_bytes(str(tmp_path / "spilled")) == _shard_bytes(output)
+
+    monkeypatch.setattr(rebuild, "local_staging_dir", lambda job: "")  # no spill at all
+    _rebuild(sample, str(tmp_path / "in_memory"))
+    assert _shard_bytes(str(tmp_path / "in_memory")) == _shard_bytes(output)

@@ -3,6 +3,7 @@ locally and on gs:// (through the counts-only scan on the GCS emulator)."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -60,3 +61,26 @@ def test_counts_only_scan_on_gcs_stages_there_and_leaves_only_the_counts(tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert gcs_emulator.names("scan/") == {"scan/scan_counts.json"}
     assert json.loads(gcs_emulator.read("scan/scan_counts.json")) == local
+
+
+@pytest.mark.pipeline
+def test_spilled_group_by_key_and_reshuffle_give_what_beam_gives(tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.spill import SpilledGroupByKey, SpilledReshuffle
+
+    staging = str(tmp_path / "staging")
+    pairs = [(index % 5, {"value": index, "blob": bytes(index)}) for index in range(200)]
+    want = [(key, sorted(value["value"] for k, value in pairs if k == key)) for key in range(5)]
+    with beam.Pipeline() as pipeline:
+        elements = pipeline | beam.Create(pairs)
+        grouped = (elements | "Spilled" >> SpilledGroupByKey(staging)
+                   | "Sorted" >> beam.MapTuple(lambda key, values: (
+                       key, sorted(value["value"] for value in values))))
+        assert_that(grouped, equal_to(want), label="grouped")
+        shuffled = (elements | "Reshuffle" >> SpilledReshuffle(staging)
+                    | "Values" >> beam.MapTuple(lambda key, value: value["value"]))
+        assert_that(shuffled, equal_to(list(range(200))), label="reshuffled")
+    assert any(name.endswith(".pickles") for name in os.listdir(staging))
+    assert remove_staging(staging) >= 2 and not os.path.exists(staging)
