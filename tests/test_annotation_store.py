@@ -87,13 +87,18 @@ def test_planes_round_trip_bool_and_int16_losslessly():
 
 
 def test_packed_arrays_round_trip_and_are_deterministic():
-    arrays = {"b.x": np.arange(5, dtype=np.float32), "a.y": np.array("<i2"), "c": np.zeros((2, 0), bool)}
+    arrays = {"b.x": np.arange(5, dtype=np.float32), "a.y": np.array("<i2"), "c": np.zeros((2, 0), bool),
+              "d.f": np.asfortranarray(np.arange(12, dtype=">i4").reshape(3, 4)), "e": np.arange(3) > 0}
     blob = store_format.pack_arrays(arrays)
     assert blob == store_format.pack_arrays(dict(reversed(list(arrays.items()))))
     back = store_format.unpack_arrays(blob)
     assert sorted(back) == sorted(arrays)
     for name in arrays:
         assert back[name].dtype == arrays[name].dtype and np.array_equal(back[name], arrays[name])
+        assert back[name].flags.writeable
+    objects = store_format.pack_arrays({"o": np.zeros(2, np.int8)}).replace(b"'|i1'", b"'|O' ")
+    with pytest.raises(ValueError, match="no pickles"):
+        store_format.unpack_arrays(objects)
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +309,8 @@ def test_index_point_lookups_by_photo_id_and_sha(tmp_path):
     assert [row.sha256[0] for row in index.rows_of(7)] == ["a", "c"]
     assert index.find(7, "c" * 64).height == 9 and index.find(7, "x" * 64) is None
     assert index.find(3, "b" * 64).part == min(first, second)  # the first file in path order wins
+    row = index.find(7, "c" * 64)
+    assert store_format.entry_at(store_format.read_table(row.part), row.row) == _entry(7, "c", height=9)
     assert (5, "d" * 64) in index and (6, "d" * 64) not in index and index.rows_of(6) == []
     assert index.find(7, "a" * 64).yields_no_sample and not index.find(5, "d" * 64).yields_no_sample
     assert index.find(11, "e" * 64).detections == -1  # unknown in an old file: not trusted

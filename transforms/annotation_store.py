@@ -45,7 +45,7 @@ PENDING_TAG = "pending"
 NOT_IN_STORE = "not_in_store"
 FLUSH_EVERY = 64
 NO_STORE = "none"
-CACHED_FILES = 32  # part files a lookup DoFn keeps decoded (each <= FLUSH_EVERY entries)
+CACHE_BYTES = 256 << 20  # Arrow tables of part files a lookup DoFn keeps (each <= FLUSH_EVERY entries)
 
 
 def annotate_versions(annotate: Any) -> dict[str, Any]:
@@ -116,18 +116,27 @@ class _StoreLookupFn(StageDoFn):
 
     def setup(self) -> None:
         self._index = store_format.read_index(self._directory)
-        self._files: collections.OrderedDict = collections.OrderedDict()
+        self._tables: collections.OrderedDict = collections.OrderedDict()
+        self._cached_bytes = 0
+
+    def _table(self, path: str) -> Any:
+        """A part file's Arrow table, from an LRU of at most CACHE_BYTES."""
+        if path in self._tables:
+            self._tables.move_to_end(path)
+            return self._tables[path]
+        table = self._tables[path] = store_format.read_table(path)
+        self._cached_bytes += table.nbytes
+        while self._cached_bytes > CACHE_BYTES and len(self._tables) > 1:
+            self._cached_bytes -= self._tables.popitem(last=False)[1].nbytes
+        return table
 
     def _entry(self, row: store_format.IndexRow) -> store_format.Entry:
-        """The entry of an index row, from an LRU of the last CACHED_FILES part files read whole."""
-        path = row.part
-        if path in self._files:
-            self._files.move_to_end(path)
-        else:
-            self._files[path] = store_format.read_entries(path)
-            if len(self._files) > CACHED_FILES:
-                self._files.popitem(last=False)
-        return self._files[path][(row.photo_id, row.sha256)]
+        """The entry of an index row (its file read once, then only that row converted)."""
+        entry = store_format.entry_at(self._table(row.part), row.row)
+        if entry.key != (row.photo_id, row.sha256):
+            raise ValueError(f"{row.part} changed while this run read it (row {row.row} is not "
+                             f"photo {row.photo_id})")
+        return entry
 
     def process_element(self, photo: DecodedImage) -> Iterator:
         record = photo.record
