@@ -19,7 +19,7 @@ records -> FetchImages -> DecodeImages -> annotate -> SelectPersons -> CropPerso
 Prints: store bytes per kept person vs the encoded sample (target <= 5x) and what dominates;
 what keeping the source bytes would add; re-derive wall time / plain wall time (target <= 0.3x;
 both include pipeline start-up), and fetchall's; the shards of rederive byte-identical to plain; the rerun's
-model calls ratio (target <= 55 %).
+model calls ratio (target <= 55 %); what a lookup costs (index read, point lookup, entry read).
 """
 from __future__ import annotations
 
@@ -115,6 +115,23 @@ def store_breakdown(store: str) -> tuple[int, Counter, set]:
     return size, kinds, with_person
 
 
+def lookup_costs(store: str, records) -> tuple[int, int, float, float, float]:
+    """(entries, part files, index read ms, point lookup us, entry read ms per photo: its part
+    file read and the arrays unpacked) of the store's lite key."""
+    directory = store_format.model_dir(store, store_format.model_key(annotate_versions(Annotate("lite"))))
+    start = time.perf_counter()
+    index = store_format.read_index(directory)
+    index_ms = (time.perf_counter() - start) * 1e3
+    start = time.perf_counter()
+    rows = [row for r in records for row in index.rows_of(r.photo_id)]
+    lookup_us = (time.perf_counter() - start) * 1e6 / len(records)
+    start = time.perf_counter()
+    for row in rows:
+        store_format.unpack_arrays(store_format.entry_at(store_format.read_table(row.part), row.row).payload)
+    entry_ms = (time.perf_counter() - start) * 1e3 / len(rows)
+    return len(index), len(store_format.part_paths(directory)), index_ms, lookup_us, entry_ms
+
+
 def killed_rerun(root: str, records, prefix: str, store: str) -> tuple[int, int]:
     """Run `store` in a child, SIGKILL it at half the photos stored, rerun here: (stored at
     the kill, the rerun's model calls)."""
@@ -159,6 +176,7 @@ def main() -> None:
         size, kinds, with_person = store_breakdown(store)
         sources = sum(os.path.getsize(mirror_path(os.path.join(root, "mirror"), r.photo_hash))
                       for r in records if r.photo_id in with_person)
+        entries, files, index_ms, lookup_us, entry_ms = lookup_costs(store, records)
         stored, calls = killed_rerun(root, records, prefix, os.path.join(root, "killed"))
         server.shutdown()
     per_sample = sample_bytes / max(samples, 1)
@@ -176,6 +194,9 @@ def main() -> None:
           f"(target <= 0.3x); re-derive model calls {derived.get('annotate.photos', 0)}, photos not "
           f"fetched {derived.get('annotate.store_not_fetched', 0)}; fetching every photo {fetchall_s:.1f} s: "
           f"{fetchall_s / plain_s:.2f}x")
+    print(f"lookups: index of {entries} entries in {files} part files read in {index_ms:.0f} ms; point "
+          f"lookup by photo id {lookup_us:.1f} us; an entry with its part file read uncached and its "
+          f"arrays unpacked {entry_ms:.2f} ms (the worst case: a lookup DoFn caches the files)")
     print(f"re-derived shards byte-identical to the plain run's: {shards['rederive'] == shards['plain']} "
           f"(fetching every photo: {shards['fetchall'] == shards['plain']}); "
           f"first store run's: {shards['store'] == shards['plain']}")
