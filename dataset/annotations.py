@@ -11,7 +11,7 @@ photo: the key columns (photo_id, sha256 of the source file, user_nsid), then he
 annotator, and either `status="annotated"` with a `payload` (the AnnotatedPhoto's detections) and
 `detections` (how many, all sets together) or `status="rejected"` with the annotate-stage reject
 (reason, detail). `read_index` reads the columns other than the payload into a `StoreIndex`:
-numpy arrays sorted by (photo_id, sha256), about 60 bytes per entry, point lookups by binary
+numpy arrays sorted by (photo_id, sha256), about 90 bytes per entry, point lookups by binary
 search (by photo id, or by photo id and sha256). Part files written before the `detections`
 column read as -1 there (unknown).
 
