@@ -18,8 +18,8 @@ entry for its (photo_id, sha256, models) becomes Rejected(stage='annotate', reas
 Before fetch, its `precheck()` (`PrecheckStore`) sends on, unfetched, each photo whose sole stored
 entry yields no sample whatever the downstream settings (an annotate reject, or no detection):
 
-    YfccRecord ─► PrecheckStore ─► FetchImages ─► DecodeImages ─► AnnotateWithStore(None) ─► select ...
-                  record, or StoredPhoto ─(passed through)─► stand-in (stored sha256 and size, no pixels)
+    YfccRecord ─► PrecheckStore ─► FetchImages ─► DecodeImages ─► AnnotateWithStore(None) ─► select
+                  record, or StoredPhoto ─(passed through)─► stand-in (stored sha256 + size, no pixels)
 
 Lookups use `dataset.annotations.StoreIndex` (sorted arrays, binary search by photo id).
 """
