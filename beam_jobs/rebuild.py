@@ -37,7 +37,7 @@ from beam_jobs.progress import input_size, report_progress
 from dataset.lock import run_lock
 from dataset.ownership import OVERWRITE_HELP, check_output_ownership, remove_empty_beam_temp_folders
 from dataset.stats import human_bytes
-from transforms.annotation_store import with_annotation_store
+from transforms.annotation_store import AnnotateWithStore, with_annotation_store
 from transforms.consent import (CheckConsent, ConsentResult, ConsentSubject,
                                 add_consent_arguments, consent_from_flags)
 from transforms.reject_limits import FLAG_HELP as MAX_REJECT_RATE_HELP
@@ -154,7 +154,14 @@ class RebuildOptions(JobOptions):
         parser.add_argument("--from_annotations", default=None,
                             help="re-derive on CPU from this annotation store: no model runs; "
                                  "photos are fetched again and used only when their sha256 is the "
-                                 "stored one")
+                                 "stored one, except a photo whose sole stored entry yields no "
+                                 "sample (an annotate reject, no detection): that one is not "
+                                 "fetched (see --rederive_fetch_all)")
+        parser.add_argument("--rederive_fetch_all", action="store_true",
+                            help="with --from_annotations: fetch every photo again, also those "
+                                 "whose stored result yields no sample (the samples are the same; "
+                                 "a photo deleted or replaced since is then counted fetch.* / "
+                                 "annotate.not_in_store instead of its stored reject)")
         parser.add_argument("--random_weights", action="store_true",
                             help="TESTS ONLY: torchvision models with random weights (plumbing)")
 
@@ -181,7 +188,7 @@ def run_config(options: RebuildOptions) -> dict:
     the Flickr API key)."""
     return {name: value for name, value in sorted(options.as_dict().items())
             if name not in ("output", "verbose", "overwrite", "max_reject_rate",
-                            "annotation_store", "from_annotations", "flickr_api_key")}
+                            "annotation_store", "from_annotations", "rederive_fetch_all", "flickr_api_key")}
 
 
 def content_config(options: RebuildOptions) -> dict:
@@ -269,19 +276,45 @@ def gpu_accelerator(options: RebuildOptions) -> Optional[str]:
         raise UsageError(str(error)) from None
 
 
-def gpu_stage(options: RebuildOptions, write_shards: WriteShards, no_embeddings: bool) -> GpuStage:
-    """decode -> annotate -> select -> crop -> split -> encode, configured from the flags."""
+def trusts_store(options: RebuildOptions) -> bool:
+    """Whether the re-derive skips fetching photos whose stored result yields no sample."""
+    return bool(options.from_annotations) and not options.rederive_fetch_all
+
+
+def annotate_stage(options: RebuildOptions, no_embeddings: bool) -> beam.PTransform:
+    """The annotate stage the flags ask for, through the annotation store (or re-derived from one)."""
     annotate = Annotate(annotator=options.annotator, model_dir=options.model_dir,
                         device=options.device, max_batch_size=options.max_batch_size,
                         no_embeddings=no_embeddings, random_weights=options.random_weights,
                         require_detectron2_here=is_local(options) and not options.from_annotations,
                         check_here=is_local(options), detector=options.detector)
-    annotate = with_annotation_store(annotate, options.output.rstrip("/"), options.annotation_store,
-                                     options.from_annotations)
+    return with_annotation_store(annotate, options.output.rstrip("/"), options.annotation_store,
+                                 options.from_annotations)
+
+
+def gpu_stage(options: RebuildOptions, write_shards: WriteShards, no_embeddings: bool,
+              annotate: Optional[beam.PTransform] = None) -> GpuStage:
+    """decode -> annotate -> select -> crop -> split -> encode, configured from the flags
+    (`annotate`: the `annotate_stage`, when the caller built it already)."""
+    annotate = annotate or annotate_stage(options, no_embeddings)
     part_table = options.model_dir if options.annotator == "fdh" and not no_embeddings else None
     return GpuStage(annotate, SelectPersons(part_table=part_table), CropPersons(),
                     AssignSplit(val_fraction=options.val_fraction, by=options.split_by),
                     write_shards.encoder(), accelerator=gpu_accelerator(options))
+
+
+def fetch_stage(candidates: beam.PCollection, options: RebuildOptions, annotate: beam.PTransform):
+    """FetchImages over the candidates; re-deriving, `PrecheckStore` first turns the photos whose
+    stored result yields no sample into StoredPhoto, which fetch passes through unfetched."""
+    fetch = FetchImages(options.image_source, threads=options.fetch_threads,
+                        requests_per_second=options.requests_per_second or None,
+                        flickr_requests_per_second=options.flickr_requests_per_second or None,
+                        flickr_concurrency=options.flickr_concurrency,
+                        processes=fetch_processes(options),
+                        x_robots_tag_directives=x_robots_tag_directives(options))
+    if trusts_store(options) and isinstance(annotate, AnnotateWithStore):
+        candidates = candidates | "StorePrecheck" >> annotate.precheck()
+    return candidates | "FetchImages" >> fetch
 
 
 def build(pipeline: beam.Pipeline, options: RebuildOptions, staging_dir: Optional[str] = None) -> None:
@@ -291,22 +324,16 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions, staging_dir: Optiona
     output = options.output.rstrip("/")
     no_embeddings = options.no_embeddings or options.annotator == "lite"
     write_shards = WriteShards(output, no_embeddings=no_embeddings, crawl_time=options.crawl_time)
-    composite = gpu_stage(options, write_shards, no_embeddings)
+    annotate = annotate_stage(options, no_embeddings)
+    composite = gpu_stage(options, write_shards, no_embeddings, annotate)
 
     # ReadYfcc | Prefilter fused in one step per file (same outputs, no element in between).
     licenses = split_list(options.licenses) or list(FDH_LICENSES)
     prefiltered = pipeline | "ReadAndPrefilter" >> ReadAndPrefilter(
         split_list(options.yfcc), licenses=licenses, opt_out_paths=_opt_out_paths(options),
         staging_dir=staging_dir)
-    fetched = (prefiltered.main
-               | "Reshuffle" >> SpilledReshuffle(staging_dir)
-               | "FetchImages" >> FetchImages(
-                   options.image_source, threads=options.fetch_threads,
-                   requests_per_second=options.requests_per_second or None,
-                   flickr_requests_per_second=options.flickr_requests_per_second or None,
-                   flickr_concurrency=options.flickr_concurrency,
-                   processes=fetch_processes(options),
-                   x_robots_tag_directives=x_robots_tag_directives(options)))
+    fetched = fetch_stage(prefiltered.main | "Reshuffle" >> SpilledReshuffle(staging_dir), options,
+                          annotate)
     encoded = fetched.main | "GpuStage" >> composite
     stages = [prefiltered, fetched, encoded]
     samples = encoded.main

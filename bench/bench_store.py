@@ -9,14 +9,17 @@ records -> FetchImages -> DecodeImages -> annotate -> SelectPersons -> CropPerso
 
   plain     Annotate(lite), no store                       (the "full lite rebuild" baseline)
   store     AnnotateWithStore(Annotate(lite), STORE)       (first run: writes the store)
-  rederive  AnnotateWithStore(None, STORE)                 (no model; re-fetches the photos)
+  rederive  AnnotateWithStore(None, STORE) with its PrecheckStore before fetch, as rebuild
+            --from_annotations runs it (no model; photos whose stored result yields no sample
+            are not fetched)
+  fetchall  the same with every photo fetched again (rebuild --rederive_fetch_all)
   killed    `store` in a child process, SIGKILLed once the store holds half the photos, then
             rerun: the rerun's model calls / the photos
 
 Prints: store bytes per kept person vs the encoded sample (target <= 5x) and what dominates;
 what keeping the source bytes would add; re-derive wall time / plain wall time (target <= 0.3x;
-both include pipeline start-up); the shards of rederive byte-identical to plain; the rerun's
-model calls ratio (target <= 55 %).
+both include pipeline start-up), and fetchall's; the shards of rederive byte-identical to plain; the rerun's
+model calls ratio (target <= 55 %); what a lookup costs (index read, point lookup, entry read).
 """
 from __future__ import annotations
 
@@ -69,10 +72,14 @@ def run_pipeline(records, prefix: str, out: str, store: str, mode: str) -> tuple
     """One rebuild-shaped pipeline (see the module doc); (wall seconds, counters)."""
     start = time.perf_counter()
     lite = Annotate(annotator="lite")
+    rederive = AnnotateWithStore(None, store, annotate_versions(lite))
     annotate = {"plain": lite, "store": AnnotateWithStore(lite, store, annotate_versions(lite)),
-                "rederive": AnnotateWithStore(None, store, annotate_versions(lite))}[mode]
+                "rederive": rederive, "fetchall": rederive}[mode]
     pipeline = make_pipeline(PipelineOptions([]))
-    fetched = pipeline | beam.Create(records) | FetchImages(f"mirror:{prefix}", threads=4)
+    candidates = pipeline | beam.Create(records)
+    if mode == "rederive":
+        candidates = candidates | rederive.precheck()
+    fetched = candidates | FetchImages(f"mirror:{prefix}", threads=4)
     annotated = (fetched.main | DecodeImages()).main | annotate
     cropped = (annotated.main | SelectPersons()).main | CropPersons()
     split = cropped.main | AssignSplit(val_fraction=0.017, by="user_nsid")
@@ -106,6 +113,23 @@ def store_breakdown(store: str) -> tuple[int, Counter, set]:
                     kinds[name.split(".", 1)[1]] += value.nbytes
                 kinds["npy headers"] += len(entry.payload) - sum(v.nbytes for v in arrays.values())
     return size, kinds, with_person
+
+
+def lookup_costs(store: str, records) -> tuple[int, int, float, float, float]:
+    """(entries, part files, index read ms, point lookup us, entry read ms per photo: its part
+    file read and the arrays unpacked) of the store's lite key."""
+    directory = store_format.model_dir(store, store_format.model_key(annotate_versions(Annotate("lite"))))
+    start = time.perf_counter()
+    index = store_format.read_index(directory)
+    index_ms = (time.perf_counter() - start) * 1e3
+    start = time.perf_counter()
+    rows = [row for r in records for row in index.rows_of(r.photo_id)]
+    lookup_us = (time.perf_counter() - start) * 1e6 / len(records)
+    start = time.perf_counter()
+    for row in rows:
+        store_format.unpack_arrays(store_format.entry_at(store_format.read_table(row.part), row.row).payload)
+    entry_ms = (time.perf_counter() - start) * 1e3 / len(rows)
+    return len(index), len(store_format.part_paths(directory)), index_ms, lookup_us, entry_ms
 
 
 def killed_rerun(root: str, records, prefix: str, store: str) -> tuple[int, int]:
@@ -144,12 +168,15 @@ def main() -> None:
         plain_s, plain = run_pipeline(records, prefix, os.path.join(root, "plain"), store, "plain")
         store_s, _ = run_pipeline(records, prefix, os.path.join(root, "store"), store, "store")
         derive_s, derived = run_pipeline(records, prefix, os.path.join(root, "rederive"), store, "rederive")
-        shards = {name: tree_bytes(os.path.join(root, name), ".tar") for name in ("plain", "store", "rederive")}
+        fetchall_s, _ = run_pipeline(records, prefix, os.path.join(root, "fetchall"), store, "fetchall")
+        shards = {name: tree_bytes(os.path.join(root, name), ".tar")
+                  for name in ("plain", "store", "rederive", "fetchall")}
         samples = plain.get("crop.samples", 0)
         sample_bytes = sum(len(b) for b in shards["plain"].values())
         size, kinds, with_person = store_breakdown(store)
         sources = sum(os.path.getsize(mirror_path(os.path.join(root, "mirror"), r.photo_hash))
                       for r in records if r.photo_id in with_person)
+        entries, files, index_ms, lookup_us, entry_ms = lookup_costs(store, records)
         stored, calls = killed_rerun(root, records, prefix, os.path.join(root, "killed"))
         server.shutdown()
     per_sample = sample_bytes / max(samples, 1)
@@ -164,8 +191,14 @@ def main() -> None:
           f"bytes per kept person: {(size + sources) / max(samples, 1) / per_sample:.2f}x in all")
     print(f"time: plain lite rebuild {plain_s:.1f} s, first run with store {store_s:.1f} s "
           f"({store_s / plain_s:.2f}x), re-derive {derive_s:.1f} s: ratio {derive_s / plain_s:.2f}x "
-          f"(target <= 0.3x); re-derive model calls {derived.get('annotate.photos', 0)}")
-    print(f"re-derived shards byte-identical to the plain run's: {shards['rederive'] == shards['plain']}; "
+          f"(target <= 0.3x); re-derive model calls {derived.get('annotate.photos', 0)}, photos not "
+          f"fetched {derived.get('annotate.store_not_fetched', 0)}; fetching every photo {fetchall_s:.1f} s: "
+          f"{fetchall_s / plain_s:.2f}x")
+    print(f"lookups: index of {entries} entries in {files} part files read in {index_ms:.0f} ms; point "
+          f"lookup by photo id {lookup_us:.1f} us; an entry with its part file read uncached and its "
+          f"arrays unpacked {entry_ms:.2f} ms (the worst case: a lookup DoFn caches the files)")
+    print(f"re-derived shards byte-identical to the plain run's: {shards['rederive'] == shards['plain']} "
+          f"(fetching every photo: {shards['fetchall'] == shards['plain']}); "
           f"first store run's: {shards['store'] == shards['plain']}")
     print(f"killed run: {stored}/{len(records)} photos stored at the kill; rerun model calls "
           f"{calls}/{len(records)} = {calls / len(records):.0%} (target <= 55 %)")

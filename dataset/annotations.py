@@ -7,10 +7,13 @@ Layout (local or gs://; default OUT/annotations/, shareable by several outputs):
 
 `model_key` is the first 16 hex digits of the sha256 of the model versions' sorted JSON (annotator,
 asset checksums, settings): entries of other models are never looked at. One Parquet row per
-photo: the key columns (photo_id, sha256 of the source file, user_nsid) are the index (read alone,
-without the payload), then height/width, annotator, and either `status="annotated"` with a
-`payload` (the AnnotatedPhoto's detections) or `status="rejected"` with the annotate-stage reject
-(reason, detail).
+photo: the key columns (photo_id, sha256 of the source file, user_nsid), then height/width,
+annotator, and either `status="annotated"` with a `payload` (the AnnotatedPhoto's detections) and
+`detections` (how many, all sets together) or `status="rejected"` with the annotate-stage reject
+(reason, detail). `read_index` reads the columns other than the payload into a `StoreIndex`:
+numpy arrays sorted by (photo_id, sha256), about 90 bytes per entry, point lookups by binary
+search (by photo id, or by photo id and sha256). Part files written before the `detections`
+column read as -1 there (unknown).
 
 Payload: the arrays of each detection set (keypoint_dets, mask_dets, cse_dets) in `.npy` form,
 each (H, W) plane (masks, CSE vertex ids) cut to the bounding box of its non-zero pixels (masks
@@ -23,12 +26,14 @@ sha256 matches (a changed or deleted photo is not re-derived); see README / NOTE
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import io
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 import numpy as np
 
@@ -51,7 +56,7 @@ def _schema() -> Any:
     return pa.schema([("photo_id", pa.int64()), ("sha256", pa.string()), ("user_nsid", pa.string()),
                       ("height", pa.int32()), ("width", pa.int32()), ("annotator", pa.string()),
                       ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
-                      ("payload", pa.binary())])
+                      ("payload", pa.binary()), ("detections", pa.int32())])
 
 
 def default_store(output: str) -> str:
@@ -78,6 +83,7 @@ class Entry:
     reason: str = ""
     detail: str = ""
     payload: bytes = b""
+    detections: int = -1  # detections in every set together (0 for a reject; -1 unknown)
 
     @property
     def key(self) -> tuple[int, str]:
@@ -143,9 +149,31 @@ def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
         offset += 6
         name = blob[offset:offset + name_len].decode("utf-8")
         offset += name_len
-        arrays[name] = np.load(io.BytesIO(blob[offset:offset + data_len]), allow_pickle=False)
+        arrays[name] = _load_npy(blob[offset:offset + data_len])
         offset += data_len
     return arrays
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    """np.load of one .npy (no pickles), with its header parsed once per distinct header: np.load
+    spends ~0.17 ms per array in `ast.literal_eval`, most of a re-derived photo's lookup."""
+    if data[:8] != b"\x93NUMPY\x01\x00":  # not format 1.0 (np.save writes 1.0 when it can)
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    (header_len,) = struct.unpack_from("<H", data, 8)
+    dtype, shape, fortran_order = _npy_header(bytes(data[10:10 + header_len]))
+    array = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=10 + header_len).copy()
+    return array.reshape(shape[::-1]).transpose() if fortran_order else array.reshape(shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """(dtype, shape, fortran_order) of a .npy 1.0 header; object dtypes are refused, as np.load
+    with allow_pickle=False would."""
+    fields = ast.literal_eval(header.decode("latin1"))
+    dtype = np.lib.format.descr_to_dtype(fields["descr"])
+    if dtype.hasobject:
+        raise ValueError("stored array holds Python objects: refused (no pickles)")
+    return dtype, tuple(int(n) for n in fields["shape"]), bool(fields["fortran_order"])
 
 
 def detections_to_arrays(det_sets: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -250,20 +278,127 @@ def read_table(path: str, columns: Optional[list[str]] = None) -> Any:
     return pq.read_table(io.BytesIO(fs.read_bytes(path)), columns=columns)
 
 
-def read_index(directory: str) -> dict[tuple[int, str], str]:
-    """{(photo_id, sha256): part file} of one model key's entries (first file wins), key columns only."""
-    index: dict[tuple[int, str], str] = {}
-    for path in part_paths(directory):
-        table = read_table(path, ["photo_id", "sha256"])
-        for photo_id, sha in zip(table.column("photo_id").to_pylist(), table.column("sha256").to_pylist()):
-            index.setdefault((photo_id, sha), path)
-    return index
+INDEX_COLUMNS = ("photo_id", "sha256", "height", "width", "status", "detections")
+
+
+class IndexRow(NamedTuple):
+    """What the index knows of one entry (no payload)."""
+
+    photo_id: int
+    sha256: str
+    part: str  # the part file that holds it
+    row: int  # its row in that file (`entry_at`)
+    height: int
+    width: int
+    status: str
+    detections: int  # -1: unknown (a part file written before the column)
+
+    @property
+    def yields_no_sample(self) -> bool:
+        """True when no selection rule can keep a person of it: an annotate-stage reject, or no
+        detection at all (select rejects it 'no_person' from the stored arrays alone)."""
+        return self.status == REJECTED or self.detections == 0
+
+
+class StoreIndex:
+    """The index of one model key's entries: sorted numpy arrays, point lookups by binary search.
+
+    Built by `read_index`; the first part file (in path order) holding a (photo_id, sha256) wins.
+    """
+
+    def __init__(self, paths: list[str], columns: Mapping[str, np.ndarray], parts: np.ndarray):
+        order = np.lexsort((parts, columns["sha256"], columns["photo_id"]))
+        ids, shas = columns["photo_id"][order], columns["sha256"][order]
+        first = np.ones(len(order), bool)
+        first[1:] = (ids[1:] != ids[:-1]) | (shas[1:] != shas[:-1])
+        keep = order[first]
+        self._paths = paths
+        self._ids, self._shas, self._parts = ids[first], shas[first], parts[keep]
+        self._rows = columns["row"][keep]
+        self._heights, self._widths = columns["height"][keep], columns["width"][keep]
+        self._rejected, self._detections = columns["rejected"][keep], columns["detections"][keep]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _range(self, photo_id: int) -> range:
+        return range(int(np.searchsorted(self._ids, photo_id, "left")),
+                     int(np.searchsorted(self._ids, photo_id, "right")))
+
+    def _row(self, i: int) -> IndexRow:
+        return IndexRow(int(self._ids[i]), self._shas[i].decode("ascii"), self._paths[self._parts[i]],
+                        int(self._rows[i]), int(self._heights[i]), int(self._widths[i]),
+                        REJECTED if self._rejected[i] else ANNOTATED, int(self._detections[i]))
+
+    def rows_of(self, photo_id: int) -> list[IndexRow]:
+        """Every entry of a photo id (one per distinct source sha256)."""
+        return [self._row(i) for i in self._range(photo_id)]
+
+    def find(self, photo_id: int, sha256: str) -> Optional[IndexRow]:
+        """The entry of (photo_id, sha256), or None."""
+        wanted = sha256.encode("ascii")
+        for i in self._range(photo_id):
+            if self._shas[i] == wanted:
+                return self._row(i)
+        return None
+
+    def __contains__(self, key: tuple[int, str]) -> bool:
+        return self.find(*key) is not None
+
+
+def _index_columns(path: str) -> dict[str, np.ndarray]:
+    """The index columns of one part file as numpy arrays ('detections' -1 where the file has none)."""
+    import pyarrow.parquet as pq
+
+    handle = pq.ParquetFile(io.BytesIO(fs.read_bytes(path)))
+    names = [c for c in INDEX_COLUMNS if c in handle.schema_arrow.names]
+    table = handle.read(columns=names)
+    count = table.num_rows
+    detections = (table.column("detections").to_numpy(zero_copy_only=False).astype(np.int32)
+                  if "detections" in names else np.full(count, -1, np.int32))
+    return {"photo_id": table.column("photo_id").to_numpy(zero_copy_only=False).astype(np.int64),
+            "sha256": np.array(table.column("sha256").to_pylist(), dtype="S64"),
+            "height": table.column("height").to_numpy(zero_copy_only=False).astype(np.int32),
+            "width": table.column("width").to_numpy(zero_copy_only=False).astype(np.int32),
+            "rejected": np.array([s == REJECTED for s in table.column("status").to_pylist()], bool),
+            "detections": detections, "row": np.arange(count, dtype=np.int32)}
+
+
+def read_index(directory: str) -> StoreIndex:
+    """The `StoreIndex` of one model key's entries (every column but the payload)."""
+    paths = part_paths(directory)
+    per_file = [_index_columns(path) for path in paths]
+    empty = _empty_index_columns()
+    columns = {name: np.concatenate([f[name] for f in per_file] or [empty[name]]) for name in empty}
+    parts = np.concatenate([np.full(len(f["photo_id"]), i, np.int32) for i, f in enumerate(per_file)]
+                           or [np.zeros(0, np.int32)])
+    return StoreIndex(paths, columns, parts)
+
+
+def _empty_index_columns() -> dict[str, np.ndarray]:
+    return {"photo_id": np.zeros(0, np.int64), "sha256": np.zeros(0, "S64"), "height": np.zeros(0, np.int32),
+            "width": np.zeros(0, np.int32), "rejected": np.zeros(0, bool), "detections": np.zeros(0, np.int32),
+            "row": np.zeros(0, np.int32)}
 
 
 def read_entries(path: str) -> dict[tuple[int, str], Entry]:
     """Every entry of one part file by (photo_id, sha256)."""
     rows = read_table(path).to_pylist()
-    return {(row["photo_id"], row["sha256"]): Entry(**row) for row in rows}
+    return {(row["photo_id"], row["sha256"]): _entry_of_row(row) for row in rows}
+
+
+def entry_at(table: Any, row: int) -> Entry:
+    """The entry in row `row` of a part file's Table (`read_table(path)`), converting that row only
+    (a lookup reads a file once and keeps the Arrow table, not 64 Python entries)."""
+    return _entry_of_row({name: table.column(name)[row].as_py() for name in table.column_names})
+
+
+def _entry_of_row(row: Mapping[str, Any]) -> Entry:
+    """An Entry from a Parquet row (a file written before the `detections` column: -1, unknown)."""
+    row = dict(row)
+    if row.get("detections") is None:
+        row["detections"] = -1
+    return Entry(**row)
 
 
 # ---- privacy, verify, stats: called by dataset.takedown / verify / stats ----
@@ -284,7 +419,7 @@ def remove_entries(store: str, user_nsids: Iterable[str] = (), photo_ids: Iterab
             if all(keep):
                 continue
             removed += keep.count(False)
-            kept = [Entry(**row) for row, k in zip(table.to_pylist(), keep) if k]
+            kept = [_entry_of_row(row) for row, k in zip(table.to_pylist(), keep) if k]
             new_path = write_part(directory, kept)
             if new_path != path:
                 fs.delete([path])

@@ -87,13 +87,18 @@ def test_planes_round_trip_bool_and_int16_losslessly():
 
 
 def test_packed_arrays_round_trip_and_are_deterministic():
-    arrays = {"b.x": np.arange(5, dtype=np.float32), "a.y": np.array("<i2"), "c": np.zeros((2, 0), bool)}
+    arrays = {"b.x": np.arange(5, dtype=np.float32), "a.y": np.array("<i2"), "c": np.zeros((2, 0), bool),
+              "d.f": np.asfortranarray(np.arange(12, dtype=">i4").reshape(3, 4)), "e": np.arange(3) > 0}
     blob = store_format.pack_arrays(arrays)
     assert blob == store_format.pack_arrays(dict(reversed(list(arrays.items()))))
     back = store_format.unpack_arrays(blob)
     assert sorted(back) == sorted(arrays)
     for name in arrays:
         assert back[name].dtype == arrays[name].dtype and np.array_equal(back[name], arrays[name])
+        assert back[name].flags.writeable
+    objects = store_format.pack_arrays({"o": np.zeros(2, np.int8)}).replace(b"'|i1'", b"'|O' ")
+    with pytest.raises(ValueError, match="no pickles"):
+        store_format.unpack_arrays(objects)
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +279,179 @@ def test_rebuild_resumes_and_rederives_through_the_store(tmp_path):
     assert shards(rederived) == shards(subset) and stats["totals"]["samples"] > 0
     assert open(f"{rederived}/manifest.json", "rb").read() == open(f"{subset}/manifest.json", "rb").read()
     assert not glob.glob(f"{subset}/annotations/*") and not glob.glob(f"{rederived}/annotations/*")
+
+
+# ---- the index and the re-derive's trust rule (photos whose stored result yields no sample) ----
+
+def _entry(photo_id: int, sha: str, status: str = store_format.ANNOTATED, detections: int = 1,
+           height: int = 40, width: int = 30) -> store_format.Entry:
+    return store_format.Entry(photo_id=photo_id, sha256=sha * 64, user_nsid="u@N00", height=height, width=width,
+                              annotator="lite", status=status, detections=detections,
+                              reason="model_error" if status == store_format.REJECTED else "")
+
+
+def _write_part_without_detections(directory: str, entries: list) -> str:
+    """A part file as written before the `detections` column existed."""
+    data = store_format.table_bytes(store_format.entries_table(entries).drop(["detections"]))
+    path = os.path.join(directory, store_format.part_name(data))
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return path
+
+
+def test_index_point_lookups_by_photo_id_and_sha(tmp_path):
+    directory = store_format.ensure_models_file(str(tmp_path), {"annotator": "lite"})
+    first = store_format.write_part(directory, [_entry(7, "a", detections=0), _entry(3, "b")])
+    second = store_format.write_part(directory, [_entry(7, "c", height=9), _entry(3, "b"), _entry(5, "d")])
+    old = _write_part_without_detections(directory, [_entry(11, "e", detections=0)])
+    index = store_format.read_index(directory)
+    assert len(index) == 5  # (3, b) is in two files: counted once
+    assert [row.sha256[0] for row in index.rows_of(7)] == ["a", "c"]
+    assert index.find(7, "c" * 64).height == 9 and index.find(7, "x" * 64) is None
+    assert index.find(3, "b" * 64).part == min(first, second)  # the first file in path order wins
+    row = index.find(7, "c" * 64)
+    assert store_format.entry_at(store_format.read_table(row.part), row.row) == _entry(7, "c", height=9)
+    assert (5, "d" * 64) in index and (6, "d" * 64) not in index and index.rows_of(6) == []
+    assert index.find(7, "a" * 64).yields_no_sample and not index.find(5, "d" * 64).yields_no_sample
+    assert index.find(11, "e" * 64).detections == -1  # unknown in an old file: not trusted
+    assert not index.find(11, "e" * 64).yields_no_sample
+    assert store_format.read_entries(old)[(11, "e" * 64)].detections == -1
+    assert len(store_format.read_index(str(tmp_path / "missing"))) == 0
+
+
+def test_precheck_trusts_only_a_sole_entry_that_yields_no_sample(tmp_path):
+    from transforms.annotation_store import PrecheckStore
+    from transforms.records import StoredPhoto
+    from transforms.s4_decode import DecodeImages
+
+    directory = store_format.ensure_models_file(str(tmp_path), {"annotator": "lite"})
+    store_format.write_part(directory, [
+        _entry(1, "a", store_format.REJECTED, detections=0),   # annotate reject: trusted
+        _entry(2, "b", detections=0, height=480, width=640),   # nobody detected: trusted
+        _entry(3, "c", detections=2),                          # people: fetched
+        _entry(4, "d", detections=0), _entry(4, "e", detections=0)])  # which file is current? fetched
+    _write_part_without_detections(directory, [_entry(6, "f", detections=0)])  # unknown: fetched
+    out = tmp_path / "out"
+    out.mkdir()
+    pipeline = make_pipeline(PipelineOptions([]))
+    checked = (pipeline | beam.Create([make_record(i) for i in range(1, 7)], reshuffle=False)
+               | PrecheckStore(directory))
+    decoded = (checked | beam.Filter(lambda e: isinstance(e, StoredPhoto)) | DecodeImages()).main
+    _ = checked | beam.Map(lambda e, d=str(out): open(os.path.join(d, str(e.record.photo_id if isinstance(
+        e, StoredPhoto) else e.photo_id)), "w").write(type(e).__name__))
+    _ = decoded | beam.Map(lambda p, d=str(out): open(os.path.join(d, f"decoded-{p.record.photo_id}"), "w").write(
+        f"{p.image.shape} {p.image.strides} {p.sha256[:1]} {p.original_size}"))
+    result = pipeline.run()
+    result.wait_until_finish()
+    assert _tree(str(out)) == {
+        "1": "StoredPhoto", "2": "StoredPhoto", "3": "YfccRecord", "4": "YfccRecord", "5": "YfccRecord",
+        "6": "YfccRecord",
+        "decoded-1": "(40, 30, 3) (0, 0, 1) a (30, 40)",  # a stand-in: no pixels, the stored size
+        "decoded-2": "(480, 640, 3) (0, 0, 1) b (640, 480)"}
+    assert read_counters(result)["annotate.store_not_fetched"] == 2
+
+
+@pytest.fixture(scope="module")
+def demo_rebuild(tmp_path_factory):
+    """The demo sample rebuilt with the lite annotator into FULL (its store: FULL/annotations)."""
+    from beam_jobs import demo, rebuild
+
+    root = tmp_path_factory.mktemp("demo_rebuild")
+    yfcc, mirror = demo.build_sample(str(root / "sample"))
+
+    def run(output, *extra, mirror=mirror):
+        return rebuild.run([f"--yfcc={yfcc}", f"--output={output}", f"--image_source=mirror:{mirror}",
+                            "--annotator=lite", "--crawl_time=1637341702.1145487", *extra])
+
+    full = str(root / "full")
+    run(full)
+    return run, full, mirror
+
+
+def _reasons(output: str) -> dict[int, set[str]]:
+    import pandas as pd
+
+    rejects = pd.read_parquet(os.path.join(output, "rejects"))
+    found: dict[int, set[str]] = {}
+    for photo_id, stage, reason in zip(rejects.photo_id, rejects.stage, rejects.reason):
+        if photo_id is not None and not pd.isna(photo_id):
+            found.setdefault(int(photo_id), set()).add(f"{stage}.{reason}")
+    return found
+
+
+def _outputs(output: str) -> dict[str, bytes]:
+    import glob
+
+    paths = sorted(glob.glob(f"{output}/*/*/out-*.*")) + [f"{output}/manifest.json", f"{output}/stats.json"]
+    return {os.path.relpath(p, output): open(p, "rb").read() for p in paths}
+
+
+COFFEE, CHELSEA, ASTRONAUT, HOPPER = 9000004, 9000005, 9000001, 9000002  # demo photos (no person: 4, 5)
+
+
+@pytest.mark.pipeline
+@pytest.mark.skipif(not _rebuild_has_store_flags(), reason="rebuild.py does not wire the store flags")
+def test_rederive_skips_fetching_stored_no_sample_photos_with_the_same_outputs(demo_rebuild, tmp_path):
+    import shutil
+
+    from beam_jobs.demo import mirror_path
+    from transforms.funnel import accounting_errors
+
+    run, full, mirror = demo_rebuild
+    store = store_format.default_store(full)
+    rederived = str(tmp_path / "rederived")
+    run(rederived, f"--from_annotations={store}")
+    assert _outputs(rederived) == _outputs(full)  # shards, manifest and stats.json (funnel) alike
+
+    # Coffee (nobody) and the astronaut (a person) vanish from the mirror: the coffee's stored
+    # result is trusted without a fetch, the astronaut is fetched, found missing, and not re-derived.
+    copy = str(tmp_path / "mirror")
+    shutil.copytree(mirror, copy)
+    records = {r.photo_id: r for r in _demo_records()}
+    for photo_id in (COFFEE, ASTRONAUT):
+        os.remove(mirror_path(copy, records[photo_id].photo_hash))
+    gone = str(tmp_path / "gone")
+    stats = run(gone, f"--from_annotations={store}", mirror=copy)
+    reasons = _reasons(gone)
+    assert reasons[COFFEE] == {"select.no_person"} and reasons[CHELSEA] == {"select.no_person"}
+    assert reasons[ASTRONAUT] == {"fetch.not_found"}
+    assert accounting_errors(stats["funnel"]) == []
+    assert stats["totals"]["samples"] == json_samples(full) - 1
+
+    fetch_all = str(tmp_path / "fetch_all")
+    stats = run(fetch_all, f"--from_annotations={store}", "--rederive_fetch_all", mirror=copy)
+    assert _reasons(fetch_all)[COFFEE] == {"fetch.not_found"}
+    assert {k: v for k, v in _outputs(fetch_all).items() if k != "stats.json"} == {
+        k: v for k, v in _outputs(gone).items() if k != "stats.json"}  # the same samples either way
+    assert accounting_errors(stats["funnel"]) == []
+
+
+@pytest.mark.pipeline
+@pytest.mark.skipif(not _rebuild_has_store_flags(), reason="rebuild.py does not wire the store flags")
+def test_rederive_never_rederives_an_opted_out_user_or_photo(demo_rebuild, tmp_path):
+    from transforms.funnel import accounting_errors
+
+    run, full, _ = demo_rebuild
+    opt_out = tmp_path / "opt_out.txt"
+    records = {r.photo_id: r for r in _demo_records()}
+    opt_out.write_text(f"user:{records[CHELSEA].user_nsid}\nphoto:{COFFEE}\nphoto:{HOPPER}\n")
+    output = str(tmp_path / "opted_out")
+    stats = run(output, f"--from_annotations={store_format.default_store(full)}", f"--opt_out={opt_out}")
+    reasons = _reasons(output)
+    assert reasons[CHELSEA] == {"prefilter.user_opt_out"}  # stored no-person: still never looked up
+    assert reasons[COFFEE] == {"prefilter.photo_opt_out"} and reasons[HOPPER] == {"prefilter.photo_opt_out"}
+    assert stats["totals"]["samples"] == json_samples(full) - 1  # Grace Hopper's sample is gone
+    assert accounting_errors(stats["funnel"]) == []
+
+
+def _demo_records():
+    from beam_jobs.demo import SAMPLE_PHOTOS, sample_record
+
+    return [sample_record(photo, i) for i, photo in enumerate(SAMPLE_PHOTOS)]
+
+
+def json_samples(output: str) -> int:
+    import json
+
+    with open(os.path.join(output, "stats.json")) as handle:
+        return json.load(handle)["totals"]["samples"]

@@ -15,6 +15,13 @@ CoGroupByKey (about 100 bytes per miss), so they are stored when the stage ends.
 
 `AnnotateWithStore(None, store, versions)` is the re-derive: no model at all; a photo with no
 entry for its (photo_id, sha256, models) becomes Rejected(stage='annotate', reason='not_in_store').
+Before fetch, its `precheck()` (`PrecheckStore`) sends on, unfetched, each photo whose sole stored
+entry yields no sample whatever the downstream settings (an annotate reject, or no detection):
+
+    YfccRecord ─► PrecheckStore ─► FetchImages ─► DecodeImages ─► AnnotateWithStore(None) ─► select
+                  record, or StoredPhoto ─(passed through)─► stand-in (stored sha256 + size, no pixels)
+
+Lookups use `dataset.annotations.StoreIndex` (sorted arrays, binary search by photo id).
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from dataset import annotations as store_format
-from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, AnnotatedPhoto, DecodedImage, Detections, Rejected
+from transforms.records import (METRICS_NAMESPACE, REJECTS_TAG, AnnotatedPhoto, DecodedImage, Detections, Rejected,
+                                StoredPhoto, YfccRecord)
 from transforms.rejects import reject
 from transforms.stage import StageDoFn, StageOutput
 
@@ -37,7 +45,7 @@ PENDING_TAG = "pending"
 NOT_IN_STORE = "not_in_store"
 FLUSH_EVERY = 64
 NO_STORE = "none"
-CACHED_FILES = 32  # part files a lookup DoFn keeps decoded (each <= FLUSH_EVERY entries)
+CACHE_BYTES = 256 << 20  # Arrow tables of part files a lookup DoFn keeps (each <= FLUSH_EVERY entries)
 
 
 def annotate_versions(annotate: Any) -> dict[str, Any]:
@@ -71,10 +79,12 @@ def entry_of(annotated: AnnotatedPhoto) -> store_format.Entry:
     photo = annotated.photo
     arrays = store_format.detections_to_arrays(
         {name: getattr(annotated, name) for name in store_format.DET_SETS})
+    detections = sum(len(getattr(annotated, name)) for name in store_format.DET_SETS
+                     if getattr(annotated, name) is not None)
     return store_format.Entry(
         photo_id=photo.record.photo_id, sha256=photo.sha256, user_nsid=photo.record.user_nsid,
         height=int(photo.image.shape[0]), width=int(photo.image.shape[1]), annotator=annotated.annotator,
-        status=store_format.ANNOTATED, payload=store_format.pack_arrays(arrays))
+        status=store_format.ANNOTATED, payload=store_format.pack_arrays(arrays), detections=detections)
 
 
 def reject_entry(rejected: Rejected, sha256: str, annotator: str) -> store_format.Entry:
@@ -82,7 +92,7 @@ def reject_entry(rejected: Rejected, sha256: str, annotator: str) -> store_forma
     return store_format.Entry(
         photo_id=int(rejected.photo_id), sha256=sha256, user_nsid=rejected.user_nsid or "", height=0,
         width=0, annotator=annotator, status=store_format.REJECTED, reason=rejected.reason,
-        detail=rejected.detail)
+        detail=rejected.detail, detections=0)
 
 
 def annotated_from_entry(entry: store_format.Entry, photo: DecodedImage) -> AnnotatedPhoto:
@@ -106,23 +116,33 @@ class _StoreLookupFn(StageDoFn):
 
     def setup(self) -> None:
         self._index = store_format.read_index(self._directory)
-        self._files: collections.OrderedDict = collections.OrderedDict()
+        self._tables: collections.OrderedDict = collections.OrderedDict()
+        self._cached_bytes = 0
 
-    def _entry(self, key: tuple[int, str]) -> store_format.Entry:
-        """The entry of `key`, from an LRU of the last CACHED_FILES part files read whole."""
-        path = self._index[key]
-        if path in self._files:
-            self._files.move_to_end(path)
-        else:
-            self._files[path] = store_format.read_entries(path)
-            if len(self._files) > CACHED_FILES:
-                self._files.popitem(last=False)
-        return self._files[path][key]
+    def _table(self, path: str) -> Any:
+        """A part file's Arrow table, from an LRU of at most CACHE_BYTES."""
+        if path in self._tables:
+            self._tables.move_to_end(path)
+            return self._tables[path]
+        table = self._tables[path] = store_format.read_table(path)
+        self._cached_bytes += table.nbytes
+        while self._cached_bytes > CACHE_BYTES and len(self._tables) > 1:
+            self._cached_bytes -= self._tables.popitem(last=False)[1].nbytes
+        return table
+
+    def _entry(self, row: store_format.IndexRow) -> store_format.Entry:
+        """The entry of an index row (its file read once, then only that row converted)."""
+        entry = store_format.entry_at(self._table(row.part), row.row)
+        if entry.key != (row.photo_id, row.sha256):
+            raise ValueError(f"{row.part} changed while this run read it (row {row.row} is not "
+                             f"photo {row.photo_id})")
+        return entry
 
     def process_element(self, photo: DecodedImage) -> Iterator:
         record = photo.record
         key = (record.photo_id, photo.sha256)
-        if key not in self._index:
+        row = self._index.find(*key)
+        if row is None:
             self._miss.inc()
             if self._store_only:
                 yield reject(STAGE, NOT_IN_STORE, str(record.photo_id),
@@ -133,12 +153,56 @@ class _StoreLookupFn(StageDoFn):
             yield beam.pvalue.TaggedOutput(MISS_TAG, photo)
             return
         self._hit.inc()
-        entry = self._entry(key)
+        entry = self._entry(row)
         if entry.status == store_format.REJECTED:
             yield reject(STAGE, entry.reason, str(record.photo_id), entry.detail, record.photo_id,
                          record.user_nsid)
             return
         yield annotated_from_entry(entry, photo)
+
+
+class _PrecheckFn(beam.DoFn):
+    """YfccRecord -> the record (to fetch) or, when the store holds exactly one entry for its
+    photo id and that entry yields no sample, a StoredPhoto (both on the main output, so that
+    fetch and decode stay fused with no Flatten: a local runner materialises every Flatten)."""
+
+    def __init__(self, directory: str):
+        self._directory = directory
+        self._trusted = Metrics.counter(METRICS_NAMESPACE, "annotate.store_not_fetched")
+
+    def setup(self) -> None:
+        self._index = store_format.read_index(self._directory)
+
+    def process(self, record: YfccRecord) -> Iterator:
+        rows = self._index.rows_of(record.photo_id)
+        if len(rows) == 1 and rows[0].yields_no_sample:
+            self._trusted.inc()
+            yield StoredPhoto(record, rows[0].sha256, rows[0].height, rows[0].width)
+            return
+        yield record
+
+
+class PrecheckStore(beam.PTransform):
+    """YfccRecord -> YfccRecord (to fetch) or StoredPhoto: the re-derive's trust rule, before fetch.
+
+    A photo whose store entry cannot yield a sample whatever the downstream settings (an
+    annotate-stage reject, or no detection at all) is not fetched again when the store holds
+    exactly one entry (one source sha256) for its photo id under these models: it goes on as a
+    StoredPhoto, which fetch passes through and decode turns into a pixel-free stand-in
+    (`s4_decode.stand_in`) that annotate (a store hit) and select reject exactly as they would
+    the refetched photo; it counts as decoded in the funnel, so stats.json is the same too. Skipping it never changes
+    a sample; only a photo deleted or replaced upstream since is counted as its stored reject
+    instead of fetch.not_found / annotate.not_in_store. Opted-out photos never get here (the
+    prefilter drops them). Every other record is fetched and its entry used only when the
+    fetched file's sha256 is the stored one.
+    """
+
+    def __init__(self, directory: str):
+        super().__init__()
+        self._directory = directory
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        return records | "TrustStored" >> beam.ParDo(_PrecheckFn(self._directory))
 
 
 class _BufferedStoreFn(beam.DoFn):
@@ -201,6 +265,10 @@ class AnnotateWithStore(beam.PTransform):
         self._annotate = annotate
         self._versions = dict(versions)
         self._directory = store_format.model_dir(store, store_format.model_key(self._versions))
+
+    def precheck(self) -> PrecheckStore:
+        """The re-derive's `PrecheckStore` over the same entries (to run before fetch)."""
+        return PrecheckStore(self._directory)
 
     def expand(self, photos: beam.PCollection) -> StageOutput:
         looked = photos | "StoreLookup" >> beam.ParDo(

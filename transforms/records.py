@@ -157,6 +157,18 @@ class FetchedImage:
     source: str  # the image source that served it: 'mirror' or 'flickr'
 
 
+@dataclass(frozen=True)
+class StoredPhoto:
+    """A photo a re-derive does not fetch (transforms.annotation_store.PrecheckStore): its sole
+    stored entry yields no sample. Fetch passes it through; decode turns it into a pixel-free
+    stand-in of the stored sha256 and decoded size (`s4_decode.stand_in`)."""
+
+    record: YfccRecord
+    sha256: str  # of the source file the stored entry was made from
+    height: int  # of the decoded photo the entry describes
+    width: int
+
+
 @dataclass
 class DecodedImage:
     """A validated RGB photo (EXIF orientation applied)."""

@@ -54,7 +54,7 @@ from urllib3.util.retry import Retry
 from transforms.image_checks import quick_check
 from transforms.mirror_layout import MIRROR_EXTENSIONS, BadMirrorHash, is_mirror_hash, mirror_path
 from transforms.rate_limit import process_rate_share
-from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, FetchedImage, YfccRecord
+from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, FetchedImage, StoredPhoto, YfccRecord
 from transforms.rejects import reject
 from transforms.stage import StageOutput, WindowedStageDoFn, stage_output
 from transforms.yfcc_format import photo_hash
@@ -891,6 +891,9 @@ class _FetchDoFn(WindowedStageDoFn):
         self._pending: dict[concurrent.futures.Future, tuple] = {}
 
     def process_element(self, record: YfccRecord, timestamp=None, window=None) -> Iterator:
+        if isinstance(record, StoredPhoto):  # a re-derive's photo that needs no pixels
+            yield record
+            return
         future = self._executor.submit(self._fetcher.fetch, record)
         self._pending[future] = (timestamp, window)
         if len(self._pending) >= self._max_in_flight:
@@ -943,6 +946,7 @@ def process_share(config: FetchConfig, processes: int) -> FetchConfig:
 
 class FetchImages(beam.PTransform):
     """YfccRecord -> StageOutput(main=FetchedImage, rejects=Rejected), from the first source that serves it.
+    A `StoredPhoto` (a re-derive's photo that needs no pixels) passes through unfetched.
 
     `image_source` is a spec such as 'mirror:gs://bucket/yfcc,flickr' (see module docstring);
     it is parsed here, so a bad spec fails at pipeline construction.

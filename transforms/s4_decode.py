@@ -1,7 +1,8 @@
 """Stage 4, decode: validate fetched bytes and turn them into an upright RGB uint8 array.
 
 The pure core is `decode_image(data) -> (array, DecodeInfo)`, which raises `DecodeError(reason)`;
-`DecodeImages` wraps it in a DoFn (FetchedImage -> DecodedImage, or a 'decode' reject).
+`DecodeImages` wraps it in a DoFn (FetchedImage -> DecodedImage, or a 'decode' reject; a
+re-derive's `StoredPhoto` becomes its pixel-free `stand_in`).
 
 Rules (each failure is a reject reason):
 * 'empty' zero bytes; 'html' a body that starts with '<' (error pages served as images);
@@ -35,7 +36,7 @@ from PIL import ImageOps
 from transforms.image_checks import (DEFAULT_BLANK_LEVELS, DEFAULT_BLANK_STD, DEFAULT_MAX_PIXELS,
                                      DEFAULT_MIN_SIDE, DecodeError, check_not_blank, open_and_load,
                                      to_rgb)
-from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, DecodedImage, FetchedImage
+from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, DecodedImage, FetchedImage, StoredPhoto
 from transforms.rejects import reject
 from transforms.stage import StageDoFn, StageOutput, stage_output
 
@@ -82,6 +83,15 @@ def _orientation(image) -> int:
         return 1
 
 
+def stand_in(stored: StoredPhoto) -> DecodedImage:
+    """The DecodedImage of a StoredPhoto: its stored sha256 and size, no pixels (a zero-stride
+    (H, W, 3) view of one black pixel): all that annotate's store lookup and select use to reject
+    a photo whose stored result yields no sample."""
+    image = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (stored.height, stored.width, 3))
+    return DecodedImage(record=stored.record, image=image, sha256=stored.sha256,
+                        original_size=(stored.width, stored.height))
+
+
 class _DecodeDoFn(StageDoFn):
     stage = STAGE
 
@@ -91,6 +101,9 @@ class _DecodeDoFn(StageDoFn):
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "decode.ok")
 
     def process_element(self, fetched: FetchedImage) -> Iterator:
+        if isinstance(fetched, StoredPhoto):
+            yield stand_in(fetched)
+            return
         record = fetched.record
         try:
             array, info = decode_image(fetched.data, **self._kwargs)
