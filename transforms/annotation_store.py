@@ -37,7 +37,7 @@ from dataset import annotations as store_format
 from transforms.records import (METRICS_NAMESPACE, REJECTS_TAG, AnnotatedPhoto, DecodedImage, Detections, Rejected,
                                 StoredPhoto, YfccRecord)
 from transforms.rejects import reject
-from transforms.stage import StageDoFn, StageOutput
+from transforms.stage import StageDoFn, StageOutput, stage_output
 
 STAGE = "annotate"
 MISS_TAG = "miss"
@@ -250,6 +250,53 @@ class _StoreRejectsFn(_BufferedStoreFn):
             yield rejected
 
 
+class _LookupOrAnnotateFn(_StoreLookupFn):
+    """Hit: the stored result. Miss: the wrapped annotate DoFn, in this same step, and its
+    outputs stored (annotations and annotate-stage rejects, with the photo's sha256 at hand).
+    One step means no Flatten of hits and fresh photos: the local runner holds a multi-input
+    Flatten's inputs whole, and AnnotatedPhotos are megabytes each."""
+
+    def __init__(self, directory: str, versions: Mapping[str, Any], annotate_fn: beam.DoFn):
+        super().__init__(directory, store_only=False)
+        self._annotate_fn = annotate_fn
+        self._store = _BufferedStoreFn(directory, versions)
+        self._annotator = versions["annotator"]
+
+    def setup(self) -> None:
+        super().setup()
+        self._store.setup()
+        self._annotate_fn.setup()
+
+    def start_bundle(self) -> None:
+        self._store.start_bundle()
+        self._annotate_fn.start_bundle()
+
+    def finish_bundle(self) -> None:
+        self._annotate_fn.finish_bundle()
+        self._store.finish_bundle()
+
+    def teardown(self) -> None:
+        self._annotate_fn.teardown()
+
+    def process_element(self, photo: DecodedImage) -> Iterator:
+        for output in super().process_element(photo):
+            tag = getattr(output, "tag", None)
+            if tag == MISS_TAG:
+                yield from self._annotate_miss(photo)
+            elif tag != PENDING_TAG:
+                yield output
+
+    def _annotate_miss(self, photo: DecodedImage) -> Iterator:
+        for output in self._annotate_fn.process(photo):
+            if getattr(output, "tag", None) == REJECTS_TAG:
+                rejected = output.value
+                if rejected.stage == STAGE and rejected.photo_id is not None:
+                    self._store._add(reject_entry(rejected, photo.sha256, self._annotator))
+            elif isinstance(output, AnnotatedPhoto):
+                self._store._add(entry_of(output))
+            yield output
+
+
 class AnnotateWithStore(beam.PTransform):
     """DecodedImage -> StageOutput(AnnotatedPhoto, Rejected), through the store at `store`.
 
@@ -271,6 +318,11 @@ class AnnotateWithStore(beam.PTransform):
         return PrecheckStore(self._directory)
 
     def expand(self, photos: beam.PCollection) -> StageOutput:
+        annotate_fn = getattr(self._annotate, "single_dofn", lambda: None)()
+        if annotate_fn is not None:  # one step, no Flatten (see _LookupOrAnnotateFn)
+            return stage_output(photos | "StoreOrAnnotate" >> beam.ParDo(
+                _LookupOrAnnotateFn(self._directory, self._versions, annotate_fn)).with_outputs(
+                    REJECTS_TAG, main="main"))
         looked = photos | "StoreLookup" >> beam.ParDo(
             _StoreLookupFn(self._directory, self._annotate is None)).with_outputs(
                 REJECTS_TAG, MISS_TAG, PENDING_TAG, main="main")

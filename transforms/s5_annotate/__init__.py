@@ -106,12 +106,18 @@ class Annotate(beam.PTransform):
         if annotator == "fdh" and needs_detectron2 and require_detectron2_here:
             require_detectron2()
 
+    def single_dofn(self) -> Optional[beam.DoFn]:
+        """The one DoFn this stage is (photo -> AnnotatedPhoto / tagged rejects), for callers that
+        run it inside a step of their own (the annotation store); None when it is a composite
+        (the fdh cascade)."""
+        return LiteAnnotateFn(self._lite_thresholds) if self._annotator == "lite" else None
+
     def expand(self, photos: beam.PCollection) -> StageOutput:
         if self._annotator == "lite":
             if self._device == "GPU":
                 logging.warning("the lite annotator (mediapipe) runs on the CPU; --device=GPU ignored")
             return stage_output(photos | "LiteAnnotate" >> beam.ParDo(
-                LiteAnnotateFn(self._lite_thresholds)).with_outputs(REJECTS_TAG, main="main"))
+                self.single_dofn()).with_outputs(REJECTS_TAG, main="main"))
         self._check_local_configuration(photos.pipeline)
         return expand_fdh(photos, self._fdh_settings())
 
