@@ -7,6 +7,7 @@ Writes
 
     DIR/candidates/candidates-SSSSS-of-NNNNN.parquet   one row per kept photo, every field
     DIR/rejects/rejects-SSSSS-of-NNNNN.parquet         every dropped line / photo with a reason
+    DIR/rejects/duplicates-SSSSS-of-NNNNN.parquet      the repeated photo ids (same schema)
     DIR/scan_counts.json   {"lines_read", "candidates", "candidates_per_license",
                             "rejects_per_reason"}; lines_read = candidates + all rejects
 
@@ -33,7 +34,8 @@ from beam_jobs.progress import input_size, report_progress
 from transforms.records import FDH_LICENSES, Rejected
 from transforms.rejects import REJECTS_SCHEMA, reject_counts_key, rejected_to_row
 from transforms.s2_prefilter import (COUNT_CANDIDATES, COUNT_LINES, COUNT_REJECTS, DEFAULT_DROP_TAGS,
-                                     CountReadAndPrefilter, ReadAndPrefilter, validate_licenses)
+                                     CountReadAndPrefilter, ReadAndPrefilterParts,
+                                     validate_licenses)
 from transforms.spill import new_staging_dir, remove_staging
 from transforms.yfcc_format import YFCC_RECORD_SCHEMA, records_to_table
 
@@ -112,11 +114,11 @@ class _WriteAndCount(beam.PTransform):
 
 
 def count_pairs(lines: beam.PCollection, candidate_counts: beam.PCollection,
-                reject_counts: beam.PCollection) -> beam.PCollection:
+                *reject_counts: beam.PCollection) -> beam.PCollection:
     """((kind, name), count) for lines read, candidates per licence, rejects per reason."""
     keyed = (
         lines | "KeyLines" >> beam.Map(lambda path_count: ((LINES, ""), path_count[1])),
-        candidate_counts, reject_counts,
+        candidate_counts, *reject_counts,
     )
     return keyed | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
 
@@ -155,7 +157,8 @@ def read_json(path: str) -> dict:
 def remove_previous_outputs(output: str) -> None:
     """Delete the shards a previous scan wrote to `output`, so that globs see only this run's."""
     patterns = [f"{output}/{CANDIDATES_DIR}/candidates-*-of-*.parquet",
-                f"{output}/rejects/rejects-*-of-*.parquet", f"{output}/{COUNTS_FILENAME}"]
+                f"{output}/rejects/rejects-*-of-*.parquet",
+                f"{output}/rejects/duplicates-*-of-*.parquet", f"{output}/{COUNTS_FILENAME}"]
     stale = [metadata.path for result in FileSystems.match(patterns)
              for metadata in result.metadata_list]
     if stale:
@@ -169,19 +172,22 @@ def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
                staging_dir: Optional[str] = None) -> None:
     """Add the scan steps to `pipeline`; with `staging_dir` the candidates wait there during
     the duplicate check (`transforms.spill`)."""
-    read = pipeline | "ReadAndPrefilter" >> ReadAndPrefilter(
+    read = pipeline | "ReadAndPrefilter" >> ReadAndPrefilterParts(
         list(yfcc), licenses, opt_out, drop_tags, batch_size=WRITE_BATCH_SIZE,
         staging_dir=staging_dir)
-    candidate_batches, reject_batches = read.main, read.rejects
 
-    candidate_counts = candidate_batches | "WriteCandidates" >> _WriteAndCount(
+    candidate_counts = read.main | "WriteCandidates" >> _WriteAndCount(
         records_to_table, YFCC_RECORD_SCHEMA, f"{output}/{CANDIDATES_DIR}/candidates",
         num_shards, lambda record: (CANDIDATE, record.license))
-    # The same files as transforms.rejects.WriteRejects writes, in batches.
-    reject_counts = reject_batches | "WriteRejects" >> _WriteAndCount(
-        _rejects_to_table, REJECTS_SCHEMA, f"{output}/rejects/rejects", num_shards,
-        lambda rejected: (REJECT, reject_counts_key(rejected)))
-    write_counts(count_pairs(read.line_counts, candidate_counts, reject_counts), output)
+    # The same files as transforms.rejects.WriteRejects writes, in batches; the duplicate-photo
+    # rejects go to files of their own, so that no Flatten holds every reject (a local run).
+    reject_counts = [
+        rejects | f"Write{name.title()}" >> _WriteAndCount(
+            _rejects_to_table, REJECTS_SCHEMA, f"{output}/rejects/{name}", num_shards,
+            lambda rejected: (REJECT, reject_counts_key(rejected)))
+        for name, rejects in (("rejects", read.read_rejects),
+                              ("duplicates", read.duplicate_rejects))]
+    write_counts(count_pairs(read.line_counts, candidate_counts, *reject_counts), output)
 
 
 def build_counts_only_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,

@@ -13,6 +13,11 @@ bundle (and every `FLUSH_EVERY` photos), so a killed run keeps what finished. Th
 rejects carry no sha256: they are joined with the misses' (photo_id, sha256) by a small
 CoGroupByKey (about 100 bytes per miss), so they are stored when the stage ends.
 
+When the wrapped annotate is one DoFn (`Annotate.single_dofn()`, the lite annotator), lookup,
+model and store writes run in ONE step instead (`_LookupOrAnnotateFn`): the two-branch form
+ends in a Flatten of hits and fresh photos, which Beam's local runner holds whole (it
+materialises every multi-input Flatten), and an AnnotatedPhoto is megabytes.
+
 `AnnotateWithStore(None, store, versions)` is the re-derive: no model at all; a photo with no
 entry for its (photo_id, sha256, models) becomes Rejected(stage='annotate', reason='not_in_store').
 Before fetch, its `precheck()` (`PrecheckStore`) sends on, unfetched, each photo whose sole stored

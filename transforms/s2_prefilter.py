@@ -634,6 +634,11 @@ class ReadAndPrefilter(beam.PTransform):
         return open_matched_files(pbegin, self._patterns, self._compression_type)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
+        parts = self._parts(pbegin)
+        rejects = (parts.read_rejects, parts.duplicate_rejects) | "MergeRejects" >> beam.Flatten()
+        return ReadOutput(main=parts.main, rejects=rejects, line_counts=parts.line_counts)
+
+    def _parts(self, pbegin: beam.pvalue.PBegin) -> "PrefilterParts":
         read = (
             self._matched_files(pbegin)
             | "ReadLines" >> beam.ParDo(_ReadAndApplyRulesFn(self._compression_type, self._config))
@@ -642,8 +647,25 @@ class ReadAndPrefilter(beam.PTransform):
         read_rejects = read[REJECTS_TAG]
         if self._batch_size is None:
             read_rejects = read_rejects | "UnbatchRejects" >> beam.FlatMap(lambda batch: batch)
-        rejects = (read_rejects, unique.rejects) | "MergeRejects" >> beam.Flatten()
-        return ReadOutput(main=unique.main, rejects=rejects, line_counts=read[LINE_COUNTS_TAG])
+        return PrefilterParts(unique.main, read_rejects, unique.rejects, read[LINE_COUNTS_TAG])
+
+
+class PrefilterParts(NamedTuple):
+    """`ReadAndPrefilter`'s outputs with the rejects of reading and the rules apart from the
+    duplicate-photo rejects: the local runner holds both inputs of a Flatten whole, so a job
+    that can consume them apart (the scan writes each) never holds every reject at once."""
+
+    main: beam.PCollection
+    read_rejects: beam.PCollection
+    duplicate_rejects: beam.PCollection
+    line_counts: beam.PCollection
+
+
+class ReadAndPrefilterParts(ReadAndPrefilter):
+    """`ReadAndPrefilter` (same arguments) returning `PrefilterParts` (no Flatten of rejects)."""
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> PrefilterParts:
+        return self._parts(pbegin)
 
 
 # Counts-only scan: what is counted, as ((kind, name), count) pairs (the scan_counts.json keys).
