@@ -78,7 +78,9 @@ class ScanOptions(JobOptions):
                  "to plan a rebuild; only photo ids cross the duplicate check.")
         parser.add_argument(
             "--num_shards", type=int,
-            help="Number of candidate/reject Parquet files (default: chosen by the runner).")
+            help="Number of candidate/reject Parquet files (default: chosen by the runner; a fixed "
+                 "number makes Beam gather every row before writing, so local memory then grows "
+                 "with the input).")
 
 
 # Rows are written and counted in batches: one Parquet table and one count per name per batch

@@ -70,11 +70,15 @@ def time_core(path: str) -> float:
     return _best_of(3, parse)
 
 
-def time_pipeline(path: str, output: str, counts_only: bool = False) -> float:
+def time_pipeline(path: str, output: str, counts_only: bool = False,
+                  one_shard: bool = True) -> float:
+    """Seconds of one scan run; `one_shard` writes one Parquet file per output (the speed runs;
+    Beam then groups every row in one place, so the memory runs let the runner choose)."""
     from beam_jobs import scan
 
     start = time.perf_counter()
-    counts = scan.run([f"--yfcc={path}", f"--output={output}", "--num_shards=1"]
+    counts = scan.run([f"--yfcc={path}", f"--output={output}"]
+                      + (["--num_shards=1"] if one_shard else [])
                       + (["--counts_only"] if counts_only else []))
     elapsed = time.perf_counter() - start
     assert counts["lines_read"] == counts["candidates"] + counts["rejects"]
@@ -177,7 +181,7 @@ def main() -> None:
         print(peak_rss_mib())
         return
     if args.rss_scan_child:  # child process of peak_rss_mib_of_scan
-        time_pipeline(*args.rss_scan_child, counts_only=args.counts_only)
+        time_pipeline(*args.rss_scan_child, counts_only=args.counts_only, one_shard=False)
         print(peak_rss_mib())
         return
 
