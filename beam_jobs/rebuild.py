@@ -340,7 +340,7 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions, staging_dir: Optiona
     consent = consent_stage(options)
     if consent is not None:  # only photos that yield a sample cost an API call
         checked = (samples | "ConsentSubjects" >> beam.Map(consent_subject)
-                   | "CheckConsent" >> consent)
+                   | "CheckConsent" >> consent.spilling_to(staging_dir))
         samples = checked.main | "ConsentKept" >> beam.Map(with_consent_fields)
         stages.append(checked)
     written = samples | "WriteShards" >> write_shards.writer(staging_dir)

@@ -50,6 +50,7 @@ seen): the rebuild puts it in the sample's Parquet row (`dataset.schema.CONSENT_
 """
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 import logging
@@ -74,6 +75,7 @@ from transforms.rejects import reject
 from transforms.s3_fetch import (DEFAULT_PORTS, LOOPBACK_NAMES, DisallowedUrl, HostPolicy,
                                  ResolveError, Resolver, Target, TokenBucket, check_url,
                                  resolve_host)
+from transforms.spill import SpilledGroupByKey
 from transforms.stage import StageDoFn, StageOutput, record_of
 from transforms.tags import clean_tag
 
@@ -665,17 +667,25 @@ class CheckConsent(beam.PTransform):
         self._config = ConsentConfig(api_url=api_url, api_key=api_key,
                                      requests_per_second=share, **config_overrides)
         self._rules = rules
+        self._staging_dir: Optional[str] = None
         FlickrClient(self._config).close()  # validates the key and the URL now
 
     @property
     def config(self) -> ConsentConfig:
         return self._config
 
+    def spilling_to(self, staging_dir: Optional[str]) -> "CheckConsent":
+        """This check with the grouping by owner spilled to `staging_dir` (local runs: the
+        elements, encoded samples in the rebuild, wait in files; `transforms.spill`)."""
+        spilled = copy.copy(self)
+        spilled._staging_dir = staging_dir
+        return spilled
+
     def expand(self, elements: beam.PCollection) -> StageOutput:
         keyed = elements | "KeyByOwner" >> beam.ParDo(_KeyByOwnerFn()).with_outputs(
             REJECTS_TAG, main="main")
         checked = (keyed.main
-                   | "GroupByOwner" >> beam.GroupByKey()
+                   | "GroupByOwner" >> SpilledGroupByKey(self._staging_dir)
                    | "Check" >> beam.ParDo(_CheckOwnerFn(self._config, self._rules))
                    .with_outputs(REJECTS_TAG, main="main"))
         rejects = (keyed[REJECTS_TAG], checked[REJECTS_TAG]) | "MergeRejects" >> beam.Flatten()
