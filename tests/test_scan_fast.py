@@ -10,8 +10,8 @@ from tests.yfcc_lines import random_records, record_line, write_lines
 from transforms.opt_out import OptOut
 from transforms.records import Rejected, YfccRecord
 from transforms.s1_read import iter_blocks, parse_block_per_row, parse_numbered_line, split_block
-from transforms.s2_prefilter import (USABLE_LICENSE_SLUGS, VALID_LICENSE_SLUGS, BlockChecker, CandidateIds,
-                                     PrefilterRules)
+from transforms.s2_prefilter import (LOWERING_TO_ASCII, USABLE_LICENSE_SLUGS, VALID_LICENSE_SLUGS,
+                                     BlockChecker, CandidateIds, PrefilterRules, lowering_to_ascii)
 from transforms.yfcc_format import format_line
 
 PATH = "/data/yfcc.txt"
@@ -188,3 +188,7 @@ def test_counts_only_scan_writes_the_counts_of_a_full_scan_and_nothing_else(tmp_
     assert sorted(path.name for path in (tmp_path / "counts").iterdir()) == [
         scan.COUNTS_FILENAME]
     assert set(counts["candidates_per_license"]) == {"cc-by-2", "cc-by-nc-2"}
+
+
+def test_the_characters_that_lower_to_ascii_are_the_constant_the_tag_patterns_use():
+    assert {char: tuple(others) for char, others in lowering_to_ascii().items()} == LOWERING_TO_ASCII

@@ -204,10 +204,15 @@ def _flags(array: pa.Array) -> np.ndarray:
     return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
 
 
-@functools.lru_cache(maxsize=1)
-def _lowering_to_ascii() -> dict[str, list[str]]:
-    """Non-ASCII characters whose lower case holds an ASCII letter or digit (the Kelvin sign
-    for 'k', dotted capital I for 'i'), by that ASCII character."""
+# Non-ASCII characters whose lower case holds an ASCII letter or digit, by that character: dotted
+# capital I (U+0130 lowers to 'i' + a combining dot) and the Kelvin sign. A constant, because
+# finding them means lowering all 1.1M code points (2.5 s per worker process);
+# tests/test_scan_fast.py recomputes it against this Python's Unicode database.
+LOWERING_TO_ASCII: dict[str, tuple[str, ...]] = {"i": ("\u0130",), "k": ("\u212a",)}
+
+
+def lowering_to_ascii() -> dict[str, list[str]]:
+    """LOWERING_TO_ASCII computed from the Unicode database (slow: for the test)."""
     found: dict[str, list[str]] = {}
     for code in range(0x80, 0x110000):
         char = chr(code)
@@ -221,7 +226,7 @@ def _spellings(char: str) -> list[str]:
     """How ASCII letter or digit `char` may appear in a raw, lower-cased YFCC tag field: as is,
     %-escaped, or as a non-ASCII character (raw or %-escaped UTF-8) that lowers to it."""
     forms = {char, f"%{ord(char):02x}", f"%{ord(char.upper()):02x}"}
-    for other in _lowering_to_ascii().get(char, []):
+    for other in LOWERING_TO_ASCII.get(char, ()):
         forms.update({other, other.lower(), quote(other, safe="").lower()})
     return sorted(forms, key=len, reverse=True)
 
