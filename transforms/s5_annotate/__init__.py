@@ -7,6 +7,9 @@ batched, variable image sizes):
                        └──► photos with no person tall enough skip the two heavy models
                             (counter fdh/annotate.cascade_skipped) and carry empty detections.
 
+Local runs (`one_step=True`) run the same cascade as ONE DoFn (`cascade.CascadeFn`): the
+in-process runner materialises a multi-input Flatten, which would hold every AnnotatedPhoto.
+
 `Annotate(annotator="lite")` runs mediapipe BlazePose on the CPU (<= 1 person per photo), offline.
 
 Output: StageOutput(main=PCollection[AnnotatedPhoto], rejects=PCollection[Rejected]). A photo a

@@ -19,6 +19,9 @@ step only grows it), has >= `min_box_area` (32*32) pixels, as DP2's crop-box fil
 The photo being annotated rides through RunInference as the KEY of a KeyedModelHandler; the
 model sees only its RGB array. A model failing on one image yields a `ModelError` for it, which
 becomes Rejected(stage='annotate', reason='model_error').
+
+`CascadeFn` is the same cascade as one DoFn (same steps, rejects and counters) for the in-process
+runner, which materialises expand_fdh's final multi-input Flatten (every AnnotatedPhoto held).
 """
 from __future__ import annotations
 
@@ -305,6 +308,7 @@ class CascadeFn(StageDoFn):
             yield from self._flush()
 
     def finish_bundle(self) -> Iterator:
+        """The last partial batch's outputs, windowed (finish_bundle has no element window)."""
         for output in self._flush():
             tag = getattr(output, "tag", None)
             if tag is None:
