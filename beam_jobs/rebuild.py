@@ -282,12 +282,14 @@ def trusts_store(options: RebuildOptions) -> bool:
 
 
 def annotate_stage(options: RebuildOptions, no_embeddings: bool) -> beam.PTransform:
-    """The annotate stage the flags ask for, through the annotation store (or re-derived from one)."""
+    """The annotate stage the flags ask for, through the annotation store (or re-derived from one).
+    Local runs get the fdh cascade as one step (no Flatten, which the in-process runner holds whole)."""
+    local = is_local(options)
     annotate = Annotate(annotator=options.annotator, model_dir=options.model_dir,
                         device=options.device, max_batch_size=options.max_batch_size,
                         no_embeddings=no_embeddings, random_weights=options.random_weights,
-                        require_detectron2_here=is_local(options) and not options.from_annotations,
-                        check_here=is_local(options), detector=options.detector)
+                        require_detectron2_here=local and not options.from_annotations,
+                        check_here=local, detector=options.detector, one_step=local)
     return with_annotation_store(annotate, options.output.rstrip("/"), options.annotation_store,
                                  options.from_annotations)
 

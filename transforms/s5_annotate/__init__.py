@@ -7,6 +7,9 @@ batched, variable image sizes):
                        └──► photos with no person tall enough skip the two heavy models
                             (counter fdh/annotate.cascade_skipped) and carry empty detections.
 
+Local runs (`one_step=True`) run the same cascade as ONE DoFn (`cascade.CascadeFn`): the
+in-process runner materialises a multi-input Flatten, which would hold every AnnotatedPhoto.
+
 `Annotate(annotator="lite")` runs mediapipe BlazePose on the CPU (<= 1 person per photo), offline.
 
 Output: StageOutput(main=PCollection[AnnotatedPhoto], rejects=PCollection[Rejected]). A photo a
@@ -24,8 +27,8 @@ from typing import Optional
 import apache_beam as beam
 
 from transforms.records import REJECTS_TAG
-from transforms.s5_annotate.cascade import (DEFAULT_PERSON_SCORE, MIN_BOX_AREA, FdhSettings,
-                                            expand_fdh)
+from transforms.s5_annotate.cascade import (DEFAULT_PERSON_SCORE, MIN_BOX_AREA, CascadeFn,
+                                            FdhSettings, expand_fdh)
 from transforms.s5_annotate.cse import require_detectron2
 from transforms.s5_annotate.detectron2_models import DETECTORS
 from transforms.s5_annotate.handlers import check_device, check_weights_present
@@ -65,6 +68,10 @@ class Annotate(beam.PTransform):
         worker container (docker/) has it.
       check_here: check at construction that the device and the weights are present here (the
         job passes whether it runs in this process: `beam_jobs.common.is_local(options)`).
+      one_step: run the fdh cascade as one DoFn (`cascade.CascadeFn`) instead of a RunInference
+        step per model joined by a Flatten. For the in-process runner only (the job passes
+        `is_local(options)`): it materialises every multi-input Flatten, i.e. holds all the
+        AnnotatedPhotos until the stage ends; on Dataflow the RunInference cascade is kept.
     """
 
     def __init__(self, annotator: str = "fdh", model_dir: Optional[str] = None, device: str = "CPU",
@@ -74,7 +81,7 @@ class Annotate(beam.PTransform):
                  random_weights: bool = False, model_options: Optional[dict] = None,
                  lite_thresholds: Optional[dict] = None, large_model: Optional[bool] = None,
                  model_copies: Optional[int] = None, require_detectron2_here: bool = True,
-                 check_here: bool = True, detector: str = "torchvision"):
+                 check_here: bool = True, detector: str = "torchvision", one_step: bool = False):
         super().__init__()
         if detector not in DETECTORS:
             raise ValueError(f"--detector must be one of {DETECTORS}, got {detector!r}")
@@ -102,6 +109,7 @@ class Annotate(beam.PTransform):
         self._large_model = (device == "GPU") if large_model is None else large_model
         self._model_copies = model_copies
         self._check_here = check_here
+        self._one_step = one_step
         needs_detectron2 = not no_embeddings or detector == "detectron2"
         if annotator == "fdh" and needs_detectron2 and require_detectron2_here:
             require_detectron2()
@@ -109,8 +117,14 @@ class Annotate(beam.PTransform):
     def single_dofn(self) -> Optional[beam.DoFn]:
         """The one DoFn this stage is (photo -> AnnotatedPhoto / tagged rejects), for callers that
         run it inside a step of their own (the annotation store); None when it is a composite
-        (the fdh cascade)."""
-        return LiteAnnotateFn(self._lite_thresholds) if self._annotator == "lite" else None
+        (the fdh cascade unless `one_step`). The fdh one is unbatched (batch_size=1): such a
+        caller takes each photo's outputs from process() and ignores finish_bundle's."""
+        if self._annotator == "lite":
+            return LiteAnnotateFn(self._lite_thresholds)
+        if not self._one_step:
+            return None
+        self._check_configuration_here()
+        return CascadeFn(self._fdh_settings(), batch_size=1)
 
     def expand(self, photos: beam.PCollection) -> StageOutput:
         if self._annotator == "lite":
@@ -118,7 +132,11 @@ class Annotate(beam.PTransform):
                 logging.warning("the lite annotator (mediapipe) runs on the CPU; --device=GPU ignored")
             return stage_output(photos | "LiteAnnotate" >> beam.ParDo(
                 self.single_dofn()).with_outputs(REJECTS_TAG, main="main"))
-        self._check_local_configuration(photos.pipeline)
+        if photos.pipeline.options is not None:
+            self._check_configuration_here()
+        if self._one_step:
+            return stage_output(photos | "FdhCascade" >> beam.ParDo(
+                CascadeFn(self._fdh_settings())).with_outputs(REJECTS_TAG, main="main"))
         return expand_fdh(photos, self._fdh_settings())
 
     def _fdh_settings(self) -> FdhSettings:
@@ -129,9 +147,9 @@ class Annotate(beam.PTransform):
             random_weights=self._random_weights, model_options=self._model_options,
             large_model=self._large_model, model_copies=self._model_copies, detector=self._detector)
 
-    def _check_local_configuration(self, pipeline: beam.Pipeline) -> None:
+    def _check_configuration_here(self) -> None:
         """Fail at construction, not on a worker: GPU missing, weights missing (local runs)."""
-        if pipeline.options is None or not self._check_here:
+        if not self._check_here:
             return
         check_device(self._device)
         if not self._random_weights:

@@ -19,6 +19,9 @@ step only grows it), has >= `min_box_area` (32*32) pixels, as DP2's crop-box fil
 The photo being annotated rides through RunInference as the KEY of a KeyedModelHandler; the
 model sees only its RGB array. A model failing on one image yields a `ModelError` for it, which
 becomes Rejected(stage='annotate', reason='model_error').
+
+`CascadeFn` is the same cascade as one DoFn (same steps, rejects and counters) for the in-process
+runner, which materialises expand_fdh's final multi-input Flatten (every AnnotatedPhoto held).
 """
 from __future__ import annotations
 
@@ -29,11 +32,12 @@ from typing import Iterator, Optional, Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.transforms.window import GlobalWindows
 
 from transforms.crop_geometry import MIN_BOX_AREA, grown_aspect_box, is_too_small
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, AnnotatedPhoto, DecodedImage, Detections
 from transforms.rejects import reject
-from transforms.stage import StageDoFn, StageOutput
+from transforms.stage import StageDoFn, StageOutput, error_rejects_for_batch
 from transforms.s5_annotate import detectron2_models as d2
 from transforms.s5_annotate.cse import CSE_MODEL_ASSET, PHI_ASSET, DensePoseCseHandler
 from transforms.s5_annotate.handlers import (DEFAULT_MASK_MODEL, KEYPOINT_MODEL, MODELS, ModelError,
@@ -243,3 +247,91 @@ def expand_fdh(photos: beam.PCollection, settings: FdhSettings) -> StageOutput:
         rejects.append(after_cse[REJECTS_TAG])
     return StageOutput(main=done | "FlattenAnnotated" >> beam.Flatten(),
                        rejects=rejects | "FlattenRejects" >> beam.Flatten())
+
+
+@dataclass
+class _LoadedModel:
+    """A handler and the model it loaded (what RunInference holds per model), with the attach
+    step run on each of its results."""
+
+    handler: object
+    model: object
+    attach: _AttachFn
+
+    def run(self, pending: list[tuple[AnnotatedPhoto, object]]) -> Iterator:
+        """Run the model on the pending photos' arrays; yield the attach step's outputs
+        (photos routed on keep their DENSE_TAG). A whole-batch failure rejects each photo."""
+        try:
+            results = list(self.handler.run_inference([image for _, image in pending], self.model))
+        except Exception as error:  # the dead-letter policy (transforms.stage): one reject each
+            yield from error_rejects_for_batch(STAGE, [annotated for annotated, _ in pending], error)
+            return
+        for (annotated, _), result in zip(pending, results):
+            yield from self.attach.process((annotated, result))
+
+
+class CascadeFn(StageDoFn):
+    """The FDH cascade as ONE step (DecodedImage -> AnnotatedPhoto / tagged rejects), for local
+    runs: the in-process runner materialises expand_fdh's multi-input Flatten, holding every
+    AnnotatedPhoto (megabytes each) until the whole stage ends; this step holds one batch.
+
+    Photos are buffered up to `batch_size` per bundle (the rest at the end of the bundle); each
+    batch runs keypoint R-CNN, then Mask R-CNN on the photos that need it, then CSE, with the
+    cascade's own steps (StartAnnotationFn, Attach*Fn): same outputs, rejects and counters.
+    `batch_size=1` emits every photo's outputs while processing it (nothing in finish_bundle),
+    as the annotation store's one-step lookup needs (it stores what process() yields).
+    """
+
+    stage = STAGE
+
+    def __init__(self, settings: FdhSettings, batch_size: Optional[int] = None):
+        self._settings = settings
+        self._batch_size = batch_size or settings.max_batch_size
+        self._start = StartAnnotationFn(settings.annotator_name)
+        self._steps: list[_LoadedModel] = []
+
+    def setup(self) -> None:
+        settings = self._settings
+        handlers = [(settings.keypoint_handler(), AttachKeypointsFn(
+                        settings.person_score, settings.min_box_area, settings.no_embeddings)),
+                    (settings.mask_handler(), AttachMasksFn(settings.no_embeddings))]
+        if not settings.no_embeddings:
+            handlers.append((settings.cse_handler(), AttachCseFn()))
+        self._steps = [_LoadedModel(handler, handler.load_model(), attach) for handler, attach in handlers]
+
+    def start_bundle(self) -> None:
+        self._buffer: list[DecodedImage] = []
+
+    def process_element(self, photo: DecodedImage) -> Iterator:
+        self._buffer.append(photo)
+        if len(self._buffer) >= self._batch_size:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator:
+        """The last partial batch's outputs, windowed (finish_bundle has no element window)."""
+        for output in self._flush():
+            tag = getattr(output, "tag", None)
+            if tag is None:
+                yield GlobalWindows.windowed_value(output)
+            else:
+                yield beam.pvalue.TaggedOutput(tag, GlobalWindows.windowed_value(output.value))
+
+    def _flush(self) -> Iterator:
+        """The outputs of the buffered photos through the whole cascade; empties the buffer."""
+        photos, self._buffer = self._buffer, []
+        pending = []
+        for photo in photos:
+            for output in self._start.process(photo):
+                if getattr(output, "tag", None) == REJECTS_TAG:
+                    yield output
+                else:
+                    pending.append(output)
+        for step in self._steps:
+            batch, pending = pending, []
+            if not batch:
+                return
+            for output in step.run(batch):
+                if getattr(output, "tag", None) == DENSE_TAG:
+                    pending.append(output.value)
+                else:
+                    yield output

@@ -13,6 +13,7 @@ plumbing is real, the detections are noise). `device='GPU'` raises when CUDA is 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -190,13 +191,24 @@ class TorchvisionDetectionHandler(ModelHandler[np.ndarray, Any, "Detector"]):
         return builder(weights=None, weights_backbone=None, num_classes=self._num_classes,
                        **self._builder_kwargs)
 
+    def build_random_model(self):
+        """`build_model()` with weights drawn from a seed fixed per model name (global RNG left
+        untouched): the same noise whichever step, process or order loads it, so random-weight
+        runs of different pipeline shapes can be compared byte for byte."""
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(hashlib.sha256(self.model_name.encode()).hexdigest()[:8], 16))
+            return self.build_model()
+
     def load_model(self) -> "Detector":
         device = torch_device(self._device)  # raises on a worker without CUDA for GPU
-        model = self.build_model()
         if self._random_weights:
+            model = self.build_random_model()
             logging.warning("%s: RANDOM weights (tests/benches only): detections are noise",
                             self.model_name)
         else:
+            model = self.build_model()
             path = assets.resolve(self.asset_name, self._model_dir)
             model.load_state_dict(assets.load_torch_state_dict(path))
         keep = COCO_PERSON_LABEL if self._num_classes > 2 else None
