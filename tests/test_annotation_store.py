@@ -455,3 +455,55 @@ def json_samples(output: str) -> int:
 
     with open(os.path.join(output, "stats.json")) as handle:
         return json.load(handle)["totals"]["samples"]
+
+
+class _PairsFn(beam.DoFn):
+    """A batching annotate DoFn (two photos per batch): even photo ids annotated with no
+    detection, odd ones rejected; the last partial batch comes out of finish_bundle."""
+
+    def start_bundle(self):
+        self._batch = []
+
+    def process(self, photo):
+        self._batch.append(photo)
+        if len(self._batch) == 2:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+        for output in self._flush():
+            tag = getattr(output, "tag", None)
+            yield (GlobalWindows.windowed_value(output) if tag is None
+                   else beam.pvalue.TaggedOutput(tag, GlobalWindows.windowed_value(output.value)))
+
+    def _flush(self):
+        from transforms.records import AnnotatedPhoto, Detections
+        from transforms.rejects import reject
+        batch, self._batch = self._batch, []
+        for photo in batch:
+            record = photo.record
+            if record.photo_id % 2:
+                yield reject("annotate", "no_person", str(record.photo_id), "",
+                             record.photo_id, record.user_nsid)
+            else:
+                height, width = photo.image.shape[:2]
+                yield AnnotatedPhoto(photo, "lite", Detections.empty_for_image(height, width))
+
+
+def test_a_batching_annotate_dofn_inside_the_store_step_loses_nothing(tmp_path):
+    from transforms.annotation_store import _LookupOrAnnotateFn
+    image = np.zeros((20, 30, 3), np.uint8)
+    photos = [_decoded(photo_id, image + photo_id) for photo_id in (10, 11, 12, 13, 14)]
+    versions = {"annotator": "lite", "test": "pairs"}
+    directory = store_format.model_dir(str(tmp_path), store_format.model_key(versions))
+    fn = _LookupOrAnnotateFn(directory, versions, _PairsFn())
+    fn.setup()
+    fn.start_bundle()
+    outputs = [output for photo in photos for output in fn.process(photo)]
+    outputs += [getattr(output, "value", output) for output in fn.finish_bundle()]
+    values = [getattr(output, "value", output) for output in outputs]
+    assert sorted(getattr(value, "photo_id", None) or value.photo.record.photo_id
+                  for value in values) == [10, 11, 12, 13, 14]  # 14 came out of finish_bundle
+    index = store_format.read_index(directory)
+    for photo in photos:  # each under its own photo's sha256, the rejects too
+        assert index.find(photo.record.photo_id, photo.sha256) is not None

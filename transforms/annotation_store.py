@@ -257,9 +257,10 @@ class _StoreRejectsFn(_BufferedStoreFn):
 
 class _LookupOrAnnotateFn(_StoreLookupFn):
     """Hit: the stored result. Miss: the wrapped annotate DoFn, in this same step, and its
-    outputs stored (annotations and annotate-stage rejects, with the photo's sha256 at hand).
-    One step means no Flatten of hits and fresh photos: the local runner holds a multi-input
-    Flatten's inputs whole, and AnnotatedPhotos are megabytes each."""
+    outputs stored (annotations, and annotate-stage rejects under their photo's sha256). One
+    step means no Flatten of hits and fresh photos: the local runner holds a multi-input
+    Flatten's inputs whole, and AnnotatedPhotos are megabytes each. A batching DoFn's outputs
+    from finish_bundle (its last partial batch) are stored and passed on too."""
 
     def __init__(self, directory: str, versions: Mapping[str, Any], annotate_fn: beam.DoFn):
         super().__init__(directory, store_only=False)
@@ -275,9 +276,14 @@ class _LookupOrAnnotateFn(_StoreLookupFn):
     def start_bundle(self) -> None:
         self._store.start_bundle()
         self._annotate_fn.start_bundle()
+        self._pending: dict[int, str] = {}  # photo id -> sha256 of the misses not answered yet
 
-    def finish_bundle(self) -> None:
-        self._annotate_fn.finish_bundle()
+    def finish_bundle(self) -> Iterator:
+        for windowed in self._annotate_fn.finish_bundle() or ():
+            tag = getattr(windowed, "tag", None)
+            value = windowed.value if tag is None else windowed.value.value
+            self._keep(value if tag is None else beam.pvalue.TaggedOutput(tag, value))
+            yield windowed
         self._store.finish_bundle()
 
     def teardown(self) -> None:
@@ -287,19 +293,23 @@ class _LookupOrAnnotateFn(_StoreLookupFn):
         for output in super().process_element(photo):
             tag = getattr(output, "tag", None)
             if tag == MISS_TAG:
-                yield from self._annotate_miss(photo)
+                self._pending[photo.record.photo_id] = photo.sha256
+                for annotated in self._annotate_fn.process(photo):
+                    self._keep(annotated)
+                    yield annotated
             elif tag != PENDING_TAG:
                 yield output
 
-    def _annotate_miss(self, photo: DecodedImage) -> Iterator:
-        for output in self._annotate_fn.process(photo):
-            if getattr(output, "tag", None) == REJECTS_TAG:
-                rejected = output.value
-                if rejected.stage == STAGE and rejected.photo_id is not None:
-                    self._store._add(reject_entry(rejected, photo.sha256, self._annotator))
-            elif isinstance(output, AnnotatedPhoto):
-                self._store._add(entry_of(output))
-            yield output
+    def _keep(self, output: Any) -> None:
+        """Store one output of the wrapped DoFn: an AnnotatedPhoto, or an annotate reject."""
+        if getattr(output, "tag", None) == REJECTS_TAG:
+            rejected = output.value
+            sha256 = self._pending.pop(rejected.photo_id, None)
+            if rejected.stage == STAGE and sha256 is not None:
+                self._store._add(reject_entry(rejected, sha256, self._annotator))
+        elif isinstance(output, AnnotatedPhoto):
+            self._pending.pop(output.photo.record.photo_id, None)
+            self._store._add(entry_of(output))
 
 
 class AnnotateWithStore(beam.PTransform):

@@ -117,14 +117,14 @@ class Annotate(beam.PTransform):
     def single_dofn(self) -> Optional[beam.DoFn]:
         """The one DoFn this stage is (photo -> AnnotatedPhoto / tagged rejects), for callers that
         run it inside a step of their own (the annotation store); None when it is a composite
-        (the fdh cascade unless `one_step`). The fdh one is unbatched (batch_size=1): such a
-        caller takes each photo's outputs from process() and ignores finish_bundle's."""
+        (the fdh cascade unless `one_step`). A caller must pass on what its finish_bundle
+        yields (the fdh one batches up to max_batch_size photos per bundle)."""
         if self._annotator == "lite":
             return LiteAnnotateFn(self._lite_thresholds)
         if not self._one_step:
             return None
         self._check_configuration_here()
-        return CascadeFn(self._fdh_settings(), batch_size=1)
+        return CascadeFn(self._fdh_settings())
 
     def expand(self, photos: beam.PCollection) -> StageOutput:
         if self._annotator == "lite":
