@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pyarrow as pa
 import pytest
 
 from beam_jobs import scan
@@ -11,8 +12,9 @@ from transforms.opt_out import OptOut
 from transforms.records import Rejected, YfccRecord
 from transforms.s1_read import iter_blocks, parse_block_per_row, parse_numbered_line, split_block
 from transforms.s2_prefilter import (LOWERING_TO_ASCII, USABLE_LICENSE_SLUGS, VALID_LICENSE_SLUGS,
-                                     BlockChecker, CandidateIds, PrefilterRules, lowering_to_ascii)
-from transforms.yfcc_format import format_line
+                                     BlockChecker, CandidateIds, CandidateRows,
+                                     CandidateTableChecker, PrefilterRules, lowering_to_ascii)
+from transforms.yfcc_format import format_line, records_to_table
 
 PATH = "/data/yfcc.txt"
 
@@ -107,6 +109,8 @@ def _run_checker(checker, blocks: list[bytes], rules: PrefilterRules):
                                item.license_codes.tolist()))
             elif type(item) is Counter:
                 reasons.update(item)
+            elif type(item) is CandidateRows:
+                ids.append(item)
             else:
                 value = item.value
                 rejects.append((value.record_id, value.stage, value.reason, value.detail,
@@ -143,6 +147,67 @@ def test_counts_only_checker_counts_what_the_per_row_path_keeps_and_rejects(rule
         (record.photo_id, int(record.source.rpartition(":")[2]),
          VALID_LICENSE_SLUGS.index(record.license)) for record in want_candidates)
     assert lines_read == len(lines)
+
+
+def _escaped_lines() -> list[bytes]:
+    """Simple candidate lines whose text the table path must decode exactly as parse_line."""
+    good = record_line(950, user_tags=("people",))
+    fields = good.split("\t")
+    lines = []
+    for index, values in ((2, ["a+b", "%C3%A9t%C3%A9", "%zz+x", "%E2%82", "%4"]),  # nickname
+                          (3, ["", "null", "2010-01-01+10%3A00%3A00", "%zz"]),  # date taken
+                          (5, ["Canon+EOS", "%09tab", "%C3"]),  # device
+                          (6, ["t%2Ct+x", "a%25b%5Cx41\\x"]), (7, ["d%0Ad", "%2"]),
+                          (8, ["a+b,c", "a%2Cb,c+d", "%C3%A9,x", ",", "a%09b"]),
+                          (9, ["m%3Ax,y", "", "a+b"]), (1, ["1%402", "1+2@N0"])):
+        for value in values:
+            changed = list(fields)
+            changed[index] = value
+            lines.append("\t".join(changed).encode("utf-8"))
+    return lines
+
+
+def _hash_lines() -> list[bytes]:
+    """25-column lines (a block of their own) with hashes in upper case, empty, non-ASCII."""
+    lines = [format_line(record, 25).encode() for record in random_records(50, seed=3)]
+    for number, value in enumerate(("ABCDEF", "", "\u0130x")):
+        fields = format_line(next(random_records(1, seed=2, start_id=5000 + number)), 25).split("\t")
+        fields[2], fields[17] = value, "Attribution License"
+        lines.append("\t".join(fields).encode("utf-8"))
+    return lines
+
+
+def _check_candidate_tables(lines: list[bytes], rules: PrefilterRules, chunk_bytes: int) -> None:
+    """CandidateTableChecker's rejects, per-row records and tables equal the per-row path's."""
+    want_rejects, want_candidates = _per_row(lines, rules)
+    lines_read, rejects, candidates, parts, _ = _run_checker(
+        CandidateTableChecker(rules), _blocks(lines, chunk_bytes), rules)
+    assert lines_read == len(lines)
+    assert Counter(rejects) == Counter(want_rejects)
+    if chunk_bytes < 1 << 20:  # one block of every line holds a lone '\r': all per row
+        assert sum(part.table.num_rows for part in parts) > len(want_candidates) // 2
+    for part in parts:
+        assert part.line_numbers.tolist() == [
+            int(source.rpartition(":")[2]) for source in part.table.column("source").to_pylist()]
+    got = sorted(pa.concat_tables([records_to_table(candidates)] + [part.table for part in parts])
+                 .to_pylist(), key=lambda row: row["source"])
+    want = sorted(records_to_table(want_candidates).to_pylist(), key=lambda row: row["source"])
+    assert len(got) == len(want)
+    for got_row, want_row in zip(got, want):
+        assert got_row == want_row
+
+
+@pytest.mark.parametrize("rules", RULES, ids=["fdh", "narrow-opt-out", "all-cc"])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 4096, 700])
+def test_candidate_tables_equal_the_tables_of_the_per_row_records(rules, chunk_bytes):
+    _check_candidate_tables(_all_lines() + _escaped_lines(), rules, chunk_bytes)
+
+
+def test_candidate_tables_of_25_column_lines_take_the_hash_column_as_parse_line_does():
+    lines = _hash_lines()
+    split = split_block(b"\n".join(lines) + b"\n", all_columns=True)
+    assert len(split.rows) == len(lines) and "photo_hash" in split.columns
+    _check_candidate_tables(lines, RULES[2], 1 << 20)
 
 
 @pytest.mark.parametrize("line_end", [b"\n", b"\r\n"])

@@ -43,7 +43,8 @@ from transforms.s1_read import (LINE_COUNTS_TAG, RECORD_FIELDS, ReadCounters, Re
 from transforms.spill import SpilledGroupByKey, SpillRef, read_spilled, spill_by_bucket
 from transforms.stage import StageDoFn, StageOutput, stage_output
 from transforms.tags import clean_tag, find_tag
-from transforms.yfcc_format import decode_nsid, decode_tags
+from transforms.yfcc_format import (NULL_DATE, YFCC_RECORD_SCHEMA, decode_nsid, decode_tags,
+                                    decode_text, photo_hash)
 
 STAGE = "prefilter"
 DEFAULT_DROP_TAGS = ("no_cv",)
@@ -352,11 +353,13 @@ class BlockChecker:
     reasons per block instead of the simple candidates and rejects.
     """
 
+    all_columns = False  # split_block's: the columns the simple outputs need
+
     def __init__(self, rules: PrefilterRules, keep_records: bool = True):
         self._rules, self._keep_records = rules, keep_records
 
     def __call__(self, block: bytes, path: str, lines_before: int) -> tuple[list, int, int]:
-        split = split_block(block)
+        split = split_block(block, self.all_columns)
         if split is None:
             return parse_block_per_row(block, path, lines_before)
         rows, columns = split.rows, split.columns
@@ -368,11 +371,11 @@ class BlockChecker:
         items = [as_output(parse_numbered_line(split.line(row), f"{path}:{lines_before + row + 1}"))
                  for row in np.flatnonzero(per_row).tolist()]
         records = len(split) - sum(type(item) is not YfccRecord for item in items)
-        items.extend(self._simple_outputs(rows, columns, verdicts, lines_before))
+        items.extend(self._simple_outputs(rows, columns, verdicts, lines_before, path))
         return items, len(split), records
 
     def _simple_outputs(self, rows: np.ndarray, columns: dict[str, pa.Array],
-                        verdicts: np.ndarray, lines_before: int) -> list:
+                        verdicts: np.ndarray, lines_before: int, path: str) -> list:
         rejected = np.flatnonzero(verdicts > PER_ROW)
         if not self._keep_records:
             candidates = np.flatnonzero(verdicts == CANDIDATE)
@@ -384,6 +387,11 @@ class BlockChecker:
             return [CandidateIds(columns["photo_id"].to_numpy()[candidates],
                                  rows[candidates] + lines_before + 1, slugs.astype(np.int8)),
                     reasons]
+        return self._rejects(rejected, columns, verdicts)
+
+    def _rejects(self, rejected: np.ndarray, columns: dict[str, pa.Array],
+                 verdicts: np.ndarray) -> list:
+        """The rejects (tagged outputs) of the simple rows `rejected`, as `check` gives them."""
         chosen = pa.array(rejected)
         photo_ids = columns["photo_id"].take(chosen).to_pylist()
         nsids = columns["user_nsid"].take(chosen).to_pylist()
@@ -392,6 +400,128 @@ class BlockChecker:
                        photo_id=photo_id, user_nsid=decode_nsid(nsid))
                 for row, code, photo_id, nsid in zip(rejected.tolist(), verdicts[rejected].tolist(),
                                                      photo_ids, nsids)]
+
+
+class CandidateRows(NamedTuple):
+    """The simple candidates of a block as a YFCC_RECORD_SCHEMA table, with their line numbers
+    in the file (the duplicate check's order)."""
+
+    table: pa.Table
+    line_numbers: np.ndarray
+
+
+class CandidateTableChecker(BlockChecker):
+    """A `BlockChecker` for the full scan: the simple candidates of a block come out as one
+    `CandidateRows` (built column by column, `candidate_table`), the simple rejects as today;
+    other lines go through the per-row parser (YfccRecords, for the DoFn to apply the rules)."""
+
+    all_columns = True
+
+    def __init__(self, rules: PrefilterRules):
+        super().__init__(rules, keep_records=False)
+
+    def _simple_outputs(self, rows: np.ndarray, columns: dict[str, pa.Array],
+                        verdicts: np.ndarray, lines_before: int, path: str) -> list:
+        outputs = self._rejects(np.flatnonzero(verdicts > PER_ROW), columns, verdicts)
+        candidates = np.flatnonzero(verdicts == CANDIDATE)
+        if len(candidates):
+            chosen = pa.array(candidates)
+            line_numbers = rows[candidates] + lines_before + 1
+            outputs.append(CandidateRows(candidate_table(
+                {name: column.take(chosen) for name, column in columns.items()},
+                line_numbers, path), line_numbers))
+        return outputs
+
+
+_SLUG_BY_LICENSE_INDEX = pa.array([slug for slug, _ in LICENSES.values()], pa.string())
+_NO_TAGS = pa.scalar([], pa.list_(pa.string()))
+_NULL_STRING = pa.scalar(None, pa.string())
+
+
+def _patched(values: pa.Array, rows: np.ndarray, replacements: list) -> pa.Array:
+    """`values` with the values at `rows` replaced by `replacements` (in that order)."""
+    if not len(rows):
+        return values
+    order = np.arange(len(values))
+    order[rows] = len(values) + np.arange(len(rows))
+    return pa.concat_arrays([values, pa.array(replacements, values.type)]).take(pa.array(order))
+
+
+def _per_value(column: pa.Array, rows: np.ndarray, function) -> list:
+    return [function(value) for value in column.take(pa.array(rows, pa.int64())).to_pylist()]
+
+
+def _escaped_rows(column: pa.Array) -> np.ndarray:
+    return np.flatnonzero(_flags(pc.match_substring(column, "%")))
+
+
+def _decoded_text(column: pa.Array, plus_is_space: bool = True) -> pa.Array:
+    """A raw free-text column as `parse_line` decodes it: '+' as a space vectorised, values
+    holding '%' one by one (`decode_text`; `decode_nsid` without `plus_is_space`)."""
+    escaped = _escaped_rows(column)
+    plain = pc.replace_substring(column, "+", " ") if plus_is_space else column
+    return _patched(plain, escaped, _per_value(column, escaped,
+                                               decode_text if plus_is_space else decode_nsid))
+
+
+def _decoded_tags(column: pa.Array) -> pa.Array:
+    """A raw tag column as `parse_line` splits it: on raw commas, decoded (`decode_tags` for
+    values holding '%'); an empty field is no tags."""
+    escaped = _escaped_rows(column)
+    split = pc.split_pattern(pc.replace_substring(column, "+", " "), ",")
+    plain = pc.if_else(pc.equal(column, ""), _NO_TAGS, split)
+    return _patched(plain, escaped, _per_value(column, escaped,
+                                               lambda value: list(decode_tags(value))))
+
+
+def _optional_number(column: pa.Array, number_type: pa.DataType) -> pa.Array:
+    """A column of ASCII numbers or '' (checked by split_block) as numbers or nulls."""
+    return pc.cast(pc.if_else(pc.equal(column, ""), _NULL_STRING, column), number_type)
+
+
+def _photo_hashes(columns: dict[str, pa.Array]) -> pa.Array:
+    """The photo_hash column as `parse_line` gives it: the hash column in lower case (25
+    columns), else or when empty the md5 of the download URL (`photo_hash`)."""
+    urls = columns["download_url"]
+    if "photo_hash" not in columns:
+        return pa.array(_per_value(urls, np.arange(len(urls)), photo_hash), pa.string())
+    hashes = columns["photo_hash"]
+    lowered = pc.ascii_lower(hashes)
+    unhashed = np.flatnonzero(_flags(pc.equal(hashes, "")))
+    lowered = _patched(lowered, unhashed, _per_value(urls, unhashed, photo_hash))
+    not_ascii = np.flatnonzero(~_flags(pc.string_is_ascii(hashes)))
+    return _patched(lowered, not_ascii, _per_value(hashes, not_ascii, str.lower))
+
+
+def candidate_table(columns: dict[str, pa.Array], line_numbers: np.ndarray,
+                    path: str) -> pa.Table:
+    """The YFCC_RECORD_SCHEMA table `records_to_table` gives for the records `parse_line`
+    makes of simple candidate rows (`split_block(all_columns=True)` columns, licence names
+    known), built column by column: only escaped text is decoded value by value."""
+    fields: dict[str, Any] = {name: columns[name] for name in YFCC_RECORD_SCHEMA.names
+                              if name in columns}
+    for name in ("user_nickname", "capture_device", "title", "description"):
+        fields[name] = _decoded_text(columns[name])
+    fields["user_nsid"] = _decoded_text(columns["user_nsid"], plus_is_space=False)
+    for name in ("user_tags", "machine_tags"):
+        fields[name] = _decoded_tags(columns[name])
+    dates = columns["date_taken"]
+    fields["date_taken"] = pc.if_else(pc.or_(pc.equal(dates, ""), pc.equal(dates, NULL_DATE)),
+                                      _NULL_STRING, _decoded_text(dates))
+    for name in ("date_uploaded", "marker"):
+        fields[name] = pc.cast(columns[name], pa.int64())
+    for name, number_type in (("longitude", pa.float64()), ("latitude", pa.float64()),
+                              ("accuracy", pa.int64())):
+        fields[name] = _optional_number(columns[name], number_type)
+    fields["line_idx"] = (pc.cast(columns["line_idx"], pa.int64()) if "line_idx" in columns
+                          else pa.nulls(len(line_numbers), pa.int64()))
+    fields["photo_hash"] = _photo_hashes(columns)
+    fields["license"] = _SLUG_BY_LICENSE_INDEX.take(
+        pc.index_in(columns["license_name"], value_set=_LICENSE_NAMES))
+    fields["source"] = pc.binary_join_element_wise(
+        path, pc.cast(pa.array(line_numbers, pa.int64()), pa.string()), ":")
+    return pa.Table.from_arrays([fields[name] for name in YFCC_RECORD_SCHEMA.names],
+                                schema=YFCC_RECORD_SCHEMA)
 
 
 class _RulesConfig:
