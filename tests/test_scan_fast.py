@@ -257,3 +257,48 @@ def test_counts_only_scan_writes_the_counts_of_a_full_scan_and_nothing_else(tmp_
 
 def test_the_characters_that_lower_to_ascii_are_the_constant_the_tag_patterns_use():
     assert {char: tuple(others) for char, others in lowering_to_ascii().items()} == LOWERING_TO_ASCII
+
+
+def _scan_outputs(output) -> tuple[list, list, dict]:
+    """A scan's candidate rows (sorted by source), rejects (sorted tuples) and counts."""
+    import pyarrow.parquet as pq
+
+    def rows(pattern: str) -> list[dict]:
+        return [row for path in sorted(output.glob(pattern))
+                for row in pq.read_table(path).to_pylist()]
+
+    candidates = sorted(rows("candidates/*.parquet"), key=lambda row: row["source"])
+    rejects = sorted(tuple((key, str(value)) for key, value in row.items())
+                     for row in rows("rejects/*.parquet"))
+    return candidates, rejects, scan.read_json(str(output / scan.COUNTS_FILENAME))
+
+
+@pytest.mark.pipeline
+def test_full_scan_with_candidate_tables_writes_what_the_record_path_writes(tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_jobs.common import make_pipeline
+
+    lines = _all_lines() + _escaped_lines()
+    write_lines(tmp_path / "a.txt.gz", lines[:400])
+    write_lines(tmp_path / "b.txt", lines[400:] + lines[10:20])  # duplicates across files
+    write_lines(tmp_path / "c.txt", _hash_lines() + _hash_lines()[:4])
+    (tmp_path / "opt_out.txt").write_text("user:888@N08\nphoto:9\n")
+    yfcc = [str(tmp_path / name) for name in ("c.txt", "b.txt", "a.txt.gz")]
+    outputs = []
+    for name, staging_dir in (("records", None), ("tables", tmp_path / "staging")):
+        pipeline = make_pipeline(PipelineOptions([]))
+        scan.build_scan(pipeline, yfcc, str(tmp_path / name), ["cc-by-2", "cc-by-nc-2"],
+                        [str(tmp_path / "opt_out.txt")], ["people", "no_cv"],
+                        staging_dir=None if staging_dir is None else str(staging_dir))
+        pipeline.run().wait_until_finish()
+        outputs.append(_scan_outputs(tmp_path / name))
+    (want_candidates, want_rejects, want_counts), (candidates, rejects, counts) = outputs
+    assert any(path.suffix == ".arrows" for path in (tmp_path / "staging").iterdir())
+    assert counts == want_counts
+    assert counts["rejects_per_reason"]["prefilter.duplicate_photo_id"] >= 14
+    assert counts["lines_read"] == counts["candidates"] + counts["rejects"]
+    assert rejects == want_rejects
+    assert len(candidates) == len(want_candidates) == counts["candidates"] > 100
+    for row, want_row in zip(candidates, want_candidates):
+        assert row == want_row

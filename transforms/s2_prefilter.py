@@ -44,7 +44,7 @@ from transforms.spill import SpilledGroupByKey, SpillRef, read_spilled, spill_by
 from transforms.stage import StageDoFn, StageOutput, stage_output
 from transforms.tags import clean_tag, find_tag
 from transforms.yfcc_format import (NULL_DATE, YFCC_RECORD_SCHEMA, decode_nsid, decode_tags,
-                                    decode_text, photo_hash)
+                                    decode_text, photo_hash, records_to_table)
 
 STAGE = "prefilter"
 DEFAULT_DROP_TAGS = ("no_cv",)
@@ -953,3 +953,178 @@ class CountReadAndPrefilter(ReadAndPrefilter):
         errors = read[REJECTS_TAG] | "CountErrors" >> beam.Map(  # a file's 'read.error'
             lambda rejected: ((COUNT_REJECTS, f"{rejected.stage}.{rejected.reason}"), 1))
         return (read.main, duplicates, errors) | "AllCounts" >> beam.Flatten()
+
+
+# Full scan: the candidates travel as tables. A file's candidate tables are buffered up to this
+# many rows, then staged in one file with a slice per bucket of photo ids (`transforms.spill`);
+# only (bucket, (path, SpillRef)) pairs cross the shuffle of the duplicate check.
+TABLE_SPILL_ROWS = 1 << 15
+# Kept rows leave the duplicate check in tables of at most this many rows (Parquet writes).
+KEPT_TABLE_ROWS = 1 << 16
+LINE_COLUMN = "line"  # the staged tables' extra column: the line number in the file
+
+
+class _CandidateTables:
+    """Candidate tables (and per-row candidate records) of one file, buffered, then staged by
+    bucket of photo ids with their line numbers (`spill_by_bucket`)."""
+
+    def __init__(self, path: str, staging_dir: str):
+        self._path, self._staging_dir = path, staging_dir
+        self._tables: list[pa.Table] = []
+        self._records: list[YfccRecord] = []
+        self._size = 0
+
+    def add(self, rows: CandidateRows) -> Iterator[tuple[int, tuple[str, SpillRef]]]:
+        self._tables.append(rows.table.append_column(LINE_COLUMN, pa.array(rows.line_numbers,
+                                                                           pa.int64())))
+        return self._added(rows.table.num_rows)
+
+    def add_record(self, record: YfccRecord) -> Iterator[tuple[int, tuple[str, SpillRef]]]:
+        self._records.append(record)
+        return self._added(1)
+
+    def _added(self, rows: int) -> Iterator[tuple[int, tuple[str, SpillRef]]]:
+        self._size += rows
+        if self._size >= TABLE_SPILL_ROWS:
+            yield from self.drain()
+
+    def drain(self) -> Iterator[tuple[int, tuple[str, SpillRef]]]:
+        if self._records:
+            lines = [int(record.source.rpartition(":")[2]) for record in self._records]
+            self._tables.append(records_to_table(self._records).append_column(
+                LINE_COLUMN, pa.array(lines, pa.int64())))
+        if not self._tables:
+            return
+        table = pa.concat_tables(self._tables)
+        self._tables, self._records, self._size = [], [], 0
+        buckets = table.column("photo_id").to_numpy() % ID_BUCKETS
+        for bucket, ref in spill_by_bucket(table, buckets, self._staging_dir):
+            yield bucket, (self._path, ref)
+
+
+class _ScanReadAndRulesFn(_ReadAndApplyRulesFn):
+    """Read one file and apply the rules like `_ReadAndApplyRulesFn`, the candidates as tables
+    (`CandidateTableChecker`) staged in `staging_dir`: main emits (bucket, (path, SpillRef))
+    pairs for the duplicate check, the rejects and line counts as `_ReadAndApplyRulesFn`."""
+
+    def __init__(self, compression_type: str, config: _RulesConfig, staging_dir: str):
+        super().__init__(compression_type, config)
+        self._staging_dir = staging_dir
+
+    def process_element(self, readable_file):
+        tables = _CandidateTables(file_path(readable_file), self._staging_dir)
+        try:
+            for output in read_file(readable_file, self._compression_type, self._counters,
+                                    CandidateTableChecker(self._rules)):
+                kind = type(output)
+                if kind is CandidateRows:
+                    live_counts.add("prefilter.passed", output.table.num_rows)
+                    yield from tables.add(output)
+                elif kind is YfccRecord:
+                    yield from self._on_parsed_record(output, tables)
+                else:
+                    yield output
+        finally:  # also when reading fails: the candidates so far go on (see read_file)
+            yield from tables.drain()
+
+    def _on_parsed_record(self, record: YfccRecord, tables: _CandidateTables):
+        verdict = self._rules.check(record)
+        if verdict is None:
+            live_counts.add("prefilter.passed")
+            return tables.add_record(record)
+        return [reject(STAGE, verdict[0], str(record.photo_id), verdict[1],
+                       photo_id=record.photo_id, user_nsid=record.user_nsid)]
+
+
+def keep_first_rows(table: pa.Table, path_ranks: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a staged bucket table to keep (the lowest (path, line) per photo id), the
+    duplicate rows, and for each duplicate the row kept in its stead; `path_ranks` orders the
+    rows' files (their paths' sort order)."""
+    photo_ids = table.column("photo_id").to_numpy()
+    order = np.lexsort((table.column(LINE_COLUMN).to_numpy(), path_ranks, photo_ids))
+    sorted_ids = photo_ids[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    duplicates = ~first
+    return order[first], order[duplicates], order[group_start[duplicates]]
+
+
+class _KeepFirstRowsFn(StageDoFn):
+    """Keep one row per photo id of a bucket's staged tables (lowest source); emit the kept
+    rows as YFCC_RECORD_SCHEMA tables and one list of 'duplicate_photo_id' rejects, with the
+    record id and detail `_KeepFirstOfPhotoFn` gives."""
+
+    stage = STAGE
+
+    def __init__(self):
+        self._kept = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.candidates")
+
+    def element_id(self, bucket_refs: Any) -> str:
+        return f"bucket {bucket_refs[0]}"
+
+    def process(self, bucket_refs):
+        for output in super().process(bucket_refs):
+            if isinstance(getattr(output, "value", None), Rejected):
+                output = beam.pvalue.TaggedOutput(REJECTS_TAG, [output.value])  # an error reject
+            yield output
+
+    def process_element(self, bucket_refs):
+        _, refs = bucket_refs
+        paths, tables = [], []
+        for path, ref in refs:
+            tables.append(read_spilled([ref]))
+            paths.append(path)
+        if not tables:
+            return
+        table = pa.concat_tables(tables)
+        unique_paths = sorted(set(paths))
+        path_ranks = np.repeat([unique_paths.index(path) for path in paths],
+                               [part.num_rows for part in tables])
+        kept, duplicates, kept_instead = keep_first_rows(table, path_ranks)
+        rejects = self._duplicate_rejects(table, duplicates, kept_instead)
+        kept_table = table.take(pa.array(kept)).drop_columns([LINE_COLUMN])
+        self._kept.inc(kept_table.num_rows)
+        for start in range(0, kept_table.num_rows, KEPT_TABLE_ROWS):
+            yield kept_table.slice(start, KEPT_TABLE_ROWS)
+        if rejects:
+            yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
+
+    @staticmethod
+    def _duplicate_rejects(table: pa.Table, duplicates: np.ndarray,
+                           kept_instead: np.ndarray) -> list[Rejected]:
+        if not len(duplicates):
+            return []
+        columns = table.select(["photo_id", "source", "user_nsid"])
+        duplicate_rows = columns.take(pa.array(duplicates)).to_pylist()
+        kept_rows = columns.take(pa.array(kept_instead)).to_pylist()
+        return [reject(STAGE, "duplicate_photo_id", str(kept["photo_id"]),
+                       f"{duplicate['source']} repeats {kept['source']}",
+                       photo_id=kept["photo_id"], user_nsid=duplicate["user_nsid"]).value
+                for duplicate, kept in zip(duplicate_rows, kept_rows)]
+
+
+class ScanReadAndPrefilter(ReadAndPrefilter):
+    """`ReadAndPrefilterParts` for the full scan: the same candidates, rejects and line counts,
+    the candidates as YFCC_RECORD_SCHEMA tables (main) instead of lists of records, staged
+    under `staging_dir` during the duplicate check (the caller removes it after the run); the
+    rejects in lists."""
+
+    def __init__(self, patterns: Union[str, Sequence[str]], licenses: Iterable[str] = FDH_LICENSES,
+                 opt_out_paths: Iterable[str] = (), drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
+                 *, staging_dir: str, **read_options: Any):
+        super().__init__(patterns, licenses, opt_out_paths, drop_tags, staging_dir=staging_dir,
+                         **read_options)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> PrefilterParts:
+        read = (
+            self._matched_files(pbegin)
+            | "ReadLines" >> beam.ParDo(_ScanReadAndRulesFn(self._compression_type, self._config,
+                                                            self._staging_dir))
+            .with_output_types(Any).with_outputs(REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
+        unique = (read.main | "GroupIdBucket" >> beam.GroupByKey()
+                  | "KeepFirst" >> beam.ParDo(_KeepFirstRowsFn())
+                  .with_output_types(pa.Table).with_outputs(REJECTS_TAG, main="main"))
+        return PrefilterParts(unique.main, read[REJECTS_TAG], unique[REJECTS_TAG],
+                              read[LINE_COUNTS_TAG])
