@@ -159,7 +159,7 @@ def _escaped_lines() -> list[bytes]:
                           (5, ["Canon+EOS", "%09tab", "%C3"]),  # device
                           (6, ["t%2Ct+x", "a%25b%5Cx41\\x"]), (7, ["d%0Ad", "%2"]),
                           (8, ["a+b,c", "a%2Cb,c+d", "%C3%A9,x", ",", "a%09b"]),
-                          (9, ["m%3Ax,y", "", "a+b"]), (1, ["1%402", "1+2@N0"])):
+                          (9, ["m%3Ax,y", "", "a+b"]), (1, ["1%402", "1+2@N0", "1%40+2"])):
         for value in values:
             changed = list(fields)
             changed[index] = value

@@ -455,21 +455,81 @@ def _escaped_rows(column: pa.Array) -> np.ndarray:
     return np.flatnonzero(_flags(pc.match_substring(column, "%")))
 
 
+# Value of each byte as a hex digit, -1 for other bytes.
+_HEX_VALUE = np.full(256, -1, dtype=np.int16)
+for _digit in "0123456789abcdefABCDEF":
+    _HEX_VALUE[ord(_digit)] = int(_digit, 16)
+
+
+def _string_bytes(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The value bytes (a copy) and the offsets (from 0) of a string array without nulls."""
+    offsets = np.frombuffer(column.buffers()[1], np.int32)[
+        column.offset:column.offset + len(column) + 1].astype(np.int64)
+    data = np.frombuffer(column.buffers()[2] or b"", np.uint8)[offsets[0]:offsets[-1]].copy()
+    return data, offsets - offsets[0]
+
+
+def _url_decoded(column: pa.Array, plus_rows: Optional[np.ndarray] = None) -> Optional[pa.Array]:
+    """`_unquote_plus` of every value, vectorised over the bytes: each '%XX' (two hex digits,
+    inside the value) becomes its byte, other '%' stay, '+' becomes a space (only in
+    `plus_rows` when given). None when a decoded value is not UTF-8 (the caller then decodes
+    value by value, with replacement)."""
+    column = column.cast(pa.string()) if column.type != pa.string() else column
+    if column.null_count or not len(column):
+        return None
+    data, offsets = _string_bytes(column)
+    plus = np.flatnonzero(data == 0x2B)
+    if plus_rows is not None:
+        plus = plus[plus_rows[np.searchsorted(offsets, plus, side="right") - 1]]
+    data[plus] = 0x20
+    escapes = np.flatnonzero(data == 0x25)
+    escapes = escapes[escapes + 2 < len(data)]
+    high, low = _HEX_VALUE[data[escapes + 1]], _HEX_VALUE[data[escapes + 2]]
+    row_ends = offsets[np.searchsorted(offsets, escapes, side="right")]
+    valid = (high >= 0) & (low >= 0) & (escapes + 3 <= row_ends)
+    escapes, decoded = escapes[valid], (high[valid] * 16 + low[valid]).astype(np.uint8)
+    data[escapes] = decoded
+    keep = np.ones(len(data), dtype=bool)
+    keep[escapes + 1] = keep[escapes + 2] = False
+    new_offsets = offsets - 2 * np.searchsorted(escapes, offsets, side="left")
+    result = pa.Array.from_buffers(pa.string(), len(column), [
+        None, pa.py_buffer(new_offsets.astype(np.int32)), pa.py_buffer(data[keep])])
+    if (decoded >= 0x80).any():
+        try:
+            result.validate(full=True)  # checks that each value is UTF-8
+        except pa.ArrowInvalid:
+            return None
+    return result
+
+
 def _decoded_text(column: pa.Array, plus_is_space: bool = True) -> pa.Array:
-    """A raw free-text column as `parse_line` decodes it: '+' as a space vectorised, values
-    holding '%' one by one (`decode_text`; `decode_nsid` without `plus_is_space`)."""
+    """A raw free-text column as `parse_line` decodes it (`decode_text`; `decode_nsid` without
+    `plus_is_space`: '+' stays in values without '%'), vectorised (`_url_decoded`); value by
+    value when a decoded value is not UTF-8."""
     escaped = _escaped_rows(column)
+    plus_rows = None
+    if not plus_is_space:
+        plus_rows = np.zeros(len(column), dtype=bool)
+        plus_rows[escaped] = True
+    decoded = _url_decoded(column, plus_rows)
+    if decoded is not None:
+        return decoded
     plain = pc.replace_substring(column, "+", " ") if plus_is_space else column
     return _patched(plain, escaped, _per_value(column, escaped,
                                                decode_text if plus_is_space else decode_nsid))
 
 
 def _decoded_tags(column: pa.Array) -> pa.Array:
-    """A raw tag column as `parse_line` splits it: on raw commas, decoded (`decode_tags` for
-    values holding '%'); an empty field is no tags."""
+    """A raw tag column as `parse_line` splits it: on raw commas, each tag decoded (as
+    `decode_tags`); an empty field is no tags."""
+    split = pc.split_pattern(column, ",")
+    tags = _url_decoded(split.values) if len(split.values) else split.values
+    if tags is not None:
+        split = pa.ListArray.from_arrays(split.offsets, tags)
+        return pc.if_else(pc.equal(column, ""), _NO_TAGS, split)
     escaped = _escaped_rows(column)
-    split = pc.split_pattern(pc.replace_substring(column, "+", " "), ",")
-    plain = pc.if_else(pc.equal(column, ""), _NO_TAGS, split)
+    plain = pc.if_else(pc.equal(column, ""), _NO_TAGS,
+                       pc.split_pattern(pc.replace_substring(column, "+", " "), ","))
     return _patched(plain, escaped, _per_value(column, escaped,
                                                lambda value: list(decode_tags(value))))
 
