@@ -11,7 +11,8 @@ Writes
     DIR/scan_counts.json   {"lines_read", "candidates", "candidates_per_license",
                             "rejects_per_reason"}; lines_read = candidates + all rejects
 
-and prints a summary table. Any Beam flag (--runner, --direct_num_workers, Dataflow flags)
+and prints a summary table. The candidates are built as Arrow tables per block of lines and
+wait in DIR/_staging (removed at the end) during the duplicate check. Any Beam flag (--runner, --direct_num_workers, Dataflow flags)
 passes through; the local default is the in-process runner (see beam_jobs.common).
 """
 from __future__ import annotations
