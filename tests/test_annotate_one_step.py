@@ -108,8 +108,8 @@ def test_a_failing_batch_becomes_one_reject_per_photo():
 def test_single_dofn_is_the_one_step_cascade_only_when_asked():
     options = dict(annotator="fdh", no_embeddings=True, random_weights=True)
     assert Annotate(**options).single_dofn() is None  # Dataflow: RunInference per model
-    fn = Annotate(**options, one_step=True).single_dofn()
-    assert isinstance(fn, CascadeFn) and fn._batch_size == 1  # the store takes outputs per photo
+    fn = Annotate(**options, one_step=True, max_batch_size=6).single_dofn()
+    assert isinstance(fn, CascadeFn) and fn._batch_size == 6  # batches inside the store's step
 
 
 def test_one_step_checks_the_weights_at_construction(tmp_path):
