@@ -11,7 +11,8 @@ Writes
     DIR/scan_counts.json   {"lines_read", "candidates", "candidates_per_license",
                             "rejects_per_reason"}; lines_read = candidates + all rejects
 
-and prints a summary table. Any Beam flag (--runner, --direct_num_workers, Dataflow flags)
+and prints a summary table. The candidates are built as Arrow tables per block of lines and
+wait in DIR/_staging (removed at the end) during the duplicate check. Any Beam flag (--runner, --direct_num_workers, Dataflow flags)
 passes through; the local default is the in-process runner (see beam_jobs.common).
 """
 from __future__ import annotations
@@ -24,18 +25,19 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
 from dataset.ownership import remove_empty_beam_temp_folders
 from transforms.reject_limits import FLAG_HELP as MAX_REJECT_RATE_HELP
 from transforms.reject_limits import check_reject_rates, parse_max_reject_rates
-from beam_jobs.common import JobOptions, is_local, make_pipeline, run_main, split_job_flags, split_list
+from beam_jobs.common import JobOptions, make_pipeline, run_main, split_job_flags, split_list
 from beam_jobs.progress import input_size, report_progress
 from transforms.records import FDH_LICENSES, Rejected
 from transforms.rejects import REJECTS_SCHEMA, reject_counts_key, rejected_to_row
 from transforms.s2_prefilter import (COUNT_CANDIDATES, COUNT_LINES, COUNT_REJECTS, DEFAULT_DROP_TAGS,
                                      CountReadAndPrefilter, ReadAndPrefilterParts,
-                                     validate_licenses)
+                                     ScanReadAndPrefilter, validate_licenses)
 from transforms.spill import new_staging_dir, remove_staging
 from transforms.yfcc_format import YFCC_RECORD_SCHEMA, records_to_table
 
@@ -93,26 +95,36 @@ def _rejects_to_table(rejects: list[Rejected]) -> pa.Table:
                                 schema=REJECTS_SCHEMA)
 
 
-class _WriteAndCount(beam.PTransform):
-    """Write batches (lists) of elements as Parquet files PREFIX-SSSSS-of-NNNNN.parquet,
-    converting each with `to_table`; return ((kind, name), count) pairs of `count_key(element)`,
-    one per name and batch."""
+def _count_by(count_key: Callable[[Any], tuple[str, str]]
+              ) -> Callable[[list], Iterable[tuple[tuple[str, str], int]]]:
+    """Count a batch (list) of elements by `count_key(element)`."""
+    return lambda batch: Counter(map(count_key, batch)).items()
 
-    def __init__(self, to_table: Callable[[list], pa.Table], schema: pa.Schema, prefix: str,
-                 num_shards: int, count_key: Callable[[Any], tuple[str, str]]):
+
+def count_candidates(table: pa.Table) -> list[tuple[tuple[str, str], int]]:
+    """((CANDIDATE, licence), rows) pairs of a YFCC_RECORD_SCHEMA table."""
+    counts = pc.value_counts(table.column("license")).to_pylist()
+    return [((CANDIDATE, count["values"]), count["counts"]) for count in counts]
+
+
+class _WriteAndCount(beam.PTransform):
+    """Write batches of elements (lists, or tables with `to_table` None) as Parquet files
+    PREFIX-SSSSS-of-NNNNN.parquet, converting each with `to_table`; return the
+    ((kind, name), count) pairs `count(batch)` gives."""
+
+    def __init__(self, to_table: Optional[Callable[[list], pa.Table]], schema: pa.Schema,
+                 prefix: str, num_shards: int,
+                 count: Callable[[Any], Iterable[tuple[tuple[str, str], int]]]):
         super().__init__()
         self._to_table, self._schema, self._prefix = to_table, schema, prefix
-        self._num_shards, self._count_key = num_shards, count_key
+        self._num_shards, self._count = num_shards, count
 
     def expand(self, batches):
-        count_key = self._count_key
-        _ = (batches
-             | "ToTable" >> beam.Map(self._to_table)
-             | "Write" >> beam.io.WriteToParquetBatched(
-                 self._prefix, self._schema, file_name_suffix=".parquet",
-                 num_shards=self._num_shards))
-        return batches | "Count" >> beam.FlatMap(
-            lambda batch: Counter(map(count_key, batch)).items())
+        tables = batches if self._to_table is None else batches | "ToTable" >> beam.Map(
+            self._to_table)
+        _ = tables | "Write" >> beam.io.WriteToParquetBatched(
+            self._prefix, self._schema, file_name_suffix=".parquet", num_shards=self._num_shards)
+        return batches | "Count" >> beam.FlatMap(self._count)
 
 
 def count_pairs(lines: beam.PCollection, candidate_counts: beam.PCollection,
@@ -172,21 +184,25 @@ def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
                licenses: Sequence[str] = FDH_LICENSES, opt_out: Sequence[str] = (),
                drop_tags: Sequence[str] = DEFAULT_DROP_TAGS, num_shards: int = 0,
                staging_dir: Optional[str] = None) -> None:
-    """Add the scan steps to `pipeline`; with `staging_dir` the candidates wait there during
-    the duplicate check (`transforms.spill`)."""
-    read = pipeline | "ReadAndPrefilter" >> ReadAndPrefilterParts(
-        list(yfcc), licenses, opt_out, drop_tags, batch_size=WRITE_BATCH_SIZE,
-        staging_dir=staging_dir)
-
+    """Add the scan steps to `pipeline`. With `staging_dir` (the caller removes it after the
+    run) the candidates travel as Arrow tables staged there during the duplicate check
+    (`ScanReadAndPrefilter`); without, as lists of records (`ReadAndPrefilterParts`)."""
+    if staging_dir is None:
+        read = pipeline | "ReadAndPrefilter" >> ReadAndPrefilterParts(
+            list(yfcc), licenses, opt_out, drop_tags, batch_size=WRITE_BATCH_SIZE)
+        to_table, count = records_to_table, _count_by(lambda record: (CANDIDATE, record.license))
+    else:
+        read = pipeline | "ReadAndPrefilter" >> ScanReadAndPrefilter(
+            list(yfcc), licenses, opt_out, drop_tags, staging_dir=staging_dir)
+        to_table, count = None, count_candidates
     candidate_counts = read.main | "WriteCandidates" >> _WriteAndCount(
-        records_to_table, YFCC_RECORD_SCHEMA, f"{output}/{CANDIDATES_DIR}/candidates",
-        num_shards, lambda record: (CANDIDATE, record.license))
+        to_table, YFCC_RECORD_SCHEMA, f"{output}/{CANDIDATES_DIR}/candidates", num_shards, count)
     # The same files as transforms.rejects.WriteRejects writes, in batches; the duplicate-photo
     # rejects go to files of their own, so that no Flatten holds every reject (a local run).
     reject_counts = [
         rejects | f"Write{name.title()}" >> _WriteAndCount(
             _rejects_to_table, REJECTS_SCHEMA, f"{output}/rejects/{name}", num_shards,
-            lambda rejected: (REJECT, reject_counts_key(rejected)))
+            _count_by(lambda rejected: (REJECT, reject_counts_key(rejected))))
         for name, rejects in (("rejects", read.read_rejects),
                               ("duplicates", read.duplicate_rejects))]
     write_counts(count_pairs(read.line_counts, candidate_counts, *reject_counts), output)
@@ -243,7 +259,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                split_list(scan.opt_out), drop_tags)
     else:
         build_scan(pipeline, yfcc, output, licenses, split_list(scan.opt_out), drop_tags,
-                   scan.num_shards or 0, staging_dir if is_local(options) else None)
+                   scan.num_shards or 0, staging_dir)
     try:
         with report_progress("scan", input_size(yfcc)):
             pipeline.run().wait_until_finish()

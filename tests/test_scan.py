@@ -152,6 +152,7 @@ def test_scan_reads_and_writes_gcs_through_an_emulator(tmp_path, gcs_emulator):
     names = gcs_emulator.names("scan/")
     assert any(name.startswith("scan/candidates/") and name.endswith(".parquet") for name in names)
     assert any(name.startswith("scan/rejects/") for name in names)
+    assert not any("/_staging/" in name for name in names)  # the staged candidate tables
 
 
 @pytest.mark.pipeline

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pyarrow as pa
 import pytest
 
 from beam_jobs import scan
@@ -11,8 +12,9 @@ from transforms.opt_out import OptOut
 from transforms.records import Rejected, YfccRecord
 from transforms.s1_read import iter_blocks, parse_block_per_row, parse_numbered_line, split_block
 from transforms.s2_prefilter import (LOWERING_TO_ASCII, USABLE_LICENSE_SLUGS, VALID_LICENSE_SLUGS,
-                                     BlockChecker, CandidateIds, PrefilterRules, lowering_to_ascii)
-from transforms.yfcc_format import format_line
+                                     BlockChecker, CandidateIds, CandidateRows,
+                                     CandidateTableChecker, PrefilterRules, lowering_to_ascii)
+from transforms.yfcc_format import format_line, records_to_table
 
 PATH = "/data/yfcc.txt"
 
@@ -107,6 +109,8 @@ def _run_checker(checker, blocks: list[bytes], rules: PrefilterRules):
                                item.license_codes.tolist()))
             elif type(item) is Counter:
                 reasons.update(item)
+            elif type(item) is CandidateRows:
+                ids.append(item)
             else:
                 value = item.value
                 rejects.append((value.record_id, value.stage, value.reason, value.detail,
@@ -143,6 +147,67 @@ def test_counts_only_checker_counts_what_the_per_row_path_keeps_and_rejects(rule
         (record.photo_id, int(record.source.rpartition(":")[2]),
          VALID_LICENSE_SLUGS.index(record.license)) for record in want_candidates)
     assert lines_read == len(lines)
+
+
+def _escaped_lines() -> list[bytes]:
+    """Simple candidate lines whose text the table path must decode exactly as parse_line."""
+    good = record_line(950, user_tags=("people",))
+    fields = good.split("\t")
+    lines = []
+    for index, values in ((2, ["a+b", "%C3%A9t%C3%A9", "%zz+x", "%E2%82", "%4"]),  # nickname
+                          (3, ["", "null", "2010-01-01+10%3A00%3A00", "%zz"]),  # date taken
+                          (5, ["Canon+EOS", "%09tab", "%C3"]),  # device
+                          (6, ["t%2Ct+x", "a%25b%5Cx41\\x"]), (7, ["d%0Ad", "%2"]),
+                          (8, ["a+b,c", "a%2Cb,c+d", "%C3%A9,x", ",", "a%09b"]),
+                          (9, ["m%3Ax,y", "", "a+b"]), (1, ["1%402", "1+2@N0", "1%40+2"])):
+        for value in values:
+            changed = list(fields)
+            changed[index] = value
+            lines.append("\t".join(changed).encode("utf-8"))
+    return lines
+
+
+def _hash_lines() -> list[bytes]:
+    """25-column lines (a block of their own) with hashes in upper case, empty, non-ASCII."""
+    lines = [format_line(record, 25).encode() for record in random_records(50, seed=3)]
+    for number, value in enumerate(("ABCDEF", "", "\u0130x")):
+        fields = format_line(next(random_records(1, seed=2, start_id=5000 + number)), 25).split("\t")
+        fields[2], fields[17] = value, "Attribution License"
+        lines.append("\t".join(fields).encode("utf-8"))
+    return lines
+
+
+def _check_candidate_tables(lines: list[bytes], rules: PrefilterRules, chunk_bytes: int) -> None:
+    """CandidateTableChecker's rejects, per-row records and tables equal the per-row path's."""
+    want_rejects, want_candidates = _per_row(lines, rules)
+    lines_read, rejects, candidates, parts, _ = _run_checker(
+        CandidateTableChecker(rules), _blocks(lines, chunk_bytes), rules)
+    assert lines_read == len(lines)
+    assert Counter(rejects) == Counter(want_rejects)
+    if chunk_bytes < 1 << 20:  # one block of every line holds a lone '\r': all per row
+        assert sum(part.table.num_rows for part in parts) > len(want_candidates) // 2
+    for part in parts:
+        assert part.line_numbers.tolist() == [
+            int(source.rpartition(":")[2]) for source in part.table.column("source").to_pylist()]
+    got = sorted(pa.concat_tables([records_to_table(candidates)] + [part.table for part in parts])
+                 .to_pylist(), key=lambda row: row["source"])
+    want = sorted(records_to_table(want_candidates).to_pylist(), key=lambda row: row["source"])
+    assert len(got) == len(want)
+    for got_row, want_row in zip(got, want):
+        assert got_row == want_row
+
+
+@pytest.mark.parametrize("rules", RULES, ids=["fdh", "narrow-opt-out", "all-cc"])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 4096, 700])
+def test_candidate_tables_equal_the_tables_of_the_per_row_records(rules, chunk_bytes):
+    _check_candidate_tables(_all_lines() + _escaped_lines(), rules, chunk_bytes)
+
+
+def test_candidate_tables_of_25_column_lines_take_the_hash_column_as_parse_line_does():
+    lines = _hash_lines()
+    split = split_block(b"\n".join(lines) + b"\n", all_columns=True)
+    assert len(split.rows) == len(lines) and "photo_hash" in split.columns
+    _check_candidate_tables(lines, RULES[2], 1 << 20)
 
 
 @pytest.mark.parametrize("line_end", [b"\n", b"\r\n"])
@@ -192,3 +257,48 @@ def test_counts_only_scan_writes_the_counts_of_a_full_scan_and_nothing_else(tmp_
 
 def test_the_characters_that_lower_to_ascii_are_the_constant_the_tag_patterns_use():
     assert {char: tuple(others) for char, others in lowering_to_ascii().items()} == LOWERING_TO_ASCII
+
+
+def _scan_outputs(output) -> tuple[list, list, dict]:
+    """A scan's candidate rows (sorted by source), rejects (sorted tuples) and counts."""
+    import pyarrow.parquet as pq
+
+    def rows(pattern: str) -> list[dict]:
+        return [row for path in sorted(output.glob(pattern))
+                for row in pq.read_table(path).to_pylist()]
+
+    candidates = sorted(rows("candidates/*.parquet"), key=lambda row: row["source"])
+    rejects = sorted(tuple((key, str(value)) for key, value in row.items())
+                     for row in rows("rejects/*.parquet"))
+    return candidates, rejects, scan.read_json(str(output / scan.COUNTS_FILENAME))
+
+
+@pytest.mark.pipeline
+def test_full_scan_with_candidate_tables_writes_what_the_record_path_writes(tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_jobs.common import make_pipeline
+
+    lines = _all_lines() + _escaped_lines()
+    write_lines(tmp_path / "a.txt.gz", lines[:400])
+    write_lines(tmp_path / "b.txt", lines[400:] + lines[10:20])  # duplicates across files
+    write_lines(tmp_path / "c.txt", _hash_lines() + _hash_lines()[:4])
+    (tmp_path / "opt_out.txt").write_text("user:888@N08\nphoto:9\n")
+    yfcc = [str(tmp_path / name) for name in ("c.txt", "b.txt", "a.txt.gz")]
+    outputs = []
+    for name, staging_dir in (("records", None), ("tables", tmp_path / "staging")):
+        pipeline = make_pipeline(PipelineOptions([]))
+        scan.build_scan(pipeline, yfcc, str(tmp_path / name), ["cc-by-2", "cc-by-nc-2"],
+                        [str(tmp_path / "opt_out.txt")], ["people", "no_cv"],
+                        staging_dir=None if staging_dir is None else str(staging_dir))
+        pipeline.run().wait_until_finish()
+        outputs.append(_scan_outputs(tmp_path / name))
+    (want_candidates, want_rejects, want_counts), (candidates, rejects, counts) = outputs
+    assert any(path.suffix == ".arrows" for path in (tmp_path / "staging").iterdir())
+    assert counts == want_counts
+    assert counts["rejects_per_reason"]["prefilter.duplicate_photo_id"] >= 14
+    assert counts["lines_read"] == counts["candidates"] + counts["rejects"]
+    assert rejects == want_rejects
+    assert len(candidates) == len(want_candidates) == counts["candidates"] > 100
+    for row, want_row in zip(candidates, want_candidates):
+        assert row == want_row

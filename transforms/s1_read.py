@@ -189,10 +189,12 @@ class BlockSplit(NamedTuple):
         return self.data[self.starts[index]:self.ends[index]]
 
 
-def split_block(block: bytes) -> Optional[BlockSplit]:
+def split_block(block: bytes, all_columns: bool = False) -> Optional[BlockSplit]:
     """Cut a block into lines and its simple lines into BLOCK_COLUMNS with Arrow's CSV reader
     (tab-separated, no quoting; one C++ pass instead of a split per line). None when the block
-    is not valid UTF-8 or holds a lone carriage return: the caller parses it line by line."""
+    is not valid UTF-8 or holds a lone carriage return: the caller parses it line by line.
+    With `all_columns`, `columns` holds every column of the block's layout (23 or 25; the
+    scan's candidate tables are built from them)."""
     data = block.replace(b"\r\n", b"\n") if b"\r" in block else block
     size = len(data) - data.endswith(b"\n")
     if not size or b"\r" in data:
@@ -207,7 +209,7 @@ def split_block(block: bytes) -> Optional[BlockSplit]:
     ends = np.append(newlines, size)
     layout = COLUMNS_25 if body[:ends[0]].tobytes().count(b"\t") == len(COLUMNS_25) - 1 \
         else COLUMNS_23
-    table, other_layout = _read_tab_separated(body, layout)
+    table, other_layout = _read_tab_separated(body, layout, all_columns)
     line_of_row = np.delete(np.arange(len(starts)), np.asarray(other_layout, np.int64) - 1)
     if table.num_rows != len(line_of_row):  # never seen; the per-row parser is always right
         return None
@@ -215,15 +217,17 @@ def split_block(block: bytes) -> Optional[BlockSplit]:
     simple = functools.reduce(pc.and_, (_matches(table.column(name).combine_chunks(), pattern)
                                         for name, pattern in checks))
     simple = pc.fill_null(simple, False)
-    columns = {name: table.column(name).combine_chunks().filter(simple) for name in BLOCK_COLUMNS}
+    names = layout if all_columns else BLOCK_COLUMNS
+    columns = {name: table.column(name).combine_chunks().filter(simple) for name in names}
     columns["photo_id"] = pc.cast(columns["photo_id"], pa.int64())
     return BlockSplit(data, starts, ends, line_of_row[simple.to_numpy(zero_copy_only=False)],
                       columns)
 
 
-def _read_tab_separated(data: memoryview, layout: Sequence[str]) -> tuple[pa.Table, list[int]]:
+def _read_tab_separated(data: memoryview, layout: Sequence[str], all_columns: bool = False
+                        ) -> tuple[pa.Table, list[int]]:
     """The lines of `data` with `len(layout)` fields as a table of the columns the block checks
-    need (strings), and the 1-based numbers of the lines with another field count (skipped).
+    need (or with `all_columns` of every column; strings), and the 1-based numbers of the lines with another field count (skipped).
     Blank lines come out as rows of empty fields (they fail the photo_id check)."""
     other_layout: list[int] = []
 
@@ -231,8 +235,8 @@ def _read_tab_separated(data: memoryview, layout: Sequence[str]) -> tuple[pa.Tab
         other_layout.append(row.number)
         return "skip"
 
-    wanted = BLOCK_COLUMNS + tuple(name for name, _ in _SIMPLE_NUMBERS) + (
-        ("line_idx",) if "line_idx" in layout else ())
+    wanted = tuple(layout) if all_columns else BLOCK_COLUMNS + tuple(
+        name for name, _ in _SIMPLE_NUMBERS) + (("line_idx",) if "line_idx" in layout else ())
     table = pa_csv.read_csv(
         pa.BufferReader(pa.py_buffer(data)),
         read_options=pa_csv.ReadOptions(column_names=list(layout), use_threads=False,

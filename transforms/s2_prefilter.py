@@ -15,6 +15,7 @@ scan job: no element per record between reading and the rules).
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ from transforms.s1_read import (LINE_COUNTS_TAG, RECORD_FIELDS, ReadCounters, Re
 from transforms.spill import SpilledGroupByKey, SpillRef, read_spilled, spill_by_bucket
 from transforms.stage import StageDoFn, StageOutput, stage_output
 from transforms.tags import clean_tag, find_tag
-from transforms.yfcc_format import decode_nsid, decode_tags
+from transforms.yfcc_format import (NULL_DATE, YFCC_RECORD_SCHEMA, decode_nsid, decode_tags,
+                                    decode_text, records_to_table)
 
 STAGE = "prefilter"
 DEFAULT_DROP_TAGS = ("no_cv",)
@@ -352,11 +354,13 @@ class BlockChecker:
     reasons per block instead of the simple candidates and rejects.
     """
 
+    all_columns = False  # split_block's: the columns the simple outputs need
+
     def __init__(self, rules: PrefilterRules, keep_records: bool = True):
         self._rules, self._keep_records = rules, keep_records
 
     def __call__(self, block: bytes, path: str, lines_before: int) -> tuple[list, int, int]:
-        split = split_block(block)
+        split = split_block(block, self.all_columns)
         if split is None:
             return parse_block_per_row(block, path, lines_before)
         rows, columns = split.rows, split.columns
@@ -368,11 +372,11 @@ class BlockChecker:
         items = [as_output(parse_numbered_line(split.line(row), f"{path}:{lines_before + row + 1}"))
                  for row in np.flatnonzero(per_row).tolist()]
         records = len(split) - sum(type(item) is not YfccRecord for item in items)
-        items.extend(self._simple_outputs(rows, columns, verdicts, lines_before))
+        items.extend(self._simple_outputs(rows, columns, verdicts, lines_before, path))
         return items, len(split), records
 
     def _simple_outputs(self, rows: np.ndarray, columns: dict[str, pa.Array],
-                        verdicts: np.ndarray, lines_before: int) -> list:
+                        verdicts: np.ndarray, lines_before: int, path: str) -> list:
         rejected = np.flatnonzero(verdicts > PER_ROW)
         if not self._keep_records:
             candidates = np.flatnonzero(verdicts == CANDIDATE)
@@ -384,6 +388,11 @@ class BlockChecker:
             return [CandidateIds(columns["photo_id"].to_numpy()[candidates],
                                  rows[candidates] + lines_before + 1, slugs.astype(np.int8)),
                     reasons]
+        return self._rejects(rejected, columns, verdicts)
+
+    def _rejects(self, rejected: np.ndarray, columns: dict[str, pa.Array],
+                 verdicts: np.ndarray) -> list:
+        """The rejects (tagged outputs) of the simple rows `rejected`, as `check` gives them."""
         chosen = pa.array(rejected)
         photo_ids = columns["photo_id"].take(chosen).to_pylist()
         nsids = columns["user_nsid"].take(chosen).to_pylist()
@@ -392,6 +401,235 @@ class BlockChecker:
                        photo_id=photo_id, user_nsid=decode_nsid(nsid))
                 for row, code, photo_id, nsid in zip(rejected.tolist(), verdicts[rejected].tolist(),
                                                      photo_ids, nsids)]
+
+
+class CandidateRows(NamedTuple):
+    """The simple candidates of a block as a YFCC_RECORD_SCHEMA table, with their line numbers
+    in the file (the duplicate check's order)."""
+
+    table: pa.Table
+    line_numbers: np.ndarray
+
+
+class CandidateTableChecker(BlockChecker):
+    """A `BlockChecker` for the full scan: the simple candidates of a block come out as one
+    `CandidateRows` (built column by column, `candidate_table`), the simple rejects as today;
+    other lines go through the per-row parser (YfccRecords, for the DoFn to apply the rules)."""
+
+    all_columns = True
+
+    def __init__(self, rules: PrefilterRules):
+        super().__init__(rules, keep_records=False)
+
+    def _rejects(self, rejected: np.ndarray, columns: dict[str, pa.Array],
+                 verdicts: np.ndarray) -> list:
+        """`BlockChecker._rejects`, the details gathered column by column and counted once per
+        reason (a reject costs a third as much)."""
+        if not len(rejected):
+            return []
+        chosen = pa.array(rejected)
+        codes = verdicts[rejected]
+        names = columns["license_name"].take(chosen)
+        details = np.full(len(rejected), "", dtype=object)
+        unknown = codes == _UNKNOWN
+        details[unknown] = np.asarray(names.filter(pa.array(unknown)).to_pylist(), dtype=object)
+        not_allowed = codes == _NOT_ALLOWED
+        details[not_allowed] = np.asarray(_SLUG_BY_LICENSE_INDEX.take(pc.index_in(
+            names.filter(pa.array(not_allowed)), value_set=_LICENSE_NAMES)).to_pylist(),
+            dtype=object)
+        for row in np.flatnonzero(codes == _TAG).tolist():
+            details[row] = verdict_detail(_TAG, columns, int(rejected[row]), self._rules)
+        for code, count in zip(*np.unique(codes, return_counts=True)):
+            Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.{BLOCK_REASONS[code]}").inc(int(count))
+        photo_ids = columns["photo_id"].take(chosen).to_pylist()
+        nsids = columns["user_nsid"].take(chosen).to_pylist()
+        return [beam.pvalue.TaggedOutput(REJECTS_TAG, Rejected(
+                    record_id=str(photo_id), stage=STAGE, reason=BLOCK_REASONS[code],
+                    detail=detail, photo_id=photo_id,
+                    user_nsid=nsid if "%" not in nsid else decode_nsid(nsid)))
+                for code, photo_id, nsid, detail in zip(codes.tolist(), photo_ids, nsids,
+                                                        details.tolist())]
+
+    def _simple_outputs(self, rows: np.ndarray, columns: dict[str, pa.Array],
+                        verdicts: np.ndarray, lines_before: int, path: str) -> list:
+        outputs = self._rejects(np.flatnonzero(verdicts > PER_ROW), columns, verdicts)
+        candidates = np.flatnonzero(verdicts == CANDIDATE)
+        if len(candidates):
+            chosen = pa.array(candidates)
+            line_numbers = rows[candidates] + lines_before + 1
+            outputs.append(CandidateRows(candidate_table(
+                {name: column.take(chosen) for name, column in columns.items()},
+                line_numbers, path), line_numbers))
+        return outputs
+
+
+_SLUG_BY_LICENSE_INDEX = pa.array([slug for slug, _ in LICENSES.values()], pa.string())
+_NO_TAGS = pa.scalar([], pa.list_(pa.string()))
+_NULL_STRING = pa.scalar(None, pa.string())
+
+
+def _patched(values: pa.Array, rows: np.ndarray, replacements: list) -> pa.Array:
+    """`values` with the values at `rows` replaced by `replacements` (in that order)."""
+    if not len(rows):
+        return values
+    order = np.arange(len(values))
+    order[rows] = len(values) + np.arange(len(rows))
+    return pa.concat_arrays([values, pa.array(replacements, values.type)]).take(pa.array(order))
+
+
+def _per_value(column: pa.Array, rows: np.ndarray, function) -> list:
+    return [function(value) for value in column.take(pa.array(rows, pa.int64())).to_pylist()]
+
+
+def _escaped_rows(column: pa.Array) -> np.ndarray:
+    return np.flatnonzero(_flags(pc.match_substring(column, "%")))
+
+
+# Value of each byte as a hex digit, -1 for other bytes.
+_HEX_VALUE = np.full(256, -1, dtype=np.int16)
+for _digit in "0123456789abcdefABCDEF":
+    _HEX_VALUE[ord(_digit)] = int(_digit, 16)
+
+
+def _string_bytes(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The value bytes (a copy) and the offsets (from 0) of a string array without nulls."""
+    offsets = np.frombuffer(column.buffers()[1], np.int32)[
+        column.offset:column.offset + len(column) + 1].astype(np.int64)
+    data = np.frombuffer(column.buffers()[2] or b"", np.uint8)[offsets[0]:offsets[-1]].copy()
+    return data, offsets - offsets[0]
+
+
+def _url_decoded(column: pa.Array, plus_rows: Optional[np.ndarray] = None) -> Optional[pa.Array]:
+    """`_unquote_plus` of every value, vectorised over the bytes: each '%XX' (two hex digits,
+    inside the value) becomes its byte, other '%' stay, '+' becomes a space (only in
+    `plus_rows` when given). None when a decoded value is not UTF-8 (the caller then decodes
+    value by value, with replacement)."""
+    column = column.cast(pa.string()) if column.type != pa.string() else column
+    if column.null_count or not len(column):
+        return None
+    data, offsets = _string_bytes(column)
+    plus = np.flatnonzero(data == 0x2B)
+    if plus_rows is not None:
+        plus = plus[plus_rows[np.searchsorted(offsets, plus, side="right") - 1]]
+    data[plus] = 0x20
+    escapes = np.flatnonzero(data == 0x25)
+    escapes = escapes[escapes + 2 < len(data)]
+    high, low = _HEX_VALUE[data[escapes + 1]], _HEX_VALUE[data[escapes + 2]]
+    row_ends = offsets[np.searchsorted(offsets, escapes, side="right")]
+    valid = (high >= 0) & (low >= 0) & (escapes + 3 <= row_ends)
+    escapes, decoded = escapes[valid], (high[valid] * 16 + low[valid]).astype(np.uint8)
+    data[escapes] = decoded
+    keep = np.ones(len(data), dtype=bool)
+    keep[escapes + 1] = keep[escapes + 2] = False
+    new_offsets = offsets - 2 * np.searchsorted(escapes, offsets, side="left")
+    result = pa.Array.from_buffers(pa.string(), len(column), [
+        None, pa.py_buffer(new_offsets.astype(np.int32)), pa.py_buffer(data[keep])])
+    if (decoded >= 0x80).any():
+        try:
+            result.validate(full=True)  # checks that each value is UTF-8
+        except pa.ArrowInvalid:
+            return None
+    return result
+
+
+def _decoded_text(column: pa.Array, plus_is_space: bool = True) -> pa.Array:
+    """A raw free-text column as `parse_line` decodes it (`decode_text`; `decode_nsid` without
+    `plus_is_space`: '+' stays in values without '%'), vectorised (`_url_decoded`); value by
+    value when a decoded value is not UTF-8."""
+    escaped = _escaped_rows(column)
+    plus_rows = None
+    if not plus_is_space:
+        plus_rows = np.zeros(len(column), dtype=bool)
+        plus_rows[escaped] = True
+    decoded = _url_decoded(column, plus_rows)
+    if decoded is not None:
+        return decoded
+    plain = pc.replace_substring(column, "+", " ") if plus_is_space else column
+    return _patched(plain, escaped, _per_value(column, escaped,
+                                               decode_text if plus_is_space else decode_nsid))
+
+
+def _decoded_tags(column: pa.Array) -> pa.Array:
+    """A raw tag column as `parse_line` splits it: on raw commas, each tag decoded (as
+    `decode_tags`); an empty field is no tags."""
+    split = pc.split_pattern(column, ",")
+    tags = _url_decoded(split.values) if len(split.values) else split.values
+    if tags is not None:
+        split = pa.ListArray.from_arrays(split.offsets, tags)
+        return pc.if_else(pc.equal(column, ""), _NO_TAGS, split)
+    escaped = _escaped_rows(column)
+    plain = pc.if_else(pc.equal(column, ""), _NO_TAGS,
+                       pc.split_pattern(pc.replace_substring(column, "+", " "), ","))
+    return _patched(plain, escaped, _per_value(column, escaped,
+                                               lambda value: list(decode_tags(value))))
+
+
+def _optional_number(column: pa.Array, number_type: pa.DataType) -> pa.Array:
+    """A column of ASCII numbers or '' (checked by split_block) as numbers or nulls."""
+    return pc.cast(pc.if_else(pc.equal(column, ""), _NULL_STRING, column), number_type)
+
+
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def _md5_hashes(urls: pa.Array, rows: np.ndarray) -> list[str]:
+    """`photo_hash` of the download URLs at `rows`: md5 per value, the unpadded hex of all
+    digests formatted at once with numpy."""
+    md5 = hashlib.md5
+    values = urls.take(pa.array(rows, pa.int64())).to_pylist()
+    digests = np.frombuffer(b"".join([md5(url.encode("utf-8")).digest() for url in values]),
+                            np.uint8).reshape(-1, 16)
+    nibbles = np.stack((digests >> 4, digests & 15), axis=2).reshape(-1, 32)
+    keep = np.ones(nibbles.shape, dtype=bool)
+    keep[:, 0::2] = nibbles[:, 0::2] != 0  # '%x' drops a byte's leading zero nibble
+    text = _HEX_DIGITS[nibbles[keep]].tobytes().decode("ascii")
+    ends = np.cumsum(keep.sum(axis=1)).tolist()
+    return [text[start:end] for start, end in zip([0] + ends[:-1], ends)]
+
+
+def _photo_hashes(columns: dict[str, pa.Array]) -> pa.Array:
+    """The photo_hash column as `parse_line` gives it: the hash column in lower case (25
+    columns), else or when empty the md5 of the download URL (`photo_hash`)."""
+    urls = columns["download_url"]
+    if "photo_hash" not in columns:
+        return pa.array(_md5_hashes(urls, np.arange(len(urls))), pa.string())
+    hashes = columns["photo_hash"]
+    lowered = pc.ascii_lower(hashes)
+    unhashed = np.flatnonzero(_flags(pc.equal(hashes, "")))
+    lowered = _patched(lowered, unhashed, _md5_hashes(urls, unhashed))
+    not_ascii = np.flatnonzero(~_flags(pc.string_is_ascii(hashes)))
+    return _patched(lowered, not_ascii, _per_value(hashes, not_ascii, str.lower))
+
+
+def candidate_table(columns: dict[str, pa.Array], line_numbers: np.ndarray,
+                    path: str) -> pa.Table:
+    """The YFCC_RECORD_SCHEMA table `records_to_table` gives for the records `parse_line`
+    makes of simple candidate rows (`split_block(all_columns=True)` columns, licence names
+    known), built column by column: only escaped text is decoded value by value."""
+    fields: dict[str, Any] = {name: columns[name] for name in YFCC_RECORD_SCHEMA.names
+                              if name in columns}
+    for name in ("user_nickname", "capture_device", "title", "description"):
+        fields[name] = _decoded_text(columns[name])
+    fields["user_nsid"] = _decoded_text(columns["user_nsid"], plus_is_space=False)
+    for name in ("user_tags", "machine_tags"):
+        fields[name] = _decoded_tags(columns[name])
+    dates = columns["date_taken"]
+    fields["date_taken"] = pc.if_else(pc.or_(pc.equal(dates, ""), pc.equal(dates, NULL_DATE)),
+                                      _NULL_STRING, _decoded_text(dates))
+    for name in ("date_uploaded", "marker"):
+        fields[name] = pc.cast(columns[name], pa.int64())
+    for name, number_type in (("longitude", pa.float64()), ("latitude", pa.float64()),
+                              ("accuracy", pa.int64())):
+        fields[name] = _optional_number(columns[name], number_type)
+    fields["line_idx"] = (pc.cast(columns["line_idx"], pa.int64()) if "line_idx" in columns
+                          else pa.nulls(len(line_numbers), pa.int64()))
+    fields["photo_hash"] = _photo_hashes(columns)
+    fields["license"] = _SLUG_BY_LICENSE_INDEX.take(
+        pc.index_in(columns["license_name"], value_set=_LICENSE_NAMES))
+    fields["source"] = pc.binary_join_element_wise(
+        path, pc.cast(pa.array(line_numbers, pa.int64()), pa.string()), ":")
+    return pa.Table.from_arrays([fields[name] for name in YFCC_RECORD_SCHEMA.names],
+                                schema=YFCC_RECORD_SCHEMA)
 
 
 class _RulesConfig:
@@ -823,3 +1061,178 @@ class CountReadAndPrefilter(ReadAndPrefilter):
         errors = read[REJECTS_TAG] | "CountErrors" >> beam.Map(  # a file's 'read.error'
             lambda rejected: ((COUNT_REJECTS, f"{rejected.stage}.{rejected.reason}"), 1))
         return (read.main, duplicates, errors) | "AllCounts" >> beam.Flatten()
+
+
+# Full scan: the candidates travel as tables. A file's candidate tables are buffered up to this
+# many rows, then staged in one file with a slice per bucket of photo ids (`transforms.spill`);
+# only (bucket, (path, SpillRef)) pairs cross the shuffle of the duplicate check.
+TABLE_SPILL_ROWS = 1 << 15
+# Kept rows leave the duplicate check in tables of at most this many rows (Parquet writes).
+KEPT_TABLE_ROWS = 1 << 16
+LINE_COLUMN = "line"  # the staged tables' extra column: the line number in the file
+
+
+class _CandidateTables:
+    """Candidate tables (and per-row candidate records) of one file, buffered, then staged by
+    bucket of photo ids with their line numbers (`spill_by_bucket`)."""
+
+    def __init__(self, path: str, staging_dir: str):
+        self._path, self._staging_dir = path, staging_dir
+        self._tables: list[pa.Table] = []
+        self._records: list[YfccRecord] = []
+        self._size = 0
+
+    def add(self, rows: CandidateRows) -> Iterator[tuple[int, tuple[str, SpillRef]]]:
+        self._tables.append(rows.table.append_column(LINE_COLUMN, pa.array(rows.line_numbers,
+                                                                           pa.int64())))
+        return self._added(rows.table.num_rows)
+
+    def add_record(self, record: YfccRecord) -> Iterator[tuple[int, tuple[str, SpillRef]]]:
+        self._records.append(record)
+        return self._added(1)
+
+    def _added(self, rows: int) -> Iterator[tuple[int, tuple[str, SpillRef]]]:
+        self._size += rows
+        if self._size >= TABLE_SPILL_ROWS:
+            yield from self.drain()
+
+    def drain(self) -> Iterator[tuple[int, tuple[str, SpillRef]]]:
+        if self._records:
+            lines = [int(record.source.rpartition(":")[2]) for record in self._records]
+            self._tables.append(records_to_table(self._records).append_column(
+                LINE_COLUMN, pa.array(lines, pa.int64())))
+        if not self._tables:
+            return
+        table = pa.concat_tables(self._tables)
+        self._tables, self._records, self._size = [], [], 0
+        buckets = table.column("photo_id").to_numpy() % ID_BUCKETS
+        for bucket, ref in spill_by_bucket(table, buckets, self._staging_dir):
+            yield bucket, (self._path, ref)
+
+
+class _ScanReadAndRulesFn(_ReadAndApplyRulesFn):
+    """Read one file and apply the rules like `_ReadAndApplyRulesFn`, the candidates as tables
+    (`CandidateTableChecker`) staged in `staging_dir`: main emits (bucket, (path, SpillRef))
+    pairs for the duplicate check, the rejects and line counts as `_ReadAndApplyRulesFn`."""
+
+    def __init__(self, compression_type: str, config: _RulesConfig, staging_dir: str):
+        super().__init__(compression_type, config)
+        self._staging_dir = staging_dir
+
+    def process_element(self, readable_file):
+        tables = _CandidateTables(file_path(readable_file), self._staging_dir)
+        try:
+            for output in read_file(readable_file, self._compression_type, self._counters,
+                                    CandidateTableChecker(self._rules)):
+                kind = type(output)
+                if kind is CandidateRows:
+                    live_counts.add("prefilter.passed", output.table.num_rows)
+                    yield from tables.add(output)
+                elif kind is YfccRecord:
+                    yield from self._on_parsed_record(output, tables)
+                else:
+                    yield output
+        finally:  # also when reading fails: the candidates so far go on (see read_file)
+            yield from tables.drain()
+
+    def _on_parsed_record(self, record: YfccRecord, tables: _CandidateTables):
+        verdict = self._rules.check(record)
+        if verdict is None:
+            live_counts.add("prefilter.passed")
+            return tables.add_record(record)
+        return [reject(STAGE, verdict[0], str(record.photo_id), verdict[1],
+                       photo_id=record.photo_id, user_nsid=record.user_nsid)]
+
+
+def keep_first_rows(table: pa.Table, path_ranks: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a staged bucket table to keep (the lowest (path, line) per photo id), the
+    duplicate rows, and for each duplicate the row kept in its stead; `path_ranks` orders the
+    rows' files (their paths' sort order)."""
+    photo_ids = table.column("photo_id").to_numpy()
+    order = np.lexsort((table.column(LINE_COLUMN).to_numpy(), path_ranks, photo_ids))
+    sorted_ids = photo_ids[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    duplicates = ~first
+    return order[first], order[duplicates], order[group_start[duplicates]]
+
+
+class _KeepFirstRowsFn(StageDoFn):
+    """Keep one row per photo id of a bucket's staged tables (lowest source); emit the kept
+    rows as YFCC_RECORD_SCHEMA tables and one list of 'duplicate_photo_id' rejects, with the
+    record id and detail `_KeepFirstOfPhotoFn` gives."""
+
+    stage = STAGE
+
+    def __init__(self):
+        self._kept = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.candidates")
+
+    def element_id(self, bucket_refs: Any) -> str:
+        return f"bucket {bucket_refs[0]}"
+
+    def process(self, bucket_refs):
+        for output in super().process(bucket_refs):
+            if isinstance(getattr(output, "value", None), Rejected):
+                output = beam.pvalue.TaggedOutput(REJECTS_TAG, [output.value])  # an error reject
+            yield output
+
+    def process_element(self, bucket_refs):
+        _, refs = bucket_refs
+        paths, tables = [], []
+        for path, ref in refs:
+            tables.append(read_spilled([ref]))
+            paths.append(path)
+        if not tables:
+            return
+        table = pa.concat_tables(tables)
+        unique_paths = sorted(set(paths))
+        path_ranks = np.repeat([unique_paths.index(path) for path in paths],
+                               [part.num_rows for part in tables])
+        kept, duplicates, kept_instead = keep_first_rows(table, path_ranks)
+        rejects = self._duplicate_rejects(table, duplicates, kept_instead)
+        kept_table = table.take(pa.array(kept)).drop_columns([LINE_COLUMN])
+        self._kept.inc(kept_table.num_rows)
+        for start in range(0, kept_table.num_rows, KEPT_TABLE_ROWS):
+            yield kept_table.slice(start, KEPT_TABLE_ROWS)
+        if rejects:
+            yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
+
+    @staticmethod
+    def _duplicate_rejects(table: pa.Table, duplicates: np.ndarray,
+                           kept_instead: np.ndarray) -> list[Rejected]:
+        if not len(duplicates):
+            return []
+        columns = table.select(["photo_id", "source", "user_nsid"])
+        duplicate_rows = columns.take(pa.array(duplicates)).to_pylist()
+        kept_rows = columns.take(pa.array(kept_instead)).to_pylist()
+        return [reject(STAGE, "duplicate_photo_id", str(kept["photo_id"]),
+                       f"{duplicate['source']} repeats {kept['source']}",
+                       photo_id=kept["photo_id"], user_nsid=duplicate["user_nsid"]).value
+                for duplicate, kept in zip(duplicate_rows, kept_rows)]
+
+
+class ScanReadAndPrefilter(ReadAndPrefilter):
+    """`ReadAndPrefilterParts` for the full scan: the same candidates, rejects and line counts,
+    the candidates as YFCC_RECORD_SCHEMA tables (main) instead of lists of records, staged
+    under `staging_dir` during the duplicate check (the caller removes it after the run); the
+    rejects in lists."""
+
+    def __init__(self, patterns: Union[str, Sequence[str]], licenses: Iterable[str] = FDH_LICENSES,
+                 opt_out_paths: Iterable[str] = (), drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
+                 *, staging_dir: str, **read_options: Any):
+        super().__init__(patterns, licenses, opt_out_paths, drop_tags, staging_dir=staging_dir,
+                         **read_options)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> PrefilterParts:
+        read = (
+            self._matched_files(pbegin)
+            | "ReadLines" >> beam.ParDo(_ScanReadAndRulesFn(self._compression_type, self._config,
+                                                            self._staging_dir))
+            .with_output_types(Any).with_outputs(REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
+        unique = (read.main | "GroupIdBucket" >> beam.GroupByKey()
+                  | "KeepFirst" >> beam.ParDo(_KeepFirstRowsFn())
+                  .with_output_types(pa.Table).with_outputs(REJECTS_TAG, main="main"))
+        return PrefilterParts(unique.main, read[REJECTS_TAG], unique[REJECTS_TAG],
+                              read[LINE_COUNTS_TAG])
