@@ -12,8 +12,9 @@ Writes
                             "rejects_per_reason"}; lines_read = candidates + all rejects
 
 and prints a summary table. The candidates are built as Arrow tables per block of lines and
-wait in DIR/_staging (removed at the end) during the duplicate check. Any Beam flag (--runner, --direct_num_workers, Dataflow flags)
-passes through; the local default is the in-process runner (see beam_jobs.common).
+wait in DIR/_staging (removed at the end) during the duplicate check. Any Beam flag (--runner,
+--direct_num_workers, Dataflow flags) passes through; the local default is the in-process runner
+(see beam_jobs.common).
 """
 from __future__ import annotations
 
