@@ -34,8 +34,9 @@ from transforms.reject_limits import FLAG_HELP as MAX_REJECT_RATE_HELP
 from transforms.reject_limits import check_reject_rates, parse_max_reject_rates
 from beam_jobs.common import JobOptions, make_pipeline, run_main, split_job_flags, split_list
 from beam_jobs.progress import input_size, report_progress
-from transforms.records import FDH_LICENSES, Rejected
-from transforms.rejects import REJECTS_SCHEMA, reject_counts_key, rejected_to_row
+from transforms.records import FDH_LICENSES
+from transforms.rejects import (REJECTS_SCHEMA, count_reject_table, reject_counts_key,
+                               rejects_to_table)
 from transforms.s2_prefilter import (COUNT_CANDIDATES, COUNT_LINES, COUNT_REJECTS, DEFAULT_DROP_TAGS,
                                      CountReadAndPrefilter, ReadAndPrefilterParts,
                                      ScanReadAndPrefilter, validate_licenses)
@@ -91,15 +92,15 @@ class ScanOptions(JobOptions):
 WRITE_BATCH_SIZE = 2048
 
 
-def _rejects_to_table(rejects: list[Rejected]) -> pa.Table:
-    return pa.Table.from_pylist([rejected_to_row(rejected) for rejected in rejects],
-                                schema=REJECTS_SCHEMA)
-
-
 def _count_by(count_key: Callable[[Any], tuple[str, str]]
               ) -> Callable[[list], Iterable[tuple[tuple[str, str], int]]]:
     """Count a batch (list) of elements by `count_key(element)`."""
     return lambda batch: Counter(map(count_key, batch)).items()
+
+
+def count_rejects(table: pa.Table) -> list[tuple[tuple[str, str], int]]:
+    """((REJECT, "stage.reason"), rows) pairs of a REJECTS_SCHEMA table."""
+    return [((REJECT, key), count) for key, count in count_reject_table(table)]
 
 
 def count_candidates(table: pa.Table) -> list[tuple[tuple[str, str], int]]:
@@ -186,24 +187,29 @@ def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
                drop_tags: Sequence[str] = DEFAULT_DROP_TAGS, num_shards: int = 0,
                staging_dir: Optional[str] = None) -> None:
     """Add the scan steps to `pipeline`. With `staging_dir` (the caller removes it after the
-    run) the candidates travel as Arrow tables staged there during the duplicate check
-    (`ScanReadAndPrefilter`); without, as lists of records (`ReadAndPrefilterParts`)."""
+    run) the candidates and rejects travel as Arrow tables, the candidates staged there during
+    the duplicate check (`ScanReadAndPrefilter`); without, as lists of records and `Rejected`s
+    (`ReadAndPrefilterParts`)."""
     if staging_dir is None:
         read = pipeline | "ReadAndPrefilter" >> ReadAndPrefilterParts(
             list(yfcc), licenses, opt_out, drop_tags, batch_size=WRITE_BATCH_SIZE)
-        to_table, count = records_to_table, _count_by(lambda record: (CANDIDATE, record.license))
+        candidates_to_table, rejects_table = records_to_table, rejects_to_table
+        count = _count_by(lambda record: (CANDIDATE, record.license))
+        count_reject_batch = _count_by(lambda rejected: (REJECT, reject_counts_key(rejected)))
     else:
         read = pipeline | "ReadAndPrefilter" >> ScanReadAndPrefilter(
             list(yfcc), licenses, opt_out, drop_tags, staging_dir=staging_dir)
-        to_table, count = None, count_candidates
+        candidates_to_table, rejects_table = None, None
+        count, count_reject_batch = count_candidates, count_rejects
     candidate_counts = read.main | "WriteCandidates" >> _WriteAndCount(
-        to_table, YFCC_RECORD_SCHEMA, f"{output}/{CANDIDATES_DIR}/candidates", num_shards, count)
+        candidates_to_table, YFCC_RECORD_SCHEMA, f"{output}/{CANDIDATES_DIR}/candidates",
+        num_shards, count)
     # The same files as transforms.rejects.WriteRejects writes, in batches; the duplicate-photo
     # rejects go to files of their own, so that no Flatten holds every reject (a local run).
     reject_counts = [
         rejects | f"Write{name.title()}" >> _WriteAndCount(
-            _rejects_to_table, REJECTS_SCHEMA, f"{output}/rejects/{name}", num_shards,
-            _count_by(lambda rejected: (REJECT, reject_counts_key(rejected))))
+            rejects_table, REJECTS_SCHEMA, f"{output}/rejects/{name}", num_shards,
+            count_reject_batch)
         for name, rejects in (("rejects", read.read_rejects),
                               ("duplicates", read.duplicate_rejects))]
     write_counts(count_pairs(read.line_counts, candidate_counts, *reject_counts), output)

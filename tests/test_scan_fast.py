@@ -13,7 +13,8 @@ from transforms.records import Rejected, YfccRecord
 from transforms.s1_read import iter_blocks, parse_block_per_row, parse_numbered_line, split_block
 from transforms.s2_prefilter import (LOWERING_TO_ASCII, USABLE_LICENSE_SLUGS, VALID_LICENSE_SLUGS,
                                      BlockChecker, CandidateIds, CandidateRows,
-                                     CandidateTableChecker, PrefilterRules, lowering_to_ascii)
+                                     CandidateTableChecker, PrefilterRules, RejectRows,
+                                     lowering_to_ascii)
 from transforms.yfcc_format import format_line, records_to_table
 
 PATH = "/data/yfcc.txt"
@@ -42,7 +43,8 @@ def _nasty_lines() -> list[bytes]:
     # Licences: encoded, unknown, not CC.
     lines += [with_field(15, value) for value in (
         "Attribution+License", "Attribution%2DNoDerivs+License", "All Rights Reserved",
-        "All+Rights+Reserved", "attribution license", "")]
+        "All+Rights+Reserved", "attribution license", "",
+        "Ü" + "l" * 400)]  # the reject's detail (the name) is cut at 300 characters
     # Tags in every spelling, escaped, non-ASCII, with encoded commas and tabs.
     lines += [with_field(8, value) for value in (
         "No_CV", "no+cv", "NO-CV", "nocv2", "knocv", "%6Eo_cv", "people,no%2Ccv", "n%C3%B6cv",
@@ -87,8 +89,10 @@ def _apply_rules(record: YfccRecord, rules: PrefilterRules, rejects: list, candi
     if verdict is None:
         candidates.append(record)
     else:
-        rejects.append((str(record.photo_id), "prefilter", verdict[0], verdict[1],
-                        record.photo_id, record.user_nsid))
+        rejected = Rejected(str(record.photo_id), "prefilter", verdict[0], verdict[1],
+                            record.photo_id, record.user_nsid)  # cuts a long detail
+        rejects.append((rejected.record_id, rejected.stage, rejected.reason, rejected.detail,
+                        rejected.photo_id, rejected.user_nsid))
 
 
 def _blocks(lines: list[bytes], chunk_bytes: int) -> list[bytes]:
@@ -111,6 +115,8 @@ def _run_checker(checker, blocks: list[bytes], rules: PrefilterRules):
                 reasons.update(item)
             elif type(item) is CandidateRows:
                 ids.append(item)
+            elif type(item) is RejectRows:
+                rejects.extend(tuple(row.values()) for row in item.table.to_pylist())
             else:
                 value = item.value
                 rejects.append((value.record_id, value.stage, value.reason, value.detail,
@@ -302,3 +308,25 @@ def test_full_scan_with_candidate_tables_writes_what_the_record_path_writes(tmp_
     assert len(candidates) == len(want_candidates) == counts["candidates"] > 100
     for row, want_row in zip(candidates, want_candidates):
         assert row == want_row
+
+
+_TRICKY_VALUES = ["", "%", "%4", "a%4", "%41", "x%", "%%41", "%4%41", "a+b", "+%2B+", "%C3%A9",
+                  "%ff", "%FF%41", "%C3", "%E2%82%AC", "%zz", "%2", "1%402", "1+2", "é%41é", "%0A"]
+
+
+@pytest.mark.parametrize("plus_is_space", [True, False])
+def test_vectorised_url_decoding_equals_the_per_value_decoder(plus_is_space):
+    """Every value decodes as decode_text / decode_nsid does, also when an escape's digits
+    would run into the next value ('a%' then '41b') or a decoded byte is 0xFF."""
+    from transforms.s2_prefilter.blocks import _decoded_text, _url_decoded
+    from transforms.yfcc_format import decode_nsid, decode_text
+
+    values = _TRICKY_VALUES + ["a%", "41b", "%4", "1"] + [v + w for v in _TRICKY_VALUES[:8]
+                                                          for w in _TRICKY_VALUES[8:]]
+    decode = decode_text if plus_is_space else decode_nsid
+    utf8 = [value for value in values if "\ufffd" not in decode(value)]
+    assert _url_decoded(pa.array(utf8)) is not None  # the vectorised path, not the fallback
+    assert _url_decoded(pa.array(["%FF"])) is None and _url_decoded(pa.array(["%C3"])) is None
+    for chosen in (values, utf8):
+        for array in (pa.array(chosen, pa.large_string()), pa.array(["pad"] + chosen).slice(1)):
+            assert _decoded_text(array, plus_is_space).to_pylist() == [decode(v) for v in chosen]

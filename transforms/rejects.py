@@ -11,6 +11,7 @@ from typing import Optional
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
 from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, Rejected
@@ -51,6 +52,41 @@ def rejected_to_row(rejected: Rejected) -> dict:
 
 def reject_counts_key(rejected: Rejected) -> str:
     return f"{rejected.stage}.{rejected.reason}"
+
+
+def rejects_to_table(rejects: list[Rejected]) -> pa.Table:
+    """`Rejected`s as one REJECTS_SCHEMA table (the rows `WriteRejects` writes)."""
+    return pa.Table.from_pylist([rejected_to_row(rejected) for rejected in rejects],
+                                schema=REJECTS_SCHEMA)
+
+
+DETAIL_MAX_CHARS = 300  # as Rejected.__post_init__ cuts a detail
+
+
+def truncated_details(details: pa.Array) -> pa.Array:
+    """A string column of details cut as `Rejected` cuts one: over DETAIL_MAX_CHARS characters,
+    the first DETAIL_MAX_CHARS - 3 and '...'."""
+    long = pc.greater(pc.utf8_length(details), DETAIL_MAX_CHARS)
+    if not pc.any(long).as_py():
+        return details
+    cut = pc.utf8_slice_codeunits(details, 0, DETAIL_MAX_CHARS - 3)
+    return pc.if_else(long, pc.binary_join_element_wise(cut, "...", ""), details)
+
+
+def reject_table(stage: str, reasons: pa.Array, record_ids: pa.Array, details: pa.Array,
+                 photo_ids: pa.Array, user_nsids: pa.Array) -> pa.Table:
+    """Rejects of one stage built column by column as a REJECTS_SCHEMA table: the rows
+    `rejects_to_table` gives for the same `reject(...)` calls, without a Python object per row."""
+    columns = [record_ids, pa.repeat(pa.scalar(stage, pa.string()), len(reasons)), reasons,
+               truncated_details(details), photo_ids, user_nsids]
+    return pa.Table.from_arrays([column.cast(field.type) for column, field in
+                                 zip(columns, REJECTS_SCHEMA)], schema=REJECTS_SCHEMA)
+
+
+def count_reject_table(table: pa.Table) -> list[tuple[str, int]]:
+    """("stage.reason", count) pairs of a REJECTS_SCHEMA table (`reject_counts_key`'s keys)."""
+    keys = pc.binary_join_element_wise(table.column("stage"), table.column("reason"), ".")
+    return [(count["values"], count["counts"]) for count in pc.value_counts(keys).to_pylist()]
 
 
 class WriteRejects(beam.PTransform):

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Unio
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
@@ -30,14 +31,14 @@ from apache_beam.transforms.window import GlobalWindows
 from transforms import live_counts
 from transforms.opt_out import read_opt_out
 from transforms.records import FDH_LICENSES, METRICS_NAMESPACE, REJECTS_TAG, Rejected, YfccRecord
-from transforms.rejects import reject
+from transforms.rejects import reject, reject_table, rejects_to_table
 from transforms.s1_read import STAGE as READ_STAGE
 from transforms.s1_read import (LINE_COUNTS_TAG, ReadCounters, ReadOutput, check_patterns_match,
                                 file_path, open_matched_files, read_file,
                                 record_from_fields, record_to_fields, split_patterns)
 from transforms.s2_prefilter.blocks import (BlockChecker, CandidateIds, CandidateRows,
                                             CandidateTableChecker, LOWERING_TO_ASCII,
-                                            lowering_to_ascii)
+                                            RejectRows, lowering_to_ascii)
 from transforms.s2_prefilter.rules import (BATCH_SIZE, DEFAULT_DROP_TAGS, ID_BUCKETS,
                                            PrefilterRules, REJECTS_BATCH_SIZE, STAGE,
                                            USABLE_LICENSE_SLUGS, VALID_LICENSE_SLUGS, _PHOTO_ID,
@@ -45,6 +46,7 @@ from transforms.s2_prefilter.rules import (BATCH_SIZE, DEFAULT_DROP_TAGS, ID_BUC
                                            validate_licenses)
 from transforms.spill import SpilledGroupByKey, SpillRef, read_spilled, spill_by_bucket
 from transforms.stage import StageDoFn, StageOutput, stage_output
+from transforms.table_coder import ArrowTableCoder  # noqa: F401 (registers the coder of pa.Table)
 from transforms.yfcc_format import records_to_table
 
 __all__ = [
@@ -52,7 +54,7 @@ __all__ = [
     "CandidateIds", "CandidateRows", "CandidateTableChecker", "CountReadAndPrefilter",
     "DEFAULT_DROP_TAGS", "ID_BUCKETS", "ID_SCHEMA", "ID_SPILL_ROWS", "KEPT_TABLE_ROWS",
     "LINE_COLUMN", "LOWERING_TO_ASCII", "Prefilter", "PrefilterParts", "PrefilterRules",
-    "ReadAndPrefilter", "ReadAndPrefilterParts", "STAGE", "ScanReadAndPrefilter",
+    "ReadAndPrefilter", "ReadAndPrefilterParts", "RejectRows", "STAGE", "ScanReadAndPrefilter",
     "TABLE_SPILL_ROWS", "USABLE_LICENSE_SLUGS", "VALID_LICENSE_SLUGS", "batch_rejects",
     "candidate_ids_of", "count_duplicates", "keep_first_of_each_photo", "keep_first_rows",
     "lowering_to_ascii", "order_duplicates", "validate_licenses",
@@ -529,7 +531,8 @@ class CountReadAndPrefilter(ReadAndPrefilter):
 # many rows, then staged in one file with a slice per bucket of photo ids (`transforms.spill`);
 # only (bucket, (path, SpillRef)) pairs cross the shuffle of the duplicate check.
 TABLE_SPILL_ROWS = 1 << 15
-# Kept rows leave the duplicate check in tables of at most this many rows (Parquet writes).
+# Kept rows leave the duplicate check in tables of this many rows, gathered across the buckets
+# of a bundle (one Parquet row group each).
 KEPT_TABLE_ROWS = 1 << 16
 LINE_COLUMN = "line"  # the staged tables' extra column: the line number in the file
 
@@ -572,17 +575,49 @@ class _CandidateTables:
             yield bucket, (self._path, ref)
 
 
+class _RejectTables:
+    """Rejects of one file that came as `Rejected`s (lines parsed one by one), buffered and
+    emitted as REJECTS_SCHEMA tables of up to REJECTS_BATCH_SIZE rows."""
+
+    def __init__(self):
+        self._rejects: list[Rejected] = []
+
+    def add(self, rejected: Rejected) -> Iterator[beam.pvalue.TaggedOutput]:
+        self._rejects.append(rejected)
+        if len(self._rejects) >= REJECTS_BATCH_SIZE:
+            yield from self.drain()
+
+    def drain(self) -> Iterator[beam.pvalue.TaggedOutput]:
+        if self._rejects:
+            live_counts.add("rejects.prefilter", _prefilter_count(self._rejects))
+            yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects_to_table(self._rejects))
+            self._rejects = []
+
+
+def _tables_of_rejects(outputs: Iterable[Any]) -> Iterator[Any]:
+    """The outputs, with a lone `Rejected` (a step's error reject) as a one-row table."""
+    for output in outputs:
+        if getattr(output, "tag", None) == REJECTS_TAG and type(output.value) is Rejected:
+            output = beam.pvalue.TaggedOutput(REJECTS_TAG, rejects_to_table([output.value]))
+        yield output
+
+
 class _ScanReadAndRulesFn(_ReadAndApplyRulesFn):
-    """Read one file and apply the rules like `_ReadAndApplyRulesFn`, the candidates as tables
-    (`CandidateTableChecker`) staged in `staging_dir`: main emits (bucket, (path, SpillRef))
-    pairs for the duplicate check, the rejects and line counts as `_ReadAndApplyRulesFn`."""
+    """Read one file and apply the rules like `_ReadAndApplyRulesFn`, in tables: main emits
+    (bucket, (path, SpillRef)) pairs for the duplicate check (the candidates as tables,
+    `CandidateTableChecker`, staged in `staging_dir`), REJECTS_TAG REJECTS_SCHEMA tables, and
+    the line counts as `_ReadAndApplyRulesFn`."""
 
     def __init__(self, compression_type: str, config: _RulesConfig, staging_dir: str):
         super().__init__(compression_type, config)
         self._staging_dir = staging_dir
 
+    def process(self, readable_file):
+        return _tables_of_rejects(StageDoFn.process(self, readable_file))
+
     def process_element(self, readable_file):
         tables = _CandidateTables(file_path(readable_file), self._staging_dir)
+        rejects = _RejectTables()
         try:
             for output in read_file(readable_file, self._compression_type, self._counters,
                                     CandidateTableChecker(self._rules)):
@@ -590,20 +625,27 @@ class _ScanReadAndRulesFn(_ReadAndApplyRulesFn):
                 if kind is CandidateRows:
                     live_counts.add("prefilter.passed", output.table.num_rows)
                     yield from tables.add(output)
+                elif kind is RejectRows:
+                    live_counts.add("rejects.prefilter", output.table.num_rows)
+                    yield beam.pvalue.TaggedOutput(REJECTS_TAG, output.table)
                 elif kind is YfccRecord:
-                    yield from self._on_parsed_record(output, tables)
+                    yield from self._on_parsed_record(output, tables, rejects)
+                elif output.tag == REJECTS_TAG:
+                    yield from rejects.add(output.value)
                 else:
                     yield output
         finally:  # also when reading fails: the candidates so far go on (see read_file)
             yield from tables.drain()
+            yield from rejects.drain()
 
-    def _on_parsed_record(self, record: YfccRecord, tables: _CandidateTables):
+    def _on_parsed_record(self, record: YfccRecord, tables: _CandidateTables,
+                          rejects: _RejectTables):
         verdict = self._rules.check(record)
         if verdict is None:
             live_counts.add("prefilter.passed")
             return tables.add_record(record)
-        return [reject(STAGE, verdict[0], str(record.photo_id), verdict[1],
-                       photo_id=record.photo_id, user_nsid=record.user_nsid)]
+        return rejects.add(reject(STAGE, verdict[0], str(record.photo_id), verdict[1],
+                                  photo_id=record.photo_id, user_nsid=record.user_nsid).value)
 
 
 def keep_first_rows(table: pa.Table, path_ranks: np.ndarray
@@ -621,24 +663,53 @@ def keep_first_rows(table: pa.Table, path_ranks: np.ndarray
     return order[first], order[duplicates], order[group_start[duplicates]]
 
 
+class _TableBuffer:
+    """Tables gathered across elements and emitted in tables of `rows` rows (the last one
+    smaller): a Parquet writer makes a row group of each table it is given, and a bucket's
+    few hundred rows would make row groups that are slow to write and to read."""
+
+    def __init__(self, rows: int):
+        self._rows, self._tables, self._size = rows, [], 0
+
+    def add(self, table: pa.Table) -> Iterator[pa.Table]:
+        self._tables.append(table)
+        self._size += table.num_rows
+        if self._size >= self._rows:
+            gathered = pa.concat_tables(self._tables)
+            whole = gathered.num_rows - gathered.num_rows % self._rows
+            for start in range(0, whole, self._rows):
+                yield gathered.slice(start, self._rows)
+            self._tables, self._size = [gathered.slice(whole)], gathered.num_rows - whole
+
+    def drain(self) -> Iterator[pa.Table]:
+        if self._size:
+            yield pa.concat_tables(self._tables)
+        self._tables, self._size = [], 0
+
+
 class _KeepFirstRowsFn(StageDoFn):
     """Keep one row per photo id of a bucket's staged tables (lowest source); emit the kept
-    rows as YFCC_RECORD_SCHEMA tables and one list of 'duplicate_photo_id' rejects, with the
-    record id and detail `_KeepFirstOfPhotoFn` gives."""
+    rows as YFCC_RECORD_SCHEMA tables and one REJECTS_SCHEMA table of 'duplicate_photo_id'
+    rejects, with the record id and detail `_KeepFirstOfPhotoFn` gives."""
 
     stage = STAGE
 
     def __init__(self):
         self._kept = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.candidates")
+        self._duplicates = Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.duplicate_photo_id")
 
     def element_id(self, bucket_refs: Any) -> str:
         return f"bucket {bucket_refs[0]}"
 
+    def start_bundle(self):
+        self._kept_tables = _TableBuffer(KEPT_TABLE_ROWS)
+
+    def finish_bundle(self):
+        for table in self._kept_tables.drain():
+            yield GlobalWindows.windowed_value(table)
+
     def process(self, bucket_refs):
-        for output in super().process(bucket_refs):
-            if isinstance(getattr(output, "value", None), Rejected):
-                output = beam.pvalue.TaggedOutput(REJECTS_TAG, [output.value])  # an error reject
-            yield output
+        return _tables_of_rejects(super().process(bucket_refs))
 
     def process_element(self, bucket_refs):
         _, refs = bucket_refs
@@ -653,33 +724,32 @@ class _KeepFirstRowsFn(StageDoFn):
         path_ranks = np.repeat([unique_paths.index(path) for path in paths],
                                [part.num_rows for part in tables])
         kept, duplicates, kept_instead = keep_first_rows(table, path_ranks)
-        rejects = self._duplicate_rejects(table, duplicates, kept_instead)
         kept_table = table.take(pa.array(kept)).drop_columns([LINE_COLUMN])
         self._kept.inc(kept_table.num_rows)
-        for start in range(0, kept_table.num_rows, KEPT_TABLE_ROWS):
-            yield kept_table.slice(start, KEPT_TABLE_ROWS)
-        if rejects:
-            yield beam.pvalue.TaggedOutput(REJECTS_TAG, rejects)
+        yield from self._kept_tables.add(kept_table)
+        if len(duplicates):
+            yield beam.pvalue.TaggedOutput(REJECTS_TAG, self._duplicate_rejects(
+                table, duplicates, kept_instead))
 
-    @staticmethod
-    def _duplicate_rejects(table: pa.Table, duplicates: np.ndarray,
-                           kept_instead: np.ndarray) -> list[Rejected]:
-        if not len(duplicates):
-            return []
+    def _duplicate_rejects(self, table: pa.Table, duplicates: np.ndarray,
+                           kept_instead: np.ndarray) -> pa.Table:
+        """The 'duplicate_photo_id' rejects `_KeepFirstOfPhotoFn` gives, as one table."""
+        self._duplicates.inc(len(duplicates))
         columns = table.select(["photo_id", "source", "user_nsid"])
-        duplicate_rows = columns.take(pa.array(duplicates)).to_pylist()
-        kept_rows = columns.take(pa.array(kept_instead)).to_pylist()
-        return [reject(STAGE, "duplicate_photo_id", str(kept["photo_id"]),
-                       f"{duplicate['source']} repeats {kept['source']}",
-                       photo_id=kept["photo_id"], user_nsid=duplicate["user_nsid"]).value
-                for duplicate, kept in zip(duplicate_rows, kept_rows)]
+        repeated, kept = columns.take(pa.array(duplicates)), columns.take(pa.array(kept_instead))
+        return reject_table(
+            STAGE, pa.repeat(pa.scalar("duplicate_photo_id", pa.string()), len(duplicates)),
+            pc.cast(kept.column("photo_id"), pa.string()),
+            pc.binary_join_element_wise(repeated.column("source"), kept.column("source"),
+                                        " repeats "),
+            kept.column("photo_id"), repeated.column("user_nsid"))
 
 
 class ScanReadAndPrefilter(ReadAndPrefilter):
     """`ReadAndPrefilterParts` for the full scan: the same candidates, rejects and line counts,
     the candidates as YFCC_RECORD_SCHEMA tables (main) instead of lists of records, staged
     under `staging_dir` during the duplicate check (the caller removes it after the run); the
-    rejects in lists."""
+    rejects as REJECTS_SCHEMA tables (no Python object per rejected line)."""
 
     def __init__(self, patterns: Union[str, Sequence[str]], licenses: Iterable[str] = FDH_LICENSES,
                  opt_out_paths: Iterable[str] = (), drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
@@ -692,9 +762,11 @@ class ScanReadAndPrefilter(ReadAndPrefilter):
             self._matched_files(pbegin)
             | "ReadLines" >> beam.ParDo(_ScanReadAndRulesFn(self._compression_type, self._config,
                                                             self._staging_dir))
-            .with_output_types(Any).with_outputs(REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
+            .with_output_types(Any, **{REJECTS_TAG: pa.Table})
+            .with_outputs(REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
         unique = (read.main | "GroupIdBucket" >> beam.GroupByKey()
                   | "KeepFirst" >> beam.ParDo(_KeepFirstRowsFn())
-                  .with_output_types(pa.Table).with_outputs(REJECTS_TAG, main="main"))
+                  .with_output_types(pa.Table, **{REJECTS_TAG: pa.Table})
+                  .with_outputs(REJECTS_TAG, main="main"))
         return PrefilterParts(unique.main, read[REJECTS_TAG], unique[REJECTS_TAG],
                               read[LINE_COUNTS_TAG])

@@ -7,17 +7,16 @@ import functools
 import hashlib
 import re
 from collections import Counter
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 from urllib.parse import quote
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
-from transforms.records import LICENSES, METRICS_NAMESPACE, REJECTS_TAG, Rejected, YfccRecord
-from transforms.rejects import reject
+from transforms.records import LICENSES, METRICS_NAMESPACE, YfccRecord
+from transforms.rejects import reject, reject_table
 from transforms.s1_read import as_output, parse_block_per_row, parse_numbered_line, split_block
 from transforms.s2_prefilter.rules import STAGE, PrefilterRules
 from transforms.tags import find_tag
@@ -242,10 +241,17 @@ class CandidateRows(NamedTuple):
     line_numbers: np.ndarray
 
 
+class RejectRows(NamedTuple):
+    """The rejects of a block's simple rows as one REJECTS_SCHEMA table."""
+
+    table: pa.Table
+
+
 class CandidateTableChecker(BlockChecker):
     """A `BlockChecker` for the full scan: the simple candidates of a block come out as one
-    `CandidateRows` (built column by column, `candidate_table`), the simple rejects as today;
-    other lines go through the per-row parser (YfccRecords, for the DoFn to apply the rules)."""
+    `CandidateRows` (built column by column, `candidate_table`), the simple rejects as one
+    `RejectRows`; other lines go through the per-row parser (YfccRecords, for the DoFn to apply
+    the rules, and rejects)."""
 
     all_columns = True
 
@@ -254,32 +260,31 @@ class CandidateTableChecker(BlockChecker):
 
     def _rejects(self, rejected: np.ndarray, columns: dict[str, pa.Array],
                  verdicts: np.ndarray) -> list:
-        """`BlockChecker._rejects`, the details gathered column by column and counted once per
-        reason (a reject costs a third as much)."""
+        """The rejects of the simple rows `rejected` as one `RejectRows` (the rows
+        `BlockChecker._rejects` gives, built column by column), counted once per reason."""
         if not len(rejected):
             return []
         chosen = pa.array(rejected)
         codes = verdicts[rejected]
-        names = columns["license_name"].take(chosen)
-        details = np.full(len(rejected), "", dtype=object)
-        unknown = codes == _UNKNOWN
-        details[unknown] = np.asarray(names.filter(pa.array(unknown)).to_pylist(), dtype=object)
-        not_allowed = codes == _NOT_ALLOWED
-        details[not_allowed] = np.asarray(_SLUG_BY_LICENSE_INDEX.take(pc.index_in(
-            names.filter(pa.array(not_allowed)), value_set=_LICENSE_NAMES)).to_pylist(),
-            dtype=object)
-        for row in np.flatnonzero(codes == _TAG).tolist():
-            details[row] = verdict_detail(_TAG, columns, int(rejected[row]), self._rules)
         for code, count in zip(*np.unique(codes, return_counts=True)):
             Metrics.counter(METRICS_NAMESPACE, f"{STAGE}.{BLOCK_REASONS[code]}").inc(int(count))
-        photo_ids = columns["photo_id"].take(chosen).to_pylist()
-        nsids = columns["user_nsid"].take(chosen).to_pylist()
-        return [beam.pvalue.TaggedOutput(REJECTS_TAG, Rejected(
-                    record_id=str(photo_id), stage=STAGE, reason=BLOCK_REASONS[code],
-                    detail=detail, photo_id=photo_id,
-                    user_nsid=nsid if "%" not in nsid else decode_nsid(nsid)))
-                for code, photo_id, nsid, detail in zip(codes.tolist(), photo_ids, nsids,
-                                                        details.tolist())]
+        photo_ids = columns["photo_id"].take(chosen)
+        return [RejectRows(reject_table(
+            STAGE, _REASON_NAMES.take(pa.array(codes)), pc.cast(photo_ids, pa.string()),
+            self._details(rejected, codes, columns), photo_ids,
+            _decoded_text(columns["user_nsid"].take(chosen), plus_is_space=False)))]
+
+    def _details(self, rejected: np.ndarray, codes: np.ndarray,
+                 columns: dict[str, pa.Array]) -> pa.Array:
+        """`verdict_detail` of each rejected simple row: the licence name when unknown, its
+        slug when not allowed, the tag found, else ''."""
+        names = columns["license_name"].take(pa.array(rejected)).cast(pa.string())
+        slugs = _SLUG_BY_LICENSE_INDEX.take(pc.index_in(names, value_set=_LICENSE_NAMES))
+        details = pc.if_else(pa.array(codes == _UNKNOWN), names, pc.if_else(
+            pa.array(codes == _NOT_ALLOWED), slugs, pa.scalar("", pa.string())))
+        tag_rows = np.flatnonzero(codes == _TAG)
+        return _patched(details, tag_rows, [
+            verdict_detail(_TAG, columns, row, self._rules) for row in rejected[tag_rows].tolist()])
 
     def _simple_outputs(self, rows: np.ndarray, columns: dict[str, pa.Array],
                         verdicts: np.ndarray, lines_before: int, path: str) -> list:
@@ -295,17 +300,20 @@ class CandidateTableChecker(BlockChecker):
 
 
 _SLUG_BY_LICENSE_INDEX = pa.array([slug for slug, _ in LICENSES.values()], pa.string())
+_REASON_NAMES = pa.array([reason or "" for reason in BLOCK_REASONS], pa.string())
 _NO_TAGS = pa.scalar([], pa.list_(pa.string()))
 _NULL_STRING = pa.scalar(None, pa.string())
 
 
-def _patched(values: pa.Array, rows: np.ndarray, replacements: list) -> pa.Array:
+def _patched(values: pa.Array, rows: np.ndarray, replacements: Union[list, pa.Array]) -> pa.Array:
     """`values` with the values at `rows` replaced by `replacements` (in that order)."""
     if not len(rows):
         return values
     order = np.arange(len(values))
     order[rows] = len(values) + np.arange(len(rows))
-    return pa.concat_arrays([values, pa.array(replacements, values.type)]).take(pa.array(order))
+    replacements = (replacements.cast(values.type) if isinstance(replacements, pa.Array)
+                    else pa.array(replacements, values.type))
+    return pa.concat_arrays([values, replacements]).take(pa.array(order))
 
 
 def _per_value(column: pa.Array, rows: np.ndarray, function) -> list:
@@ -322,12 +330,17 @@ for _digit in "0123456789abcdefABCDEF":
     _HEX_VALUE[ord(_digit)] = int(_digit, 16)
 
 
-def _string_bytes(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """The value bytes (a copy) and the offsets (from 0) of a string array without nulls."""
+def _string_parts(column: pa.Array) -> tuple[bytes, np.ndarray]:
+    """The value bytes and the offsets (from 0) of a string array without nulls."""
     offsets = np.frombuffer(column.buffers()[1], np.int32)[
         column.offset:column.offset + len(column) + 1].astype(np.int64)
-    data = np.frombuffer(column.buffers()[2] or b"", np.uint8)[offsets[0]:offsets[-1]].copy()
+    data = column.buffers()[2]
+    data = data[offsets[0]:offsets[-1]].to_pybytes() if data is not None else b""
     return data, offsets - offsets[0]
+
+
+_PLUS_TO_SPACE = bytes.maketrans(b"+", b" ")
+_REMOVED = 0xFF  # never in UTF-8 text: marks the digits of decoded escapes for bytes.translate
 
 
 def _url_decoded(column: pa.Array, plus_rows: Optional[np.ndarray] = None) -> Optional[pa.Array]:
@@ -338,23 +351,29 @@ def _url_decoded(column: pa.Array, plus_rows: Optional[np.ndarray] = None) -> Op
     column = column.cast(pa.string()) if column.type != pa.string() else column
     if column.null_count or not len(column):
         return None
-    data, offsets = _string_bytes(column)
-    plus = np.flatnonzero(data == 0x2B)
-    if plus_rows is not None:
-        plus = plus[plus_rows[np.searchsorted(offsets, plus, side="right") - 1]]
-    data[plus] = 0x20
+    raw, offsets = _string_parts(column)
+    if plus_rows is None:
+        data = np.frombuffer(bytearray(raw.translate(_PLUS_TO_SPACE)), np.uint8)
+    else:
+        data = np.frombuffer(bytearray(raw), np.uint8)
+        plus = np.flatnonzero(data == 0x2B)
+        data[plus[plus_rows[np.searchsorted(offsets, plus, side="right") - 1]]] = 0x20
     escapes = np.flatnonzero(data == 0x25)
-    escapes = escapes[escapes + 2 < len(data)]
+    value_ends = np.zeros(len(data) + 2, dtype=bool)  # a value's last byte, and past the data
+    value_ends[offsets[1:][offsets[1:] > offsets[:-1]] - 1] = True
+    value_ends[len(data):] = True
+    escapes = escapes[~(value_ends[escapes] | value_ends[escapes + 1])]  # two bytes follow
     high, low = _HEX_VALUE[data[escapes + 1]], _HEX_VALUE[data[escapes + 2]]
-    row_ends = offsets[np.searchsorted(offsets, escapes, side="right")]
-    valid = (high >= 0) & (low >= 0) & (escapes + 3 <= row_ends)
+    valid = (high >= 0) & (low >= 0)
     escapes, decoded = escapes[valid], (high[valid] * 16 + low[valid]).astype(np.uint8)
+    if (decoded == _REMOVED).any():  # not UTF-8, and would be taken for a removed digit
+        return None
     data[escapes] = decoded
-    keep = np.ones(len(data), dtype=bool)
-    keep[escapes + 1] = keep[escapes + 2] = False
+    data[escapes + 1] = data[escapes + 2] = _REMOVED
     new_offsets = offsets - 2 * np.searchsorted(escapes, offsets, side="left")
     result = pa.Array.from_buffers(pa.string(), len(column), [
-        None, pa.py_buffer(new_offsets.astype(np.int32)), pa.py_buffer(data[keep])])
+        None, pa.py_buffer(new_offsets.astype(np.int32)),
+        pa.py_buffer(data.tobytes().translate(None, bytes([_REMOVED])) if len(escapes) else data)])
     if (decoded >= 0x80).any():
         try:
             result.validate(full=True)  # checks that each value is UTF-8
@@ -403,19 +422,22 @@ def _optional_number(column: pa.Array, number_type: pa.DataType) -> pa.Array:
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
-def _md5_hashes(urls: pa.Array, rows: np.ndarray) -> list[str]:
-    """`photo_hash` of the download URLs at `rows`: md5 per value, the unpadded hex of all
-    digests formatted at once with numpy."""
-    md5 = hashlib.md5
-    values = urls.take(pa.array(rows, pa.int64())).to_pylist()
-    digests = np.frombuffer(b"".join([md5(url.encode("utf-8")).digest() for url in values]),
+def _md5_hashes(urls: pa.Array, rows: np.ndarray) -> pa.Array:
+    """`photo_hash` of the download URLs at `rows`: the md5 of each value's bytes (sliced from
+    the Arrow buffer), the unpadded hex of all digests formatted at once with numpy."""
+    blob, offsets = _string_parts(urls.take(pa.array(rows, pa.int64())).cast(pa.string()))
+    bounds, md5 = offsets.tolist(), hashlib.md5
+    digests = np.frombuffer(b"".join([md5(blob[start:end]).digest()
+                                      for start, end in zip(bounds, bounds[1:])]),
                             np.uint8).reshape(-1, 16)
-    nibbles = np.stack((digests >> 4, digests & 15), axis=2).reshape(-1, 32)
+    nibbles = np.empty((len(digests), 32), np.uint8)
+    nibbles[:, 0::2], nibbles[:, 1::2] = digests >> 4, digests & 15
     keep = np.ones(nibbles.shape, dtype=bool)
     keep[:, 0::2] = nibbles[:, 0::2] != 0  # '%x' drops a byte's leading zero nibble
-    text = _HEX_DIGITS[nibbles[keep]].tobytes().decode("ascii")
-    ends = np.cumsum(keep.sum(axis=1)).tolist()
-    return [text[start:end] for start, end in zip([0] + ends[:-1], ends)]
+    ends = np.cumsum(keep.sum(axis=1, dtype=np.int32), dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), len(digests), [
+        None, pa.py_buffer(np.concatenate([np.zeros(1, np.int32), ends])),
+        pa.py_buffer(_HEX_DIGITS[nibbles[keep]])])
 
 
 def _photo_hashes(columns: dict[str, pa.Array]) -> pa.Array:
@@ -423,7 +445,7 @@ def _photo_hashes(columns: dict[str, pa.Array]) -> pa.Array:
     columns), else or when empty the md5 of the download URL (`photo_hash`)."""
     urls = columns["download_url"]
     if "photo_hash" not in columns:
-        return pa.array(_md5_hashes(urls, np.arange(len(urls))), pa.string())
+        return _md5_hashes(urls, np.arange(len(urls)))
     hashes = columns["photo_hash"]
     lowered = pc.ascii_lower(hashes)
     unhashed = np.flatnonzero(_flags(pc.equal(hashes, "")))
