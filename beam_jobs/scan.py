@@ -39,7 +39,7 @@ from transforms.rejects import (REJECTS_SCHEMA, count_reject_table, reject_count
                                rejects_to_table)
 from transforms.s2_prefilter import (COUNT_CANDIDATES, COUNT_LINES, COUNT_REJECTS, DEFAULT_DROP_TAGS,
                                      CountReadAndPrefilter, ReadAndPrefilterParts,
-                                     ScanReadAndPrefilter, validate_licenses)
+                                     ScanReadAndPrefilter, scan_buckets, validate_licenses)
 from transforms.spill import new_staging_dir, remove_staging
 from transforms.yfcc_format import YFCC_RECORD_SCHEMA, records_to_table
 
@@ -85,6 +85,18 @@ class ScanOptions(JobOptions):
             help="Number of candidate/reject Parquet files (default: chosen by the runner; a fixed "
                  "number makes Beam gather every row before writing, so local memory then grows "
                  "with the input).")
+
+
+# Stored bytes of a .gz/.bz2 metadata file times this estimates its text (to size the duplicate
+# check's buckets; a high guess only makes more, smaller buckets).
+COMPRESSED_TEXT_RATIO = 5
+
+
+def input_text_bytes(patterns: Sequence[str]) -> int:
+    """Estimated bytes of text in the files the patterns match (compressed ones scaled up)."""
+    return sum(metadata.size_in_bytes
+               * (COMPRESSED_TEXT_RATIO if metadata.path.endswith((".gz", ".bz2")) else 1)
+               for result in FileSystems.match(list(patterns)) for metadata in result.metadata_list)
 
 
 # Rows are written and counted in batches: one Parquet table and one count per name per batch
@@ -185,11 +197,12 @@ def remove_previous_outputs(output: str) -> None:
 def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
                licenses: Sequence[str] = FDH_LICENSES, opt_out: Sequence[str] = (),
                drop_tags: Sequence[str] = DEFAULT_DROP_TAGS, num_shards: int = 0,
-               staging_dir: Optional[str] = None) -> None:
+               staging_dir: Optional[str] = None, buckets: Optional[int] = None) -> None:
     """Add the scan steps to `pipeline`. With `staging_dir` (the caller removes it after the
     run) the candidates and rejects travel as Arrow tables, the candidates staged there during
     the duplicate check (`ScanReadAndPrefilter`); without, as lists of records and `Rejected`s
-    (`ReadAndPrefilterParts`)."""
+    (`ReadAndPrefilterParts`). `buckets`: of the duplicate check of tables (default: sized
+    from the input, `scan_buckets`)."""
     if staging_dir is None:
         read = pipeline | "ReadAndPrefilter" >> ReadAndPrefilterParts(
             list(yfcc), licenses, opt_out, drop_tags, batch_size=WRITE_BATCH_SIZE)
@@ -198,7 +211,8 @@ def build_scan(pipeline: beam.Pipeline, yfcc: Sequence[str], output: str,
         count_reject_batch = _count_by(lambda rejected: (REJECT, reject_counts_key(rejected)))
     else:
         read = pipeline | "ReadAndPrefilter" >> ScanReadAndPrefilter(
-            list(yfcc), licenses, opt_out, drop_tags, staging_dir=staging_dir)
+            list(yfcc), licenses, opt_out, drop_tags, staging_dir=staging_dir,
+            buckets=buckets or scan_buckets(input_text_bytes(yfcc)))
         candidates_to_table, rejects_table = None, None
         count, count_reject_batch = count_candidates, count_rejects
     candidate_counts = read.main | "WriteCandidates" >> _WriteAndCount(

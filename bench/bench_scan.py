@@ -71,9 +71,10 @@ def time_core(path: str) -> float:
 
 
 def time_pipeline(path: str, output: str, counts_only: bool = False,
-                  one_shard: bool = True) -> float:
-    """Seconds of one scan run; `one_shard` writes one Parquet file per output (the speed runs;
-    Beam then groups every row in one place, so the memory runs let the runner choose)."""
+                  one_shard: bool = False) -> float:
+    """Seconds of one scan run, with the runner's choice of Parquet files (the default: each
+    bundle writes its own); `one_shard` writes one per output (Beam then groups every row in
+    one place first)."""
     from beam_jobs import scan
 
     start = time.perf_counter()
@@ -181,7 +182,7 @@ def main() -> None:
         print(peak_rss_mib())
         return
     if args.rss_scan_child:  # child process of peak_rss_mib_of_scan
-        time_pipeline(*args.rss_scan_child, counts_only=args.counts_only, one_shard=False)
+        time_pipeline(*args.rss_scan_child, counts_only=args.counts_only)
         print(peak_rss_mib())
         return
 

@@ -14,7 +14,7 @@ from transforms.s1_read import iter_blocks, parse_block_per_row, parse_numbered_
 from transforms.s2_prefilter import (LOWERING_TO_ASCII, USABLE_LICENSE_SLUGS, VALID_LICENSE_SLUGS,
                                      BlockChecker, CandidateIds, CandidateRows,
                                      CandidateTableChecker, PrefilterRules, RejectRows,
-                                     lowering_to_ascii)
+                                     lowering_to_ascii, scan_buckets)
 from transforms.yfcc_format import format_line, records_to_table
 
 PATH = "/data/yfcc.txt"
@@ -280,7 +280,8 @@ def _scan_outputs(output) -> tuple[list, list, dict]:
 
 
 @pytest.mark.pipeline
-def test_full_scan_with_candidate_tables_writes_what_the_record_path_writes(tmp_path):
+@pytest.mark.parametrize("buckets", [None, 7])
+def test_full_scan_with_candidate_tables_writes_what_the_record_path_writes(tmp_path, buckets):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from beam_jobs.common import make_pipeline
@@ -296,7 +297,8 @@ def test_full_scan_with_candidate_tables_writes_what_the_record_path_writes(tmp_
         pipeline = make_pipeline(PipelineOptions([]))
         scan.build_scan(pipeline, yfcc, str(tmp_path / name), ["cc-by-2", "cc-by-nc-2"],
                         [str(tmp_path / "opt_out.txt")], ["people", "no_cv"],
-                        staging_dir=None if staging_dir is None else str(staging_dir))
+                        staging_dir=None if staging_dir is None else str(staging_dir),
+                        buckets=buckets)
         pipeline.run().wait_until_finish()
         outputs.append(_scan_outputs(tmp_path / name))
     (want_candidates, want_rejects, want_counts), (candidates, rejects, counts) = outputs
@@ -330,3 +332,15 @@ def test_vectorised_url_decoding_equals_the_per_value_decoder(plus_is_space):
     for chosen in (values, utf8):
         for array in (pa.array(chosen, pa.large_string()), pa.array(["pad"] + chosen).slice(1)):
             assert _decoded_text(array, plus_is_space).to_pylist() == [decode(v) for v in chosen]
+
+
+def test_the_full_scan_sizes_its_buckets_from_the_input(tmp_path):
+    """About SCAN_BUCKET_TEXT_BYTES of text per bucket, a power of two; .gz/.bz2 scaled up."""
+    from transforms.s2_prefilter.rules import MAX_SCAN_BUCKETS, SCAN_BUCKET_TEXT_BYTES
+
+    assert [scan_buckets(n * SCAN_BUCKET_TEXT_BYTES) for n in (0, 1, 2, 3, 100)] == [1, 1, 2, 4, 128]
+    assert scan_buckets(SCAN_BUCKET_TEXT_BYTES + 1) == 2
+    assert scan_buckets(1 << 60) == MAX_SCAN_BUCKETS
+    (tmp_path / "a.txt").write_bytes(b"x" * 1000)
+    (tmp_path / "b.txt.bz2").write_bytes(b"x" * 100)
+    assert scan.input_text_bytes([str(tmp_path / "*")]) == 1000 + 100 * scan.COMPRESSED_TEXT_RATIO

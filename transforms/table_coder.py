@@ -4,8 +4,8 @@ Beam samples the size of the elements every step emits (the first ten of each PC
 then about ten per doubling) by encoding them with the PCollection's coder. Without a coder
 of its own a table falls back to pickle: each sample copies the whole table (a full scan
 spent a tenth of its time there). `ArrowTableCoder` encodes a table as an Arrow IPC stream
-(for a real shuffle) and estimates its size from its buffers, without encoding it. Importing
-this module registers it for `pyarrow.Table`; a step's tagged outputs need
+(for a real shuffle) and estimates its size from its buffers, without encoding it. `register()`
+makes it the coder of `pyarrow.Table`; a step's tagged outputs need
 `with_output_types(..., TAG=pa.Table)` for Beam to pick it.
 """
 from __future__ import annotations
@@ -42,4 +42,6 @@ class ArrowTableCoder(beam.coders.Coder):
         return hash(type(self))
 
 
-beam.coders.registry.register_coder(pa.Table, ArrowTableCoder)
+def register() -> None:
+    """Make `ArrowTableCoder` the coder of PCollections typed `pyarrow.Table` (idempotent)."""
+    beam.coders.registry.register_coder(pa.Table, ArrowTableCoder)

@@ -43,10 +43,10 @@ from transforms.s2_prefilter.rules import (BATCH_SIZE, DEFAULT_DROP_TAGS, ID_BUC
                                            PrefilterRules, REJECTS_BATCH_SIZE, STAGE,
                                            USABLE_LICENSE_SLUGS, VALID_LICENSE_SLUGS, _PHOTO_ID,
                                            keep_first_of_each_photo, order_duplicates,
-                                           validate_licenses)
+                                           scan_buckets, validate_licenses)
 from transforms.spill import SpilledGroupByKey, SpillRef, read_spilled, spill_by_bucket
 from transforms.stage import StageDoFn, StageOutput, stage_output
-from transforms.table_coder import ArrowTableCoder  # noqa: F401 (registers the coder of pa.Table)
+from transforms import table_coder
 from transforms.yfcc_format import records_to_table
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "LINE_COLUMN", "LOWERING_TO_ASCII", "Prefilter", "PrefilterParts", "PrefilterRules",
     "ReadAndPrefilter", "ReadAndPrefilterParts", "RejectRows", "STAGE", "ScanReadAndPrefilter",
     "TABLE_SPILL_ROWS", "USABLE_LICENSE_SLUGS", "VALID_LICENSE_SLUGS", "batch_rejects",
+    "scan_buckets",
     "candidate_ids_of", "count_duplicates", "keep_first_of_each_photo", "keep_first_rows",
     "lowering_to_ascii", "order_duplicates", "validate_licenses",
 ]
@@ -541,8 +542,8 @@ class _CandidateTables:
     """Candidate tables (and per-row candidate records) of one file, buffered, then staged by
     bucket of photo ids with their line numbers (`spill_by_bucket`)."""
 
-    def __init__(self, path: str, staging_dir: str):
-        self._path, self._staging_dir = path, staging_dir
+    def __init__(self, path: str, staging_dir: str, buckets: int):
+        self._path, self._staging_dir, self._buckets = path, staging_dir, buckets
         self._tables: list[pa.Table] = []
         self._records: list[YfccRecord] = []
         self._size = 0
@@ -570,7 +571,7 @@ class _CandidateTables:
             return
         table = pa.concat_tables(self._tables)
         self._tables, self._records, self._size = [], [], 0
-        buckets = table.column("photo_id").to_numpy() % ID_BUCKETS
+        buckets = table.column("photo_id").to_numpy() % self._buckets
         for bucket, ref in spill_by_bucket(table, buckets, self._staging_dir):
             yield bucket, (self._path, ref)
 
@@ -608,15 +609,16 @@ class _ScanReadAndRulesFn(_ReadAndApplyRulesFn):
     `CandidateTableChecker`, staged in `staging_dir`), REJECTS_TAG REJECTS_SCHEMA tables, and
     the line counts as `_ReadAndApplyRulesFn`."""
 
-    def __init__(self, compression_type: str, config: _RulesConfig, staging_dir: str):
+    def __init__(self, compression_type: str, config: _RulesConfig, staging_dir: str,
+                 buckets: int):
         super().__init__(compression_type, config)
-        self._staging_dir = staging_dir
+        self._staging_dir, self._buckets = staging_dir, buckets
 
     def process(self, readable_file):
         return _tables_of_rejects(StageDoFn.process(self, readable_file))
 
     def process_element(self, readable_file):
-        tables = _CandidateTables(file_path(readable_file), self._staging_dir)
+        tables = _CandidateTables(file_path(readable_file), self._staging_dir, self._buckets)
         rejects = _RejectTables()
         try:
             for output in read_file(readable_file, self._compression_type, self._counters,
@@ -748,20 +750,23 @@ class _KeepFirstRowsFn(StageDoFn):
 class ScanReadAndPrefilter(ReadAndPrefilter):
     """`ReadAndPrefilterParts` for the full scan: the same candidates, rejects and line counts,
     the candidates as YFCC_RECORD_SCHEMA tables (main) instead of lists of records, staged
-    under `staging_dir` during the duplicate check (the caller removes it after the run); the
+    under `staging_dir` during the duplicate check (the caller removes it after the run) in
+    `buckets` buckets of photo ids (`scan_buckets`: one bucket's rows are held at a time); the
     rejects as REJECTS_SCHEMA tables (no Python object per rejected line)."""
 
     def __init__(self, patterns: Union[str, Sequence[str]], licenses: Iterable[str] = FDH_LICENSES,
                  opt_out_paths: Iterable[str] = (), drop_tags: Iterable[str] = DEFAULT_DROP_TAGS,
-                 *, staging_dir: str, **read_options: Any):
+                 *, staging_dir: str, buckets: int = ID_BUCKETS, **read_options: Any):
         super().__init__(patterns, licenses, opt_out_paths, drop_tags, staging_dir=staging_dir,
                          **read_options)
+        self._buckets = buckets
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> PrefilterParts:
+        table_coder.register()  # tables cross these steps: a coder that measures them cheaply
         read = (
             self._matched_files(pbegin)
             | "ReadLines" >> beam.ParDo(_ScanReadAndRulesFn(self._compression_type, self._config,
-                                                            self._staging_dir))
+                                                            self._staging_dir, self._buckets))
             .with_output_types(Any, **{REJECTS_TAG: pa.Table})
             .with_outputs(REJECTS_TAG, LINE_COUNTS_TAG, main="main"))
         unique = (read.main | "GroupIdBucket" >> beam.GroupByKey()
