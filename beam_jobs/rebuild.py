@@ -56,7 +56,8 @@ from dataset.fs import load_json
 from dataset.layout import STATS_FILE
 from transforms.s8_write import AssignSplit, EncodedSample, WriteRunOutputs, WriteShards
 from transforms.s8_write.run_outputs import resolve_crawl_time
-from transforms.spill import SpilledReshuffle, local_staging_dir, remove_staging
+from transforms.spill import (LoadSpilled, SpilledReshuffle, flatten_spilling_to, local_staging_dir,
+                              remove_staging)
 
 DEFAULT_IMAGE_SOURCE = "mirror:https://multimedia-commons.s3-us-west-2.amazonaws.com"
 
@@ -295,14 +296,17 @@ def annotate_stage(options: RebuildOptions, no_embeddings: bool) -> beam.PTransf
 
 
 def gpu_stage(options: RebuildOptions, write_shards: WriteShards, no_embeddings: bool,
-              annotate: Optional[beam.PTransform] = None) -> GpuStage:
+              annotate: Optional[beam.PTransform] = None,
+              staging_dir: Optional[str] = None) -> GpuStage:
     """decode -> annotate -> select -> crop -> split -> encode, configured from the flags
-    (`annotate`: the `annotate_stage`, when the caller built it already)."""
+    (`annotate`: the `annotate_stage`, when the caller built it already; `staging_dir`: where
+    its rejects are staged, see `GpuStage`)."""
     annotate = annotate or annotate_stage(options, no_embeddings)
     part_table = options.model_dir if options.annotator == "fdh" and not no_embeddings else None
     return GpuStage(annotate, SelectPersons(part_table=part_table), CropPersons(),
                     AssignSplit(val_fraction=options.val_fraction, by=options.split_by),
-                    write_shards.encoder(), accelerator=gpu_accelerator(options))
+                    write_shards.encoder(), accelerator=gpu_accelerator(options),
+                    staging_dir=staging_dir)
 
 
 def fetch_stage(candidates: beam.PCollection, options: RebuildOptions, annotate: beam.PTransform):
@@ -321,13 +325,13 @@ def fetch_stage(candidates: beam.PCollection, options: RebuildOptions, annotate:
 
 def build(pipeline: beam.Pipeline, options: RebuildOptions, staging_dir: Optional[str] = None) -> None:
     """Compose the rebuild job on `pipeline`. With `staging_dir` (local runs), what crosses the
-    shuffles (candidates, the reshuffled records, encoded samples) waits in files there, so
-    that memory does not grow with the input (`transforms.spill`)."""
+    shuffles (candidates, the reshuffled records, encoded samples) and the rejects' Flattens
+    waits in files there, so that memory does not grow with the input (`transforms.spill`)."""
     output = options.output.rstrip("/")
     no_embeddings = options.no_embeddings or options.annotator == "lite"
     write_shards = WriteShards(output, no_embeddings=no_embeddings, crawl_time=options.crawl_time)
     annotate = annotate_stage(options, no_embeddings)
-    composite = gpu_stage(options, write_shards, no_embeddings, annotate)
+    composite = gpu_stage(options, write_shards, no_embeddings, annotate, staging_dir)
 
     # ReadYfcc | Prefilter fused in one step per file (same outputs, no element in between).
     licenses = split_list(options.licenses) or list(FDH_LICENSES)
@@ -348,7 +352,10 @@ def build(pipeline: beam.Pipeline, options: RebuildOptions, staging_dir: Optiona
     written = samples | "WriteShards" >> write_shards.writer(staging_dir)
     stages.append(written)
 
-    rejects = tuple(stage.rejects for stage in stages) | "AllRejects" >> beam.Flatten()
+    rejects = tuple(stage.rejects for stage in stages) | "AllRejects" >> flatten_spilling_to(
+        staging_dir)
+    if staging_dir:  # every stage's rejects crossed their Flattens as batch references
+        rejects = rejects | "LoadRejects" >> LoadSpilled()
     rejects_written = rejects | "WriteRejects" >> WriteRejects(output)
     funnel = ((_sum_line_counts(prefiltered.line_counts),
                count_step(prefiltered.main, "candidates"),

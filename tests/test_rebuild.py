@@ -308,3 +308,73 @@ def test_a_local_rebuild_spills_its_shuffles_and_gives_the_same_bytes_without(sa
     monkeypatch.setattr(rebuild, "local_staging_dir", lambda job: "")  # no spill at all
     _rebuild(sample, str(tmp_path / "in_memory"))
     assert _shard_bytes(str(tmp_path / "in_memory")) == _shard_bytes(output)
+    assert _reject_rows(str(tmp_path / "in_memory")) == _reject_rows(str(tmp_path / "spilled"))
+    assert (_stats_without_timing(str(tmp_path / "in_memory"))
+            == _stats_without_timing(str(tmp_path / "spilled")))
+
+
+def _reject_rows(output: str) -> list:
+    """Every row of rejects/*.parquet, sorted (the shards' names and order may differ)."""
+    frame = pd.read_parquet(os.path.join(output, "rejects")).astype(object)
+    rows = frame.where(frame.notna(), None).to_dict("records")
+    assert rows
+    return sorted(rows, key=lambda row: sorted((key, str(value)) for key, value in row.items()))
+
+
+def _stats_without_timing(output: str) -> dict:
+    with open(os.path.join(output, "stats.json")) as handle:
+        stats = json.load(handle)
+    return {key: value for key, value in stats.items() if "time" not in key}
+
+
+REJECT_FLATTENS = ("AllRejects", "ReadAndPrefilter/MergeRejects", "GpuStage/Rejects")
+
+
+def _outputs_of(pipeline, labels) -> dict:
+    """The output PCollection of each transform named in `labels` (full labels)."""
+    from apache_beam.pipeline import PipelineVisitor
+
+    found = {}
+
+    class Finder(PipelineVisitor):
+        def enter_composite_transform(self, node):
+            self.visit_transform(node)
+
+        def visit_transform(self, node):
+            if node.full_label in labels:
+                found[node.full_label] = node.outputs[None]
+
+    pipeline.visit(Finder())
+    return found
+
+
+@pytest.mark.pipeline
+def test_a_local_rebuilds_rejects_cross_their_flattens_as_batch_references(sample, built, tmp_path):
+    """What crosses each rejects Flatten of a local rebuild is SpilledBatch references, which
+    hold every reject the parquet files of an in-memory rebuild hold (issue 13)."""
+    import apache_beam as beam
+
+    from beam_jobs.common import make_pipeline
+
+    yfcc, mirror = sample
+    options, beam_options = split_job_flags(rebuild.RebuildOptions, [
+        f"--yfcc={yfcc}", f"--output={tmp_path / 'out'}", f"--image_source=mirror:{mirror}",
+        "--annotator=lite", "--crawl_time=1637341702.1145487"])
+    pipeline = make_pipeline(beam_options)
+    rebuild.build(pipeline, options, str(tmp_path / "staging"))
+    flattens = _outputs_of(pipeline, REJECT_FLATTENS)
+    assert set(flattens) == set(REJECT_FLATTENS)
+    for index, (label, pcoll) in enumerate(sorted(flattens.items())):
+        _ = (pcoll | f"Observe{index}" >> beam.combiners.ToList()
+             | f"Record{index}" >> beam.Map(lambda elements, name=label: open(
+                 tmp_path / name.replace("/", "-"), "w").write(json.dumps(
+                     [[type(element).__name__, getattr(element, "count", 1)] for element in elements]))))
+    pipeline.run().wait_until_finish()
+
+    crossed = {label: json.loads((tmp_path / label.replace("/", "-")).read_text())
+               for label in REJECT_FLATTENS}
+    assert all(kind == "SpilledBatch" for elements in crossed.values() for kind, _ in elements), crossed
+    rows = _reject_rows(built[0])
+    assert sum(count for _, count in crossed["AllRejects"]) == len(rows)
+    assert len(crossed["AllRejects"]) < len(rows)
+    assert _reject_rows(str(tmp_path / "out")) == rows

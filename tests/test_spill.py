@@ -84,3 +84,75 @@ def test_spilled_group_by_key_and_reshuffle_give_what_beam_gives(tmp_path):
         assert_that(shuffled, equal_to(list(range(200))), label="reshuffled")
     assert any(name.endswith(".pickles") for name in os.listdir(staging))
     assert remove_staging(staging) >= 2 and not os.path.exists(staging)
+
+
+def _rejects(count: int, stage: str, start: int = 0) -> list:
+    from transforms.records import Rejected
+
+    return [Rejected(str(start + index), stage, "reason", "x" * (index % 7), start + index, None)
+            for index in range(count)]
+
+
+@pytest.mark.pipeline
+def test_spilled_flatten_sends_batch_references_and_loads_back_every_element(tmp_path):
+    """5,000 rejects from three inputs, one of them a spilled flatten itself (nesting), cross the
+    outer Flatten as a few batch references; loaded, they are exactly the inputs (a multiset)."""
+    import math
+
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.spill import LoadSpilled, SpilledBatch, SpilledFlatten
+
+    staging, batch = str(tmp_path / "staging"), 256
+    read, duplicates, fetch = _rejects(2500, "read"), _rejects(1000, "prefilter"), _rejects(1500, "fetch")
+    duplicates += duplicates[:300]  # equal elements must all come back
+    everything = read + duplicates + fetch
+    refs_at_most = sum(math.ceil(len(part) / batch) + 1 for part in (read, duplicates, fetch))
+
+    def summary(elements: list) -> tuple:
+        assert all(isinstance(element, SpilledBatch) for element in elements)
+        assert all(os.path.exists(element.ref.path) for element in elements)  # staged, still there
+        return len(elements) <= refs_at_most, sum(element.count for element in elements)
+
+    with beam.Pipeline() as pipeline:
+        def create(label, elements):
+            return pipeline | label >> beam.Create(elements, reshuffle=False)
+
+        inner = ((create("Read", read), create("Duplicates", duplicates))
+                 | "Inner" >> SpilledFlatten(staging, batch_size=batch))
+        outer = (inner, create("Fetch", fetch)) | "Outer" >> SpilledFlatten(staging, batch_size=batch)
+        references = outer | "AllRefs" >> beam.combiners.ToList() | beam.Map(summary)
+        assert_that(references, equal_to([(True, len(everything))]), label="references")
+        assert_that(outer | "Load" >> LoadSpilled(), equal_to(everything), label="loaded")
+    assert any(name.endswith(".pickles") for name in os.listdir(staging))
+    assert remove_staging(staging) >= 1 and not os.path.exists(staging)
+
+
+@pytest.mark.pipeline
+def test_flatten_spilling_to_nowhere_is_beams_flatten():
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.spill import LoadSpilled, flatten_spilling_to
+
+    assert type(flatten_spilling_to(None)) is beam.Flatten
+    assert type(flatten_spilling_to("")) is beam.Flatten
+    first, second = _rejects(30, "read"), _rejects(20, "fetch", start=100)
+    with beam.Pipeline() as pipeline:
+        merged = ((pipeline | "First" >> beam.Create(first), pipeline | "Second" >> beam.Create(second))
+                  | flatten_spilling_to(None))
+        assert_that(merged, equal_to(first + second), label="plain")
+        assert_that(merged | LoadSpilled(), equal_to(first + second), label="load_is_identity")
+
+
+def test_spilled_flatten_needs_the_global_window(tmp_path):
+    import apache_beam as beam
+    from apache_beam.transforms import window
+
+    from transforms.spill import SpilledFlatten
+
+    pipeline = beam.Pipeline()
+    windowed = (pipeline | beam.Create([1, 2]) | beam.WindowInto(window.FixedWindows(10)))
+    with pytest.raises(ValueError, match="global window"):
+        _ = (windowed,) | SpilledFlatten(str(tmp_path))

@@ -75,7 +75,7 @@ from transforms.rejects import reject
 from transforms.s3_fetch import (DEFAULT_PORTS, LOOPBACK_NAMES, DisallowedUrl, HostPolicy,
                                  ResolveError, Resolver, Target, TokenBucket, check_url,
                                  resolve_host)
-from transforms.spill import SpilledGroupByKey
+from transforms.spill import SpilledGroupByKey, flatten_spilling_to
 from transforms.stage import StageDoFn, StageOutput, record_of
 from transforms.tags import clean_tag
 
@@ -676,7 +676,8 @@ class CheckConsent(beam.PTransform):
 
     def spilling_to(self, staging_dir: Optional[str]) -> "CheckConsent":
         """This check with the grouping by owner spilled to `staging_dir` (local runs: the
-        elements, encoded samples in the rebuild, wait in files; `transforms.spill`)."""
+        elements, encoded samples in the rebuild, wait in files; `transforms.spill`), and its
+        rejects as `SpilledBatch` references to files there (`LoadSpilled` gives them back)."""
         spilled = copy.copy(self)
         spilled._staging_dir = staging_dir
         return spilled
@@ -688,7 +689,8 @@ class CheckConsent(beam.PTransform):
                    | "GroupByOwner" >> SpilledGroupByKey(self._staging_dir)
                    | "Check" >> beam.ParDo(_CheckOwnerFn(self._config, self._rules))
                    .with_outputs(REJECTS_TAG, main="main"))
-        rejects = (keyed[REJECTS_TAG], checked[REJECTS_TAG]) | "MergeRejects" >> beam.Flatten()
+        rejects = ((keyed[REJECTS_TAG], checked[REJECTS_TAG])
+                   | "MergeRejects" >> flatten_spilling_to(self._staging_dir))
         return StageOutput(checked.main, rejects)
 
 

@@ -26,6 +26,7 @@ from transforms.s6_select import SelectPersons
 from transforms.s7_crop import CropPersons
 from transforms.s8_write import AssignSplit
 from transforms.s8_write.write import EncodeSamples
+from transforms.spill import flatten_spilling_to
 
 # The funnel steps counted inside the composite: the main outputs of decode, annotate, select, crop.
 COUNTED_STEPS = ("decoded", "annotated", "photos_with_person", "samples")
@@ -70,15 +71,18 @@ class GpuStage(beam.PTransform):
       annotate, select, crop, split, encode: the stage transforms, configured by the job.
       decode: the decode stage (default `DecodeImages()`).
       accelerator: an `accelerator_hint` value; None: no hint (local runs, the lite annotator).
+      staging_dir: local runs: the rejects cross their Flatten as `transforms.spill.SpilledBatch`
+        references to files there (load them with `LoadSpilled`); None: plain `Rejected`.
     """
 
     def __init__(self, annotate: Annotate, select: SelectPersons, crop: CropPersons,
                  split: AssignSplit, encode: EncodeSamples, decode: Optional[DecodeImages] = None,
-                 accelerator: Optional[str] = None):
+                 accelerator: Optional[str] = None, staging_dir: Optional[str] = None):
         super().__init__()
         self._stages = (("DecodeImages", decode or DecodeImages()), ("Annotate", annotate),
                         ("SelectPersons", select), ("CropPersons", crop),
                         ("AssignSplit", split), ("EncodeSamples", encode))
+        self._staging_dir = staging_dir
         if accelerator:
             self.with_resource_hints(accelerator=accelerator)
 
@@ -89,6 +93,7 @@ class GpuStage(beam.PTransform):
             outputs.append(output)
             pcoll = output.main
         counts = tuple(count_step(output.main, step) for step, output in zip(COUNTED_STEPS, outputs))
-        rejects = tuple(output.rejects for output in outputs) | "Rejects" >> beam.Flatten()
+        rejects = (tuple(output.rejects for output in outputs)
+                   | "Rejects" >> flatten_spilling_to(self._staging_dir))
         return GpuStageOutput(main=pcoll, rejects=rejects,
                               counts=counts | "Counts" >> beam.Flatten())

@@ -1,4 +1,5 @@
-"""Spilled shuffles: stage data in files and send only references through a GroupByKey.
+"""Spilled shuffles: stage data in files and send only references through a GroupByKey
+(or a Flatten).
 
 Beam's in-process runner holds a whole PCollection at each GroupByKey, so what crosses one
 decides local memory. A step that must group much data by bucket (the duplicate check of the
@@ -12,6 +13,13 @@ values are appended to one staging file and only (key, `Spilled`) pairs cross th
 values are loaded lazily after it, one at a time. On the local runner they keep memory flat;
 on Dataflow the shuffle service holds data on disk anyway, so jobs use them locally only.
 A spilled value must be read after the GroupByKey (its file is closed when the bundle ends).
+
+`SpilledFlatten` does it for a Flatten, which that runner also holds whole when it has several
+inputs (the rejects of a rebuild: tens of millions at YFCC scale): each bundle's elements are
+appended to a staging file in pickled batches and one `SpilledBatch` per batch crosses; inputs
+that already are SpilledBatches (an inner SpilledFlatten) pass as they are, so nested Flattens
+stay small. `LoadSpilled`, once at the final consumer, gives the elements back.
+`flatten_spilling_to(None)` is Beam's Flatten, for remote runners.
 
 The staging folder belongs to one run (`new_staging_dir`, `local_staging_dir`); `remove_staging`
 deletes the files this module wrote there (`*.arrows`, `*.pickles`) and nothing else.
@@ -30,12 +38,14 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
 
 SUFFIX = ".arrows"
 VALUES_SUFFIX = ".pickles"
 STAGING_FOLDER = "_staging"
 OPEN_FILES = 16  # staging files a process keeps open for reading
 RESHUFFLE_KEYS = 1024
+SPILL_BATCH = 1024  # elements per staged batch of a SpilledFlatten
 
 
 class SpillRef(NamedTuple):
@@ -123,17 +133,14 @@ def load(spilled: Spilled) -> Any:
     return pickle.loads(_Reader.read(spilled.ref))
 
 
-class _SpillValuesFn(beam.DoFn):
-    """(key, value) -> (key, Spilled): each bundle's values appended to one new staging file."""
+class _StagingFile:
+    """One new staging file of pickled values, opened at the first append, closed by `close`."""
 
-    def __init__(self, staging_dir: str, summarize: Optional[Callable[[Any], Any]] = None):
-        self._staging_dir, self._summarize = staging_dir, summarize
+    def __init__(self, staging_dir: str):
+        self._staging_dir, self._handle, self._path, self._offset = staging_dir, None, "", 0
 
-    def start_bundle(self):
-        self._handle, self._path, self._offset = None, "", 0
-
-    def process(self, element):
-        key, value = element
+    def append(self, value: Any) -> SpillRef:
+        """Pickle `value` onto the end of the file; where it lies."""
         if self._handle is None:
             self._path = f"{self._staging_dir}/{uuid.uuid4().hex}{VALUES_SUFFIX}"
             self._handle = FileSystems.create(self._path)
@@ -141,12 +148,30 @@ class _SpillValuesFn(beam.DoFn):
         self._handle.write(data)
         ref = SpillRef(self._path, self._offset, len(data))
         self._offset += len(data)
-        yield key, Spilled(ref, self._summarize(value) if self._summarize else None)
+        return ref
 
-    def finish_bundle(self):
+    def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+class _SpillValuesFn(beam.DoFn):
+    """(key, value) -> (key, Spilled): each bundle's values appended to one new staging file."""
+
+    def __init__(self, staging_dir: str, summarize: Optional[Callable[[Any], Any]] = None):
+        self._staging_dir, self._summarize = staging_dir, summarize
+
+    def start_bundle(self):
+        self._file = _StagingFile(self._staging_dir)
+
+    def process(self, element):
+        key, value = element
+        ref = self._file.append(value)
+        yield key, Spilled(ref, self._summarize(value) if self._summarize else None)
+
+    def finish_bundle(self):
+        self._file.close()
 
 
 class SpillValues(beam.PTransform):
@@ -205,6 +230,85 @@ class SpilledReshuffle(beam.PTransform):
                 | "RandomKey" >> beam.Map(lambda value: (random.randrange(RESHUFFLE_KEYS), value))
                 | "Group" >> SpilledGroupByKey(self._staging_dir)
                 | "Values" >> beam.FlatMapTuple(lambda _, values: values))
+
+
+class SpilledBatch(NamedTuple):
+    """Up to a batch of elements waiting in a staging file, pickled as one list."""
+
+    ref: SpillRef
+    count: int
+
+
+class _SpillBatchesFn(beam.DoFn):
+    """element -> SpilledBatch: each bundle's elements appended to one new staging file in
+    pickled lists of up to `batch_size`; a SpilledBatch passes through as it is."""
+
+    def __init__(self, staging_dir: str, batch_size: int):
+        self._staging_dir, self._batch_size = staging_dir, batch_size
+
+    def start_bundle(self):
+        self._file, self._batch = _StagingFile(self._staging_dir), []
+
+    def process(self, element):
+        if isinstance(element, SpilledBatch):
+            yield element
+            return
+        self._batch.append(element)
+        if len(self._batch) >= self._batch_size:
+            yield self._spill_batch()
+
+    def finish_bundle(self):
+        if self._batch:
+            yield GlobalWindows.windowed_value(self._spill_batch())
+        self._file.close()
+
+    def _spill_batch(self) -> SpilledBatch:
+        batch, self._batch = self._batch, []
+        return SpilledBatch(self._file.append(batch), len(batch))
+
+
+class SpilledFlatten(beam.PTransform):
+    """Flatten whose elements wait in staging files: only a SpilledBatch per batch of up to
+    `batch_size` elements crosses it (inputs already SpilledBatches, e.g. from an inner
+    SpilledFlatten, pass as they are). `LoadSpilled` gives the elements back, after it: the
+    in-process runner holds both inputs of a multi-input Flatten whole. Global window only
+    (a batch job), as a bundle's last batch leaves from finish_bundle."""
+
+    def __init__(self, staging_dir: str, batch_size: int = SPILL_BATCH):
+        super().__init__()
+        if not staging_dir or batch_size < 1:
+            raise ValueError("SpilledFlatten needs a staging folder and a positive batch size")
+        self._staging_dir, self._batch_size = staging_dir, batch_size
+
+    def expand(self, pcolls):
+        pcolls = tuple(pcolls)
+        if any(not isinstance(pcoll.windowing.windowfn, GlobalWindows) for pcoll in pcolls):
+            raise ValueError("SpilledFlatten needs its inputs in the global window (a batch job)")
+        spilled = tuple(pcoll | f"Spill{index}" >> beam.ParDo(
+                            _SpillBatchesFn(self._staging_dir, self._batch_size))
+                        for index, pcoll in enumerate(pcolls))
+        return spilled | "Flatten" >> beam.Flatten()
+
+
+def flatten_spilling_to(staging_dir: Optional[str], batch_size: int = SPILL_BATCH) -> beam.PTransform:
+    """A SpilledFlatten into `staging_dir` (local runs), else Beam's Flatten (the graph a remote
+    runner gets is unchanged: its shuffle holds data on disk anyway)."""
+    return SpilledFlatten(staging_dir, batch_size) if staging_dir else beam.Flatten()
+
+
+def _elements_of(element: Any) -> Iterable[Any]:
+    if isinstance(element, SpilledBatch):
+        return pickle.loads(_Reader.read(element.ref))
+    return (element,)
+
+
+class LoadSpilled(beam.PTransform):
+    """SpilledBatch -> its elements, one batch in memory at a time; any other element as it is.
+    Apply once, at the final consumer of (nested) SpilledFlattens: after it the elements are
+    in memory again wherever a runner holds a PCollection."""
+
+    def expand(self, elements):
+        return elements | "Load" >> beam.FlatMap(_elements_of)
 
 
 def remove_staging(staging_dir: str) -> int:

@@ -45,6 +45,7 @@ from transforms.s2_prefilter.rules import (BATCH_SIZE, DEFAULT_DROP_TAGS, ID_BUC
                                            keep_first_of_each_photo, order_duplicates,
                                            scan_buckets, validate_licenses)
 from transforms.spill import SpilledGroupByKey, SpillRef, read_spilled, spill_by_bucket
+from transforms.spill import flatten_spilling_to
 from transforms.stage import StageDoFn, StageOutput, stage_output
 from transforms import table_coder
 from transforms.yfcc_format import records_to_table
@@ -343,7 +344,9 @@ class ReadAndPrefilter(beam.PTransform):
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> ReadOutput:
         parts = self._parts(pbegin)
-        rejects = (parts.read_rejects, parts.duplicate_rejects) | "MergeRejects" >> beam.Flatten()
+        # With a staging folder the rejects cross as SpilledBatch references (`LoadSpilled`).
+        rejects = ((parts.read_rejects, parts.duplicate_rejects)
+                   | "MergeRejects" >> flatten_spilling_to(self._staging_dir))
         return ReadOutput(main=parts.main, rejects=rejects, line_counts=parts.line_counts)
 
     def _parts(self, pbegin: beam.pvalue.PBegin) -> "PrefilterParts":
