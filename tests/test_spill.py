@@ -156,3 +156,49 @@ def test_spilled_flatten_needs_the_global_window(tmp_path):
     windowed = (pipeline | beam.Create([1, 2]) | beam.WindowInto(window.FixedWindows(10)))
     with pytest.raises(ValueError, match="global window"):
         _ = (windowed,) | SpilledFlatten(str(tmp_path))
+
+
+@pytest.mark.pipeline
+def test_spilled_reshuffle_sends_one_reference_per_batch_of_elements(tmp_path):
+    """What crosses the reshuffle's GroupByKey is a key and a batch reference per up to
+    `batch_size` elements (was one per element: ~150 B each, 10 GB at 68M candidates)."""
+    import math
+
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.spill import SpilledBatch, SpilledReshuffle
+
+    staging, batch, count = str(tmp_path / "staging"), 64, 3000
+    with beam.Pipeline() as pipeline:
+        elements = pipeline | beam.Create(list(range(count)), reshuffle=False)
+        reshuffle = SpilledReshuffle(staging, batch_size=batch)
+        shuffled = elements | "Reshuffle" >> reshuffle
+        assert_that(shuffled, equal_to(list(range(count))), label="every element once")
+        crossing = pipeline_pcollection(pipeline, "Reshuffle/GroupByKey")
+        summary = (crossing | beam.FlatMapTuple(lambda key, refs: refs)
+                   | beam.combiners.ToList()
+                   | beam.Map(lambda refs: (all(isinstance(ref, SpilledBatch) for ref in refs),
+                                            len(refs) <= math.ceil(count / batch) + 1,
+                                            sum(ref.count for ref in refs))))
+        assert_that(summary, equal_to([(True, True, count)]), label="references")
+    assert remove_staging(staging) >= 1
+
+
+def pipeline_pcollection(pipeline, label: str):
+    """The output PCollection of the applied transform named `label` (its full label)."""
+    from apache_beam.pipeline import PipelineVisitor
+
+    found = []
+
+    class Finder(PipelineVisitor):
+        def enter_composite_transform(self, node):
+            self.visit_transform(node)
+
+        def visit_transform(self, node):
+            if node.full_label == label:
+                found.extend(node.outputs.values())
+
+    pipeline.visit(Finder())
+    assert found, label
+    return found[0]

@@ -45,6 +45,9 @@ VALUES_SUFFIX = ".pickles"
 STAGING_FOLDER = "_staging"
 OPEN_FILES = 16  # staging files a process keeps open for reading
 RESHUFFLE_KEYS = 1024
+# Elements per staged batch of a SpilledReshuffle: small enough to spread the work that follows
+# (the rebuild's fetches) over bundles, big enough that a reference per batch stays small.
+RESHUFFLE_BATCH = 64
 SPILL_BATCH = 1024  # elements per staged batch of a SpilledFlatten
 
 
@@ -216,20 +219,24 @@ class SpilledGroupByKey(beam.PTransform):
 
 
 class SpilledReshuffle(beam.PTransform):
-    """Reshuffle (redistribute elements, break fusion) through staging files; without a staging
-    folder, Beam's Reshuffle."""
+    """Reshuffle (redistribute elements, break fusion) through staging files: each bundle's
+    elements are staged in batches of up to `batch_size`, and only a random key and a
+    `SpilledBatch` per batch cross the GroupByKey. Without a staging folder, Beam's Reshuffle.
+    Global window only (a bundle's last batch leaves from finish_bundle)."""
 
-    def __init__(self, staging_dir: Optional[str]):
+    def __init__(self, staging_dir: Optional[str], batch_size: int = RESHUFFLE_BATCH):
         super().__init__()
-        self._staging_dir = staging_dir
+        self._staging_dir, self._batch_size = staging_dir, batch_size
 
     def expand(self, elements):
         if not self._staging_dir:
             return elements | "Reshuffle" >> beam.Reshuffle()
         return (elements
-                | "RandomKey" >> beam.Map(lambda value: (random.randrange(RESHUFFLE_KEYS), value))
-                | "Group" >> SpilledGroupByKey(self._staging_dir)
-                | "Values" >> beam.FlatMapTuple(lambda _, values: values))
+                | "SpillBatches" >> beam.ParDo(_SpillBatchesFn(self._staging_dir, self._batch_size))
+                | "RandomKey" >> beam.Map(lambda batch: (random.randrange(RESHUFFLE_KEYS), batch))
+                | "GroupByKey" >> beam.GroupByKey()
+                | "Values" >> beam.FlatMapTuple(lambda _, batches: (
+                    element for batch in batches for element in _elements_of(batch))))
 
 
 class SpilledBatch(NamedTuple):
