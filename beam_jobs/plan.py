@@ -66,8 +66,9 @@ class Assumptions:
         1.0, "", ESTIMATE, "share of GPU time spent in the models (1.0 = the GPU never waits)")
     # CPU, per core (NOTES.md "Measured")
     read_ms_per_line: float = _assume(
-        round(1000 / 21_200, 4), "CPU ms", MEASURED,
-        "read + prefilter, scan pipeline on one local worker (21.2k lines/s)")
+        round(1000 / 11_100, 4), "CPU ms", MEASURED,
+        "read + prefilter as the rebuild does it (a record per candidate): the scan's record "
+        "path on one local worker, 11.1k lines/s")
     fetch_decode_ms_per_candidate: float = _assume(
         1.95, "CPU ms", MEASURED, "fetch + decode, loopback nginx, 300 JPEGs")
     select_crop_ms_per_sample: float = _assume(

@@ -17,6 +17,9 @@ on one core, in this run:
   also "less start-up": the rate once running (the time of a 1,000-line run subtracted), which
   is what a long Dataflow job sees per worker core.
 * the same for `scan --counts_only` (Arrow blocks, only counts written): target >= 2x pandas.
+* with --scale_lines N: the whole scan job (counts-only and full) on N lines (the generated
+  lines repeated, unique ids) against pandas on the same file, start-up included: what a
+  worker core sees on a large input.
 * peak RSS of the core in a fresh process for each of --rss_lines (must stay flat: streaming),
   and of the scan job for each of --scan_rss_lines (counts-only; with --scan_rss_full also the
   full scan): target last/first <= 1.2x.
@@ -160,6 +163,26 @@ def print_scan_rss(workdir: str, lines: list[str], counts: list[int], full: bool
             + f"   (last/first {peaks[-1] / peaks[0]:.2f}x; target <= 1.2x)")
 
 
+def print_scale_rates(workdir: str, lines: list[str], count: int) -> None:
+    """Whole-run lines/s of the scan (counts-only, then full) on `count` lines, each against
+    pandas.read_csv on the same file in this run (one run each: the file is large)."""
+    path = write_first_lines(os.path.join(workdir, f"scale-{count}.txt"), lines, count,
+                             unique_ids=True)
+    import pandas as pd
+
+    start = time.perf_counter()
+    pd.read_csv(path, sep="\t", header=None, quoting=csv.QUOTE_NONE, dtype=str,
+                keep_default_na=False)
+    pandas_rate = count / (time.perf_counter() - start)
+    print(f"{count:,} lines: pandas.read_csv {pandas_rate:,.0f} lines/s")
+    for counts_only in (True, False):
+        rate = count / time_pipeline(path, os.path.join(workdir, "scale-out"), counts_only)
+        note = "target >= 2x" if counts_only else "also URL-decodes and writes every row"
+        print(f"  scan{' --counts_only' if counts_only else ''}, whole run {rate:>10,.0f} lines/s"
+              f"   ratio vs pandas {rate / pandas_rate:.2f}x   ({note})")
+    os.remove(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=200_000)
@@ -171,6 +194,8 @@ def main() -> None:
     parser.add_argument("--scan_rss_lines", default="200000,2000000",
                         help="comma-separated line counts for the scan job's peak RSS check "
                              "('' skips it)")
+    parser.add_argument("--scale_lines", type=int, default=0,
+                        help="also time whole scan runs on this many lines vs pandas (0 skips)")
     parser.add_argument("--scan_rss_full", action="store_true",
                         help="also measure the full scan's peak RSS (slow)")
     parser.add_argument("--rss_child", help=argparse.SUPPRESS)
@@ -240,6 +265,8 @@ def main() -> None:
                   f"ratio vs pandas {counts_rate / pandas_rate:.2f}x   (target >= 2x)")
             print(f"  less start-up ({counts_start_s:.1f} s)        {counts_marginal:>10,.0f} "
                   f"lines/s   ratio vs pandas {counts_marginal / pandas_rate:.2f}x")
+        if args.scale_lines:
+            print_scale_rates(workdir, lines, args.scale_lines)
         scan_rss_counts = [int(part) for part in args.scan_rss_lines.split(",") if part]
         if scan_rss_counts and args.columns == 23:
             print_scan_rss(workdir, lines, scan_rss_counts, args.scan_rss_full)
