@@ -131,6 +131,9 @@ class YfccRecord:
         return dataclasses.asdict(self)
 
 
+DETAIL_MAX_CHARS = 300  # a reject's detail is cut to this many characters (the last three "...")
+
+
 @dataclass(frozen=True)
 class Rejected:
     """A record dropped by a stage, with the reason; rejects never carry image data."""
@@ -138,13 +141,13 @@ class Rejected:
     record_id: str  # photo id, or 'file:line' when no id could be parsed
     stage: str  # 'read', 'prefilter', 'fetch', 'decode', 'annotate', 'select', 'crop', 'write'
     reason: str  # short machine-readable reason, e.g. 'licence_not_allowed'
-    detail: str = ""  # short human-readable detail (truncated to 300 characters)
+    detail: str = ""  # short human-readable detail (cut to DETAIL_MAX_CHARS characters)
     photo_id: Optional[int] = None
     user_nsid: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if len(self.detail) > 300:
-            object.__setattr__(self, "detail", self.detail[:297] + "...")
+        if len(self.detail) > DETAIL_MAX_CHARS:
+            object.__setattr__(self, "detail", self.detail[:DETAIL_MAX_CHARS - 3] + "...")
 
 
 @dataclass

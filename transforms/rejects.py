@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
-from transforms.records import METRICS_NAMESPACE, REJECTS_TAG, Rejected
+from transforms.records import DETAIL_MAX_CHARS, METRICS_NAMESPACE, REJECTS_TAG, Rejected
 
 REJECTS_SCHEMA = pa.schema([
     ("record_id", pa.string()),
@@ -61,9 +61,6 @@ def rejects_to_table(rejects: list[Rejected]) -> pa.Table:
     """`Rejected`s as one REJECTS_SCHEMA table (the rows `WriteRejects` writes)."""
     return pa.Table.from_pylist([rejected_to_row(rejected) for rejected in rejects],
                                 schema=REJECTS_SCHEMA)
-
-
-DETAIL_MAX_CHARS = 300  # as Rejected.__post_init__ cuts a detail
 
 
 def truncated_details(details: pa.Array) -> pa.Array:
