@@ -16,6 +16,7 @@ from PIL import Image
 
 from beam_jobs import demo, rebuild
 from beam_jobs.common import UsageError, split_job_flags
+from tests.pipeline_graph import outputs_of
 from transforms import s6_select, s7_crop
 from transforms.funnel import accounting_errors
 from transforms.records import CROP_HEIGHT, CROP_WIDTH
@@ -330,24 +331,6 @@ def _stats_without_timing(output: str) -> dict:
 REJECT_FLATTENS = ("AllRejects", "ReadAndPrefilter/MergeRejects", "GpuStage/Rejects")
 
 
-def _outputs_of(pipeline, labels) -> dict:
-    """The output PCollection of each transform named in `labels` (full labels)."""
-    from apache_beam.pipeline import PipelineVisitor
-
-    found = {}
-
-    class Finder(PipelineVisitor):
-        def enter_composite_transform(self, node):
-            self.visit_transform(node)
-
-        def visit_transform(self, node):
-            if node.full_label in labels:
-                found[node.full_label] = node.outputs[None]
-
-    pipeline.visit(Finder())
-    return found
-
-
 @pytest.mark.pipeline
 def test_a_local_rebuilds_rejects_cross_their_flattens_as_batch_references(sample, built, tmp_path):
     """What crosses each rejects Flatten of a local rebuild is SpilledBatch references, which
@@ -362,7 +345,7 @@ def test_a_local_rebuilds_rejects_cross_their_flattens_as_batch_references(sampl
         "--annotator=lite", "--crawl_time=1637341702.1145487"])
     pipeline = make_pipeline(beam_options)
     rebuild.build(pipeline, options, str(tmp_path / "staging"))
-    flattens = _outputs_of(pipeline, REJECT_FLATTENS)
+    flattens = outputs_of(pipeline, REJECT_FLATTENS)
     assert set(flattens) == set(REJECT_FLATTENS)
     for index, (label, pcoll) in enumerate(sorted(flattens.items())):
         _ = (pcoll | f"Observe{index}" >> beam.combiners.ToList()

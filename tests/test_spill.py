@@ -167,6 +167,7 @@ def test_spilled_reshuffle_sends_one_reference_per_batch_of_elements(tmp_path):
     import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
 
+    from tests.pipeline_graph import outputs_of
     from transforms.spill import SpilledBatch, SpilledReshuffle
 
     staging, batch, count = str(tmp_path / "staging"), 64, 3000
@@ -175,7 +176,7 @@ def test_spilled_reshuffle_sends_one_reference_per_batch_of_elements(tmp_path):
         reshuffle = SpilledReshuffle(staging, batch_size=batch)
         shuffled = elements | "Reshuffle" >> reshuffle
         assert_that(shuffled, equal_to(list(range(count))), label="every element once")
-        crossing = pipeline_pcollection(pipeline, "Reshuffle/GroupByKey")
+        crossing = outputs_of(pipeline, ["Reshuffle/GroupByKey"])["Reshuffle/GroupByKey"]
         summary = (crossing | beam.FlatMapTuple(lambda key, refs: refs)
                    | beam.combiners.ToList()
                    | beam.Map(lambda refs: (all(isinstance(ref, SpilledBatch) for ref in refs),
@@ -183,22 +184,3 @@ def test_spilled_reshuffle_sends_one_reference_per_batch_of_elements(tmp_path):
                                             sum(ref.count for ref in refs))))
         assert_that(summary, equal_to([(True, True, count)]), label="references")
     assert remove_staging(staging) >= 1
-
-
-def pipeline_pcollection(pipeline, label: str):
-    """The output PCollection of the applied transform named `label` (its full label)."""
-    from apache_beam.pipeline import PipelineVisitor
-
-    found = []
-
-    class Finder(PipelineVisitor):
-        def enter_composite_transform(self, node):
-            self.visit_transform(node)
-
-        def visit_transform(self, node):
-            if node.full_label == label:
-                found.extend(node.outputs.values())
-
-    pipeline.visit(Finder())
-    assert found, label
-    return found[0]
